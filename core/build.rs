@@ -1,0 +1,3 @@
+fn main() {
+    lmms_ft_build::link_libtorch_rpath();
+}

@@ -1,0 +1,362 @@
+//! Run configuration, layered with `figment`:
+//! built-in defaults < TOML file (`--config`) < environment (`LMMS_FT_<SECTION>__<KEY>`)
+//! < command-line flags and `--set section.key=value`.
+//!
+//! Every struct denies unknown fields, so a misspelt key is an error that names the key and
+//! the layer it came from instead of being silently ignored.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of configuration environment variables. Only variables with a `__` section
+/// separator are read (`LMMS_FT_TRAIN__LEARNING_RATE`), so tool settings such as
+/// `LMMS_FT_HOME` never collide with config keys.
+pub const ENV_PREFIX: &str = "LMMS_FT_";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub lora: LoraSection,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Registered id or alias (`lmms-ft list-models`), e.g. `qwen2-vl-7b`.
+    pub id: Option<String>,
+    /// Local checkpoint directory; overrides the Hugging Face cache look-up.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadSample {
+    /// Stop with the sample's file, index and reason.
+    Error,
+    /// Log the reason and go on without the sample.
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlength {
+    /// Leave the sample out (counted and logged).
+    Drop,
+    /// Stop with an error naming the sample.
+    Error,
+    /// Cut text-only spans from the end; media tokens are never cut.
+    Truncate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training dataset: JSON array, JSONL, or OpenAI-style messages (auto-detected).
+    pub train: Option<PathBuf>,
+    pub eval: Option<PathBuf>,
+    pub image_folder: Option<PathBuf>,
+    pub video_folder: Option<PathBuf>,
+    /// Longest sample, in tokens after media expansion.
+    pub max_length: usize,
+    pub overlength: Overlength,
+    pub on_bad_sample: OnBadSample,
+    /// Label every token, not only assistant replies.
+    pub train_on_prompt: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: None,
+            eval: None,
+            image_folder: None,
+            video_folder: None,
+            max_length: 2048,
+            overlength: Overlength::Drop,
+            on_bad_sample: OnBadSample::Error,
+            train_on_prompt: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Full,
+    Lora,
+    Qlora,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 on CUDA, fp32 on CPU.
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub output_dir: PathBuf,
+    pub mode: Mode,
+    pub epochs: f64,
+    /// Stop after this many optimiser steps, whatever `epochs` says.
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    pub scheduler: Scheduler,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub precision: Precision,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub gradient_checkpointing: bool,
+    pub logging_steps: u64,
+    pub save_steps: u64,
+    pub save_total_limit: Option<usize>,
+    pub eval_steps: Option<u64>,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            output_dir: PathBuf::from("output"),
+            mode: Mode::Lora,
+            epochs: 1.0,
+            max_steps: None,
+            batch_size: 1,
+            grad_accum: 1,
+            learning_rate: 1e-4,
+            weight_decay: 0.0,
+            warmup_ratio: 0.03,
+            scheduler: Scheduler::Cosine,
+            max_grad_norm: 1.0,
+            seed: 42,
+            precision: Precision::Auto,
+            device: "auto".into(),
+            gradient_checkpointing: false,
+            logging_steps: 10,
+            save_steps: 500,
+            save_total_limit: None,
+            eval_steps: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module-name suffixes or one regex; empty means every linear layer of the LLM except
+    /// `lm_head` (PEFT's `all-linear`).
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub modules_to_save: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: Vec::new(),
+            use_rslora: false,
+            modules_to_save: Vec::new(),
+        }
+    }
+}
+
+/// A configuration error, worded for the user: which key, which layer, what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid --set '{0}': expected section.key=value")]
+    BadOverride(String),
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Where the layers come from. Flags are already `section.key` pairs.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// Read `LMMS_FT_<SECTION>__<KEY>` variables.
+    pub env: bool,
+    /// Values of dedicated flags (`--model`, `--data`, ...), as (`section.key`, value).
+    pub flags: Vec<(String, Value)>,
+    /// Raw `--set section.key=value` strings, applied after `flags`.
+    pub sets: Vec<String>,
+}
+
+/// A provider for command-line values, named so errors can say "command line".
+struct CommandLine(Dict);
+
+impl Provider for CommandLine {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command line")
+    }
+
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        Ok(Profile::Default.collect(self.0.clone()))
+    }
+}
+
+/// Parses the right-hand side of `--set` as a TOML value (`3`, `1e-4`, `true`, `["a","b"]`),
+/// falling back to a plain string so `--set model.id=qwen2-vl-7b` needs no quotes.
+pub fn parse_set_value(raw: &str) -> Value {
+    #[derive(Deserialize)]
+    struct V {
+        v: toml::Value,
+    }
+    match toml::from_str::<V>(&format!("v = {raw}")) {
+        Ok(V { v }) => Value::serialize(v).unwrap_or_else(|_| Value::from(raw.to_string())),
+        Err(_) => Value::from(raw.to_string()),
+    }
+}
+
+fn insert_dotted(dict: &mut Dict, key: &str, value: Value) {
+    let mut parts = key.split('.').peekable();
+    let mut cur = dict;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            cur.insert(part.to_string(), value);
+            return;
+        }
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| Value::from(Dict::new()));
+        if entry.as_dict().is_none() {
+            *entry = Value::from(Dict::new());
+        }
+        cur = match entry {
+            Value::Dict(_, d) => d,
+            _ => unreachable!("just made a dict"),
+        };
+    }
+}
+
+impl Sources {
+    /// Builds the layered figment, without extracting.
+    pub fn figment(&self) -> Result<Figment, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = &self.file {
+            if !file.is_file() {
+                return Err(ConfigError::MissingFile(file.clone()));
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        if self.env {
+            fig = fig.merge(
+                Env::prefixed(ENV_PREFIX)
+                    .filter(|k| k.as_str().contains("__"))
+                    .split("__"),
+            );
+        }
+        let mut cli = Dict::new();
+        for (key, value) in &self.flags {
+            insert_dotted(&mut cli, key, value.clone());
+        }
+        for set in &self.sets {
+            let (key, raw) = set
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| ConfigError::BadOverride(set.clone()))?;
+            insert_dotted(&mut cli, key.trim(), parse_set_value(raw.trim()));
+        }
+        Ok(fig.merge(CommandLine(cli)))
+    }
+
+    /// Resolves the configuration, turning every extraction error into a message that names
+    /// the key and the layer (file path, environment variable or command line) it came from.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let fig = self.figment()?;
+        fig.extract::<Config>()
+            .map_err(|e| ConfigError::Invalid(e.into_iter().map(|e| describe(&fig, e)).collect()))
+    }
+}
+
+fn describe_origin(md: Option<&Metadata>) -> String {
+    match md {
+        None => "unknown source".into(),
+        Some(md) => match &md.source {
+            Some(figment::Source::File(p)) => format!("{} {}", md.name, p.display()),
+            Some(other) => format!("{} ({other})", md.name),
+            None => md.name.to_string(),
+        },
+    }
+}
+
+fn describe(fig: &Figment, e: figment::Error) -> String {
+    use figment::error::Kind;
+    let parent = e.path.join(".");
+    match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            let key = if parent.is_empty() {
+                field.clone()
+            } else {
+                format!("{parent}.{field}")
+            };
+            let origin = describe_origin(fig.find_metadata(&key));
+            let env_hint = if origin.contains("environment") {
+                format!(" (variable {ENV_PREFIX}{})", key.replace('.', "__").to_uppercase())
+            } else {
+                String::new()
+            };
+            format!(
+                "unknown config key `{key}` in {origin}{env_hint}; expected one of: {}",
+                expected.join(", ")
+            )
+        }
+        kind => {
+            let origin = describe_origin(e.metadata.as_ref());
+            format!("config key `{parent}` in {origin}: {kind}")
+        }
+    }
+}
+
+/// Loads a configuration from a TOML file alone (no env, no flags); for tests and tools.
+pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+    Sources {
+        file: Some(path.to_path_buf()),
+        ..Default::default()
+    }
+    .load()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_values_parse_as_toml_with_string_fallback() {
+        assert_eq!(parse_set_value("3").to_i128(), Some(3));
+        assert_eq!(parse_set_value("1e-4").to_f64(), Some(1e-4));
+        assert_eq!(parse_set_value("true").to_bool(), Some(true));
+        assert_eq!(parse_set_value("qwen2-vl-7b").as_str(), Some("qwen2-vl-7b"));
+        assert_eq!(parse_set_value("\"a b\"").as_str(), Some("a b"));
+    }
+}

@@ -1,0 +1,235 @@
+//! The contract between the core and a model-family adapter.
+//!
+//! An adapter implements [`Family`] with its own typed config, processed-media, sample and
+//! batch types; nothing crosses as `dyn Any`. The core drives a family only through
+//! [`DynFamily`], the object-safe face that [`Erased`] derives from any `Family`, so the
+//! typed values never leave the generic code that owns them.
+//!
+//! The data flow of one training step is:
+//! conversation + decoded media → [`Processor::process`] (tensors, token count per media)
+//! → [`ChatTemplate::encode`] (ids with media placeholders expanded, labels)
+//! → [`Family::sample`] → [`Collator::collate`] (a padded batch on the device)
+//! → [`Model::forward`] (logits, summed loss, label count).
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
+
+/// Label value for positions that do not contribute to the loss (as in `transformers`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// A family's `config.json`, parsed.
+pub trait HfConfig: Sized + Send + Sync {
+    /// Parses a `config.json` value. Must accept both the flat layout and the nested
+    /// `text_config` / `vision_config` layout, and apply the same per-`model_type` defaults as
+    /// `transformers`, since Hub configs omit keys that equal the defaults.
+    fn from_hf_json(value: &serde_json::Value) -> Result<Self>;
+
+    /// Number of parameters the model built from this config has, computed from the shapes
+    /// alone (no allocation), equal to what `transformers` reports for the same config.
+    fn num_parameters(&self) -> u64;
+}
+
+/// Turns decoded media into model inputs.
+pub trait Processor: Send + Sync {
+    /// Processed media of one sample (e.g. patches plus grid sizes), in placeholder order.
+    type Media: Send;
+
+    /// Resizes, normalises and patchifies all media of one sample. Returns the processed
+    /// media and, per image then per video in order, the number of tokens its placeholder
+    /// expands to; the template relies on these counts being exact.
+    fn process(&self, images: &[RgbImage], videos: &[VideoClip]) -> Result<(Self::Media, MediaTokens)>;
+}
+
+/// Number of placeholder tokens each image and video of a sample expands to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MediaTokens {
+    pub images: Vec<usize>,
+    pub videos: Vec<usize>,
+}
+
+/// Token ids and labels of one conversation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedText {
+    pub input_ids: Vec<i64>,
+    /// Same length as `input_ids`; [`IGNORE_INDEX`] where no loss is taken.
+    pub labels: Vec<i64>,
+}
+
+/// Renders conversations to token ids.
+pub trait ChatTemplate: Send + Sync {
+    /// Encodes a training conversation. Each image / video placeholder becomes exactly
+    /// `media.images[i]` / `media.videos[j]` media tokens. Labels follow the project's
+    /// label rule: assistant content plus the end-of-turn tokens the template emits right
+    /// after it are labeled; everything else is [`IGNORE_INDEX`]. With `label_all`, every
+    /// token except media tokens is labeled.
+    fn encode(&self, conv: &Conversation, media: &MediaTokens, label_all: bool) -> Result<EncodedText>;
+
+    /// Encodes the prompt for generation (`add_generation_prompt`). It must be an exact
+    /// prefix of what [`ChatTemplate::encode`] produces for the same conversation followed by
+    /// an assistant turn, so inference sees what training saw.
+    fn encode_prompt(&self, conv: &Conversation, media: &MediaTokens) -> Result<Vec<i64>>;
+}
+
+/// Builds a device batch from samples.
+pub trait Collator: Send + Sync {
+    type Sample: Send;
+    type Batch;
+
+    /// Pads to the longest sample in `samples` (never to `max_length`), with labels padded by
+    /// [`IGNORE_INDEX`], and moves the result to `device`.
+    fn collate(&self, samples: Vec<Self::Sample>, device: Device) -> Result<Self::Batch>;
+}
+
+/// Output of a forward pass.
+pub struct ModelOutput {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor,
+    /// Sum (not mean) of the token cross-entropies over labeled positions, as a fp32 scalar;
+    /// `None` when the batch carries no labels. Summing lets the trainer average over all
+    /// label tokens of an accumulated batch rather than per micro-batch.
+    pub loss_sum: Option<Tensor>,
+    /// Number of labeled positions behind `loss_sum`.
+    pub num_label_tokens: i64,
+}
+
+impl ModelOutput {
+    /// Mean token loss, as `transformers` reports it for one batch.
+    pub fn mean_loss(&self) -> Option<Tensor> {
+        self.loss_sum
+            .as_ref()
+            .map(|s| s / (self.num_label_tokens.max(1) as f64))
+    }
+}
+
+/// A loaded model.
+pub trait Model: Send {
+    type Batch;
+
+    /// Runs the model. Labels are shifted inside (position t predicts label t+1), as in
+    /// `transformers`' causal-LM loss.
+    fn forward(&self, batch: &Self::Batch, train: bool) -> Result<ModelOutput>;
+
+    /// The parameters, named exactly as in the Hub checkpoint (`model.layers.0...`).
+    fn var_store(&self) -> &nn::VarStore;
+}
+
+/// A model family: the typed bundle an adapter crate implements once.
+pub trait Family: Send + Sync + 'static {
+    type Config: HfConfig;
+    type Processor: Processor;
+    type Template: ChatTemplate;
+    type Sample: Send;
+    type Batch;
+    type Collator: Collator<Sample = Self::Sample, Batch = Self::Batch>;
+    type Model: Model<Batch = Self::Batch>;
+
+    /// Reads `config.json` from a model directory.
+    fn config(dir: &Path) -> Result<Self::Config> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        Self::Config::from_hf_json(&value).with_context(|| format!("interpreting {}", path.display()))
+    }
+
+    /// Builds the processor from the model directory's preprocessor / processor config.
+    fn processor(config: &Self::Config, dir: &Path) -> Result<Self::Processor>;
+
+    /// Builds the chat template from the directory's tokenizer and template files.
+    fn template(config: &Self::Config, dir: &Path) -> Result<Self::Template>;
+
+    /// Joins the encoded text and processed media of one sample.
+    fn sample(text: EncodedText, media: <Self::Processor as Processor>::Media) -> Self::Sample;
+
+    fn collator(config: &Self::Config) -> Self::Collator;
+
+    /// Loads weights from the directory's safetensors (single file or sharded with an
+    /// index) into a model on `device` with floating-point `kind`. A directory holding
+    /// another model's checkpoint must be an error naming the mismatch.
+    fn load(config: &Self::Config, dir: &Path, device: Device, kind: Kind) -> Result<Self::Model>;
+}
+
+/// How to open a model for [`DynFamily::open`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// A conversation with its media already decoded.
+pub struct PreparedConversation {
+    pub conversation: Conversation,
+    pub media: DecodedMedia,
+}
+
+/// An opened model with its processor, template and collator: what the trainer, `evaluate`
+/// and `generate` use, without knowing the family.
+pub trait Pipeline {
+    /// Encodes, collates and runs a batch of conversations.
+    fn forward(&self, batch: &[PreparedConversation], train: bool) -> Result<ModelOutput>;
+    fn var_store(&self) -> &nn::VarStore;
+}
+
+/// Object-safe face of a [`Family`], stored in the registry.
+pub trait DynFamily: Send + Sync {
+    fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>>;
+    /// Parameter count for a `config.json`, without building the model.
+    fn num_parameters(&self, config: &serde_json::Value) -> Result<u64>;
+}
+
+/// Derives [`DynFamily`] for a `Family`. Adapters register `&Erased::<MyFamily>::NEW`.
+pub struct Erased<F>(PhantomData<fn() -> F>);
+
+impl<F> Erased<F> {
+    pub const NEW: Self = Erased(PhantomData);
+}
+
+struct Opened<F: Family> {
+    processor: F::Processor,
+    template: F::Template,
+    collator: F::Collator,
+    model: F::Model,
+    device: Device,
+}
+
+impl<F: Family> Pipeline for Opened<F> {
+    fn forward(&self, batch: &[PreparedConversation], train: bool) -> Result<ModelOutput> {
+        let mut samples = Vec::with_capacity(batch.len());
+        for item in batch {
+            let (media, tokens) = self
+                .processor
+                .process(&item.media.images, &item.media.videos)?;
+            let text = self.template.encode(&item.conversation, &tokens, false)?;
+            samples.push(F::sample(text, media));
+        }
+        let batch = self.collator.collate(samples, self.device)?;
+        self.model.forward(&batch, train)
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        self.model.var_store()
+    }
+}
+
+impl<F: Family> DynFamily for Erased<F> {
+    fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>> {
+        let config = F::config(dir)?;
+        Ok(Box::new(Opened::<F> {
+            processor: F::processor(&config, dir)?,
+            template: F::template(&config, dir)?,
+            collator: F::collator(&config),
+            model: F::load(&config, dir, opts.device, opts.kind)?,
+            device: opts.device,
+        }))
+    }
+
+    fn num_parameters(&self, config: &serde_json::Value) -> Result<u64> {
+        Ok(F::Config::from_hf_json(config)?.num_parameters())
+    }
+}

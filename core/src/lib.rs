@@ -1,0 +1,17 @@
+//! lmms-ft core: the adapter contract ([`family`]), the link-time [`registry`], layered
+//! [`config`], model resolution ([`hub`]), data handling ([`data`]) and logging.
+//!
+//! No module here names a model family: families plug in from adapter crates by
+//! registering with [`register_family!`] and [`register_models!`].
+
+pub mod config;
+pub mod data;
+pub mod family;
+pub mod hub;
+pub mod logging;
+pub mod registry;
+pub mod runtime;
+
+// Re-exported so the registration macros work in adapter crates without extra dependencies.
+pub use inventory;
+pub use tch;

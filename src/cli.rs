@@ -1,0 +1,248 @@
+//! Command-line parsing and dispatch.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use figment::value::Value;
+use lmms_ft_core::config::{Config, ConfigError, Sources};
+use lmms_ft_core::hub::{self, CacheEnv, ResolveError};
+use lmms_ft_core::logging::LogFormat;
+use lmms_ft_core::registry::{self, RegistryError};
+use lmms_ft_core::runtime;
+
+#[derive(Parser, Debug)]
+#[command(name = "lmms-ft", version, about = "Fine-tune large multimodal models on libtorch")]
+pub struct Cli {
+    /// Log format: human or json.
+    #[arg(long, global = true, default_value = "human")]
+    pub log_format: LogFormat,
+    /// More detailed logs (RUST_LOG overrides).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List supported models with their Hub ids, families and implementation status.
+    ListModels {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Check that libtorch loads, computes and differentiates on the chosen device.
+    Doctor {
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Fine-tune a model (full, LoRA or QLoRA).
+    Train(ConfigArgs),
+    /// Per-sample loss of a model on a dataset, written as JSON.
+    Evaluate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where to write the per-sample results.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Check every record of a dataset before training.
+    ValidateData(ConfigArgs),
+    /// Generate a reply for a prompt with optional images or video.
+    Generate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        #[arg(long)]
+        video: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+    },
+    /// Merge a LoRA adapter into its base model.
+    MergeLora {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print the resolved configuration (defaults < file < env < flags) as TOML.
+    Show(ConfigArgs),
+}
+
+/// Flags shared by every command that reads a run configuration. Each dedicated flag is a
+/// shorthand for one `--set`.
+#[derive(Args, Debug, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override any key: `--set train.learning_rate=2e-5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Model id or alias (model.id).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Local model directory (model.path).
+    #[arg(long)]
+    pub model_path: Option<PathBuf>,
+    /// Training dataset (data.train).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Image root (data.image_folder).
+    #[arg(long)]
+    pub image_folder: Option<PathBuf>,
+    /// Video root (data.video_folder).
+    #[arg(long)]
+    pub video_folder: Option<PathBuf>,
+    /// Output directory (train.output_dir).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub fn sources(&self) -> Sources {
+        let mut flags: Vec<(String, Value)> = Vec::new();
+        let path = |p: &PathBuf| Value::from(p.to_string_lossy().into_owned());
+        if let Some(m) = &self.model {
+            flags.push(("model.id".into(), Value::from(m.clone())));
+        }
+        for (key, p) in [
+            ("model.path", &self.model_path),
+            ("data.train", &self.data),
+            ("data.image_folder", &self.image_folder),
+            ("data.video_folder", &self.video_folder),
+            ("train.output_dir", &self.output_dir),
+        ] {
+            if let Some(p) = p {
+                flags.push((key.into(), path(p)));
+            }
+        }
+        Sources {
+            file: self.config.clone(),
+            env: true,
+            flags,
+            sets: self.sets.clone(),
+        }
+    }
+
+    pub fn load(&self) -> Result<Config> {
+        Ok(self.sources().load()?)
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ListModels { json } => list_models(json),
+        Command::Config {
+            command: ConfigCommand::Show(args),
+        } => {
+            let cfg = args.load()?;
+            print!("{}", toml::to_string_pretty(&cfg).context("rendering config")?);
+            Ok(())
+        }
+        Command::Doctor { device } => {
+            let device = runtime::parse_device(&device)?;
+            let report = runtime::self_check(device)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            anyhow::ensure!(
+                report.autograd_check_error < 1e-3,
+                "libtorch autograd check failed: gradient error {}",
+                report.autograd_check_error
+            );
+            tracing::info!(device = %report.device, "libtorch self-check passed");
+            Ok(())
+        }
+        Command::Train(args) | Command::ValidateData(args) => open_model(&args),
+        Command::Evaluate { config, .. } | Command::Generate { config, .. } => open_model(&config),
+        Command::MergeLora { .. } => anyhow::bail!(
+            "merge-lora is not available yet: it needs LoRA training, which is not implemented in this build"
+        ),
+    }
+}
+
+/// Resolves config → model id → directory → family implementation. Until a family is
+/// implemented this ends in a clear `NotImplemented` error, after checking everything else.
+fn open_model(args: &ConfigArgs) -> Result<()> {
+    let cfg = args.load()?;
+    let dir = match (&cfg.model.id, &cfg.model.path) {
+        (Some(id), path) => {
+            let entry = registry::resolve_model(id)?;
+            registry::implementation(entry)?;
+            let dir = hub::resolve_model_dir(entry.hub_id, path.as_deref(), &CacheEnv::from_process())?;
+            tracing::info!(model = entry.id, dir = %dir.display(), "resolved model");
+            dir
+        }
+        (None, Some(path)) => path.clone(),
+        (None, None) => anyhow::bail!("no model given: pass --model ID or --model-path DIR (or set model.id in the config)"),
+    };
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+    let family = registry::family_for_config(&json)?;
+    family.implementation.ok_or_else(|| RegistryError::NotImplemented {
+        id: dir.display().to_string(),
+        family: family.name.to_string(),
+        status: family.status,
+    })?;
+    anyhow::bail!("this command is not available yet in this build")
+}
+
+fn list_models(json: bool) -> Result<()> {
+    let rows = registry::model_table();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<30} {:<44} {:<17} {:<12} {:<6} aliases",
+        "id", "hub id", "family", "status", "video"
+    );
+    for r in rows {
+        println!(
+            "{:<30} {:<44} {:<17} {:<12} {:<6} {}",
+            r.id,
+            r.hub_id,
+            r.family,
+            r.status.to_string(),
+            if r.video { "yes" } else { "no" },
+            r.aliases.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A next step for the user, chosen by the kind of error.
+pub fn hint_for(e: &anyhow::Error) -> String {
+    if e.downcast_ref::<ConfigError>().is_some() {
+        return "`lmms-ft config show --config FILE` prints the resolved configuration; configs/ has a commented example per family".into();
+    }
+    if let Some(r) = e.downcast_ref::<RegistryError>() {
+        return match r {
+            RegistryError::NotImplemented { .. } => {
+                "`lmms-ft list-models` shows which families are implemented".into()
+            }
+            _ => "`lmms-ft list-models` lists every supported id and alias".into(),
+        };
+    }
+    if e.downcast_ref::<ResolveError>().is_some() {
+        return "pass --model-path DIR to use a local checkpoint".into();
+    }
+    "run with -v for more detail".into()
+}

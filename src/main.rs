@@ -1,0 +1,41 @@
+//! The `lmms-ft` command line. Every adapter crate is linked here so its registrations reach
+//! the registry; the commands themselves only talk to the core.
+
+mod cli;
+
+// Linking the adapters is what registers them (inventory collects at link time).
+use lmms_ft_llava as _;
+use lmms_ft_mllama as _;
+use lmms_ft_phi3_v as _;
+use lmms_ft_qwen2_vl as _;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // A panic is a bug, but the user should still see one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let loc = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("error: internal error: {msg}{loc}\nhint: this is a bug in lmms-ft; please report it with the command you ran");
+    }));
+    let cli = cli::Cli::parse();
+    lmms_ft_core::logging::init(cli.log_format, cli.verbose);
+    match cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            eprintln!("hint: {}", cli::hint_for(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
