@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
@@ -212,17 +212,29 @@ pub struct Sources {
     pub sets: Vec<String>,
 }
 
-/// A provider for command-line values, named so errors can say "command line".
-struct CommandLine(Dict);
+/// A layer of already-parsed values with a name for error messages ("command line",
+/// "environment"). Env and `--set` values share one parser ([`parse_set_value`]), so
+/// `LMMS_FT_TRAIN__LEARNING_RATE=2e-5` and `--set train.learning_rate=2e-5` mean the same.
+struct Layer {
+    name: &'static str,
+    values: Dict,
+}
 
-impl Provider for CommandLine {
+impl Provider for Layer {
     fn metadata(&self) -> Metadata {
-        Metadata::named("command line")
+        Metadata::named(self.name)
     }
 
     fn data(&self) -> figment::Result<Map<Profile, Dict>> {
-        Ok(Profile::Default.collect(self.0.clone()))
+        Ok(Profile::Default.collect(self.values.clone()))
     }
+}
+
+/// `LMMS_FT_TRAIN__LEARNING_RATE` → `train.learning_rate`, for variables with a section.
+fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    rest.contains("__")
+        .then(|| rest.split("__").collect::<Vec<_>>().join(".").to_ascii_lowercase())
 }
 
 /// Parses the right-hand side of `--set` as a TOML value (`3`, `1e-4`, `true`, `["a","b"]`),
@@ -270,11 +282,16 @@ impl Sources {
             fig = fig.merge(Toml::file(file));
         }
         if self.env {
-            fig = fig.merge(
-                Env::prefixed(ENV_PREFIX)
-                    .filter(|k| k.as_str().contains("__"))
-                    .split("__"),
-            );
+            let mut values = Dict::new();
+            for (var, raw) in std::env::vars() {
+                if let Some(key) = env_key(&var) {
+                    insert_dotted(&mut values, &key, parse_set_value(raw.trim()));
+                }
+            }
+            fig = fig.merge(Layer {
+                name: "environment",
+                values,
+            });
         }
         let mut cli = Dict::new();
         for (key, value) in &self.flags {
@@ -287,7 +304,10 @@ impl Sources {
                 .ok_or_else(|| ConfigError::BadOverride(set.clone()))?;
             insert_dotted(&mut cli, key.trim(), parse_set_value(raw.trim()));
         }
-        Ok(fig.merge(CommandLine(cli)))
+        Ok(fig.merge(Layer {
+            name: "command line",
+            values: cli,
+        }))
     }
 
     /// Resolves the configuration, turning every extraction error into a message that names
@@ -315,10 +335,11 @@ fn describe(fig: &Figment, e: figment::Error) -> String {
     let parent = e.path.join(".");
     match &e.kind {
         Kind::UnknownField(field, expected) => {
-            let key = if parent.is_empty() {
-                field.clone()
-            } else {
-                format!("{parent}.{field}")
+            // figment's path already ends with the offending field for nested keys.
+            let key = match e.path.last() {
+                Some(last) if last == field => parent.clone(),
+                _ if parent.is_empty() => field.clone(),
+                _ => format!("{parent}.{field}"),
             };
             let origin = describe_origin(fig.find_metadata(&key));
             let env_hint = if origin.contains("environment") {

@@ -19,4 +19,13 @@ pub fn link_libtorch_rpath() {
     // dependencies of libtorch itself (libc10, libtorch_cuda, ...); plain RPATH is.
     println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // torch-sys asks for torch_cuda, but the linker's default --as-needed drops it because
+    // no symbol is referenced directly; CUDA kernels then never register and libtorch
+    // reports no GPU. Keep it whenever the wheel ships it, so one build serves CPU and GPU.
+    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-L{lib}");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
 }
