@@ -12,7 +12,11 @@ use lmms_ft_core::registry::{self, RegistryError};
 use lmms_ft_core::runtime;
 
 #[derive(Parser, Debug)]
-#[command(name = "lmms-ft", version, about = "Fine-tune large multimodal models on libtorch")]
+#[command(
+    name = "lmms-ft",
+    version,
+    about = "Fine-tune large multimodal models on libtorch"
+)]
 pub struct Cli {
     /// Log format: human or json.
     #[arg(long, global = true, default_value = "human")]
@@ -183,12 +187,15 @@ fn open_model(args: &ConfigArgs) -> Result<()> {
         (Some(id), path) => {
             let entry = registry::resolve_model(id)?;
             registry::implementation(entry)?;
-            let dir = hub::resolve_model_dir(entry.hub_id, path.as_deref(), &CacheEnv::from_process())?;
+            let dir =
+                hub::resolve_model_dir(entry.hub_id, path.as_deref(), &CacheEnv::from_process())?;
             tracing::info!(model = entry.id, dir = %dir.display(), "resolved model");
             dir
         }
         (None, Some(path)) => path.clone(),
-        (None, None) => anyhow::bail!("no model given: pass --model ID or --model-path DIR (or set model.id in the config)"),
+        (None, None) => anyhow::bail!(
+            "no model given: pass --model ID or --model-path DIR (or set model.id in the config)"
+        ),
     };
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
@@ -196,11 +203,13 @@ fn open_model(args: &ConfigArgs) -> Result<()> {
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("parsing {}", config_path.display()))?;
     let family = registry::family_for_config(&json)?;
-    family.implementation.ok_or_else(|| RegistryError::NotImplemented {
-        id: dir.display().to_string(),
-        family: family.name.to_string(),
-        status: family.status,
-    })?;
+    family
+        .implementation
+        .ok_or_else(|| RegistryError::NotImplemented {
+            id: dir.display().to_string(),
+            family: family.name.to_string(),
+            status: family.status,
+        })?;
     anyhow::bail!("this command is not available yet in this build")
 }
 

@@ -19,29 +19,144 @@ fn stderr(o: &Output) -> String {
 
 /// (id, hub id, family, registering crate) for every model the project must list.
 const EXPECTED: &[(&str, &str, &str, &str)] = &[
-    ("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", "lmms_ft_llava"),
-    ("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", "llava", "lmms_ft_llava"),
-    ("llava-1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-next", "lmms_ft_llava"),
-    ("llava-1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava-next", "lmms_ft_llava"),
-    ("llava-1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "llava-next", "lmms_ft_llava"),
-    ("llava-next-video-7b", "llava-hf/LLaVA-NeXT-Video-7B-hf", "llava-next-video", "lmms_ft_llava"),
-    ("llava-next-video-7b-32k", "llava-hf/LLaVA-NeXT-Video-7B-32K-hf", "llava-next-video", "lmms_ft_llava"),
-    ("llava-next-video-34b", "llava-hf/LLaVA-NeXT-Video-34B-hf", "llava-next-video", "lmms_ft_llava"),
-    ("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "llava", "lmms_ft_llava"),
-    ("llava-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "llava", "lmms_ft_llava"),
-    ("llava-onevision-0.5b-ov", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava-onevision", "lmms_ft_llava"),
-    ("llava-onevision-7b-ov", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-onevision", "lmms_ft_llava"),
-    ("llava-onevision-72b-ov", "llava-hf/llava-onevision-qwen2-72b-ov-hf", "llava-onevision", "lmms_ft_llava"),
-    ("qwen2-vl-2b-instruct", "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl", "lmms_ft_qwen2_vl"),
-    ("qwen2-vl-7b-instruct", "Qwen/Qwen2-VL-7B-Instruct", "qwen2-vl", "lmms_ft_qwen2_vl"),
-    ("qwen2-vl-72b-instruct", "Qwen/Qwen2-VL-72B-Instruct", "qwen2-vl", "lmms_ft_qwen2_vl"),
-    ("qwen2.5-vl-3b-instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl", "lmms_ft_qwen2_vl"),
-    ("qwen2.5-vl-7b-instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl", "lmms_ft_qwen2_vl"),
-    ("qwen2.5-vl-72b-instruct", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2.5-vl", "lmms_ft_qwen2_vl"),
-    ("phi3-v", "microsoft/Phi-3-vision-128k-instruct", "phi3-v", "lmms_ft_phi3_v"),
-    ("phi3.5-v", "microsoft/Phi-3.5-vision-instruct", "phi3-v", "lmms_ft_phi3_v"),
-    ("llama-3.2-11b-vision-instruct", "meta-llama/Llama-3.2-11B-Vision-Instruct", "llama-3.2-vision", "lmms_ft_mllama"),
-    ("llama-3.2-90b-vision-instruct", "meta-llama/Llama-3.2-90B-Vision-Instruct", "llama-3.2-vision", "lmms_ft_mllama"),
+    (
+        "llava-1.5-7b",
+        "llava-hf/llava-1.5-7b-hf",
+        "llava",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-1.5-13b",
+        "llava-hf/llava-1.5-13b-hf",
+        "llava",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-1.6-vicuna-7b",
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        "llava-next",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-1.6-vicuna-13b",
+        "llava-hf/llava-v1.6-vicuna-13b-hf",
+        "llava-next",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-1.6-mistral-7b",
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        "llava-next",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-next-video-7b",
+        "llava-hf/LLaVA-NeXT-Video-7B-hf",
+        "llava-next-video",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-next-video-7b-32k",
+        "llava-hf/LLaVA-NeXT-Video-7B-32K-hf",
+        "llava-next-video",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-next-video-34b",
+        "llava-hf/LLaVA-NeXT-Video-34B-hf",
+        "llava-next-video",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-interleave-qwen-0.5b",
+        "llava-hf/llava-interleave-qwen-0.5b-hf",
+        "llava",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-interleave-qwen-7b",
+        "llava-hf/llava-interleave-qwen-7b-hf",
+        "llava",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-onevision-0.5b-ov",
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        "llava-onevision",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-onevision-7b-ov",
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        "llava-onevision",
+        "lmms_ft_llava",
+    ),
+    (
+        "llava-onevision-72b-ov",
+        "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+        "llava-onevision",
+        "lmms_ft_llava",
+    ),
+    (
+        "qwen2-vl-2b-instruct",
+        "Qwen/Qwen2-VL-2B-Instruct",
+        "qwen2-vl",
+        "lmms_ft_qwen2_vl",
+    ),
+    (
+        "qwen2-vl-7b-instruct",
+        "Qwen/Qwen2-VL-7B-Instruct",
+        "qwen2-vl",
+        "lmms_ft_qwen2_vl",
+    ),
+    (
+        "qwen2-vl-72b-instruct",
+        "Qwen/Qwen2-VL-72B-Instruct",
+        "qwen2-vl",
+        "lmms_ft_qwen2_vl",
+    ),
+    (
+        "qwen2.5-vl-3b-instruct",
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "qwen2.5-vl",
+        "lmms_ft_qwen2_vl",
+    ),
+    (
+        "qwen2.5-vl-7b-instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "qwen2.5-vl",
+        "lmms_ft_qwen2_vl",
+    ),
+    (
+        "qwen2.5-vl-72b-instruct",
+        "Qwen/Qwen2.5-VL-72B-Instruct",
+        "qwen2.5-vl",
+        "lmms_ft_qwen2_vl",
+    ),
+    (
+        "phi3-v",
+        "microsoft/Phi-3-vision-128k-instruct",
+        "phi3-v",
+        "lmms_ft_phi3_v",
+    ),
+    (
+        "phi3.5-v",
+        "microsoft/Phi-3.5-vision-instruct",
+        "phi3-v",
+        "lmms_ft_phi3_v",
+    ),
+    (
+        "llama-3.2-11b-vision-instruct",
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "llama-3.2-vision",
+        "lmms_ft_mllama",
+    ),
+    (
+        "llama-3.2-90b-vision-instruct",
+        "meta-llama/Llama-3.2-90B-Vision-Instruct",
+        "llama-3.2-vision",
+        "lmms_ft_mllama",
+    ),
 ];
 
 #[test]
@@ -78,19 +193,32 @@ fn list_models_table_is_human_readable() {
 fn assert_clean_error(o: &Output) -> String {
     assert!(!o.status.success());
     let err = stderr(o);
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:") || l.starts_with("hint:")).collect();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("error:") || l.starts_with("hint:"))
+        .collect();
     assert!(lines.len() >= 2, "error and hint lines: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
     err
 }
 
 #[test]
 fn alias_resolves_then_reports_unimplemented_family() {
     let err = assert_clean_error(&lmms_ft(&["train", "--model", "qwen2-vl-7b"]));
-    assert!(err.contains("qwen2-vl-7b-instruct"), "alias resolved: {err}");
+    assert!(
+        err.contains("qwen2-vl-7b-instruct"),
+        "alias resolved: {err}"
+    );
     assert!(err.contains("not implemented"), "{err}");
     // Hub ids resolve too, case-insensitively.
-    let err = assert_clean_error(&lmms_ft(&["evaluate", "--model", "llava-hf/LLaVA-1.5-7b-hf"]));
+    let err = assert_clean_error(&lmms_ft(&[
+        "evaluate",
+        "--model",
+        "llava-hf/LLaVA-1.5-7b-hf",
+    ]));
     assert!(err.contains("llava-1.5-7b"), "{err}");
 }
 
@@ -99,7 +227,10 @@ fn unknown_model_and_bad_config_are_one_line_errors() {
     let err = assert_clean_error(&lmms_ft(&["train", "--model", "gpt-99"]));
     assert!(err.contains("unknown model id 'gpt-99'"), "{err}");
     let err = assert_clean_error(&lmms_ft(&["config", "show", "--set", "train.lr=1"]));
-    assert!(err.contains("unknown config key `train.lr`") && err.contains("command line"), "{err}");
+    assert!(
+        err.contains("unknown config key `train.lr`") && err.contains("command line"),
+        "{err}"
+    );
     let err = assert_clean_error(&lmms_ft(&["config", "show", "--config", "/no/such.toml"]));
     assert!(err.contains("/no/such.toml"), "{err}");
 }
@@ -110,7 +241,16 @@ fn config_show_prints_resolved_layers() {
     let file = dir.path().join("x.toml");
     std::fs::write(&file, "[train]\nbatch_size = 3\nlearning_rate = 0.5\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(["config", "show", "--config", file.to_str().unwrap(), "--set", "train.learning_rate=0.25", "--model", "phi3-v"])
+        .args([
+            "config",
+            "show",
+            "--config",
+            file.to_str().unwrap(),
+            "--set",
+            "train.learning_rate=0.25",
+            "--model",
+            "phi3-v",
+        ])
         .env("LMMS_FT_TRAIN__SEED", "7")
         .output()
         .unwrap();
@@ -131,9 +271,16 @@ fn every_family_has_an_example_config_naming_one_of_its_models() {
     families.dedup();
     for family in families {
         let file = configs.join(format!("{family}.toml"));
-        let cfg: toml::Value = toml::from_str(&std::fs::read_to_string(&file).unwrap_or_else(|_| panic!("{} missing", file.display()))).unwrap();
+        let cfg: toml::Value = toml::from_str(
+            &std::fs::read_to_string(&file)
+                .unwrap_or_else(|_| panic!("{} missing", file.display())),
+        )
+        .unwrap();
         let id = cfg["model"]["id"].as_str().unwrap();
-        let row = rows.iter().find(|r| r["id"] == id).unwrap_or_else(|| panic!("{id} in {family}.toml is not registered"));
+        let row = rows
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {family}.toml is not registered"));
         assert_eq!(row["family"], family);
     }
 }

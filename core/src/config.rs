@@ -233,8 +233,12 @@ impl Provider for Layer {
 /// `LMMS_FT_TRAIN__LEARNING_RATE` → `train.learning_rate`, for variables with a section.
 fn env_key(var: &str) -> Option<String> {
     let rest = var.strip_prefix(ENV_PREFIX)?;
-    rest.contains("__")
-        .then(|| rest.split("__").collect::<Vec<_>>().join(".").to_ascii_lowercase())
+    rest.contains("__").then(|| {
+        rest.split("__")
+            .collect::<Vec<_>>()
+            .join(".")
+            .to_ascii_lowercase()
+    })
 }
 
 /// Parses the right-hand side of `--set` as a TOML value (`3`, `1e-4`, `true`, `["a","b"]`),
@@ -343,7 +347,10 @@ fn describe(fig: &Figment, e: figment::Error) -> String {
             };
             let origin = describe_origin(fig.find_metadata(&key));
             let env_hint = if origin.contains("environment") {
-                format!(" (variable {ENV_PREFIX}{})", key.replace('.', "__").to_uppercase())
+                format!(
+                    " (variable {ENV_PREFIX}{})",
+                    key.replace('.', "__").to_uppercase()
+                )
             } else {
                 String::new()
             };

@@ -42,7 +42,11 @@ pub trait Processor: Send + Sync {
     /// Resizes, normalises and patchifies all media of one sample. Returns the processed
     /// media and, per image then per video in order, the number of tokens its placeholder
     /// expands to; the template relies on these counts being exact.
-    fn process(&self, images: &[RgbImage], videos: &[VideoClip]) -> Result<(Self::Media, MediaTokens)>;
+    fn process(
+        &self,
+        images: &[RgbImage],
+        videos: &[VideoClip],
+    ) -> Result<(Self::Media, MediaTokens)>;
 }
 
 /// Number of placeholder tokens each image and video of a sample expands to.
@@ -67,7 +71,12 @@ pub trait ChatTemplate: Send + Sync {
     /// label rule: assistant content plus the end-of-turn tokens the template emits right
     /// after it are labeled; everything else is [`IGNORE_INDEX`]. With `label_all`, every
     /// token except media tokens is labeled.
-    fn encode(&self, conv: &Conversation, media: &MediaTokens, label_all: bool) -> Result<EncodedText>;
+    fn encode(
+        &self,
+        conv: &Conversation,
+        media: &MediaTokens,
+        label_all: bool,
+    ) -> Result<EncodedText>;
 
     /// Encodes the prompt for generation (`add_generation_prompt`). It must be an exact
     /// prefix of what [`ChatTemplate::encode`] produces for the same conversation followed by
@@ -133,9 +142,10 @@ pub trait Family: Send + Sync + 'static {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", path.display()))?;
-        Self::Config::from_hf_json(&value).with_context(|| format!("interpreting {}", path.display()))
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::Config::from_hf_json(&value)
+            .with_context(|| format!("interpreting {}", path.display()))
     }
 
     /// Builds the processor from the model directory's preprocessor / processor config.

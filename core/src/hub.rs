@@ -17,7 +17,11 @@ pub struct CacheEnv {
 
 impl CacheEnv {
     pub fn from_process() -> Self {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         CacheEnv {
             hf_hub_cache: var("HF_HUB_CACHE"),
             hf_home: var("HF_HOME"),
@@ -121,7 +125,10 @@ pub fn resolve_model_dir(
             snapshots.display()
         ));
     } else {
-        looked.push("no Hugging Face cache: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME, HOME is set".into());
+        looked.push(
+            "no Hugging Face cache: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME, HOME is set"
+                .into(),
+        );
     }
     Err(ResolveError::NotFound {
         hub_id: hub_id.to_string(),

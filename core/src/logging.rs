@@ -16,7 +16,9 @@ impl std::str::FromStr for LogFormat {
         match s {
             "human" => Ok(LogFormat::Human),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format '{other}' (expected human or json)")),
+            other => Err(format!(
+                "unknown log format '{other}' (expected human or json)"
+            )),
         }
     }
 }

@@ -1,4 +1,6 @@
 //! Configuration layering and error messages, with a jailed environment and temp files.
+// figment::Jail closures must return figment::Result, whose error type is large by design.
+#![allow(clippy::result_large_err)]
 
 use figment::Jail;
 use lmms_ft_core::config::{ConfigError, Mode, Sources};
@@ -34,8 +36,10 @@ fn four_layers_in_order() {
         // Tool variables without a section separator must not be read as config keys.
         jail.set_env("LMMS_FT_HOME", "/somewhere");
         let mut src = sources(Some("run.toml"), &["train.grad_accum=16"]);
-        src.flags
-            .push(("model.id".into(), figment::value::Value::from("qwen2-vl-2b".to_string())));
+        src.flags.push((
+            "model.id".into(),
+            figment::value::Value::from("qwen2-vl-2b".to_string()),
+        ));
         let cfg = src.load().map_err(|e| e.to_string())?;
         assert_eq!(cfg.train.seed, 42, "default survives");
         assert_eq!(cfg.train.batch_size, 2, "file beats default");
@@ -52,8 +56,10 @@ fn set_beats_dedicated_flag_and_env() {
     Jail::expect_with(|jail| {
         jail.set_env("LMMS_FT_MODEL__ID", "from-env");
         let mut src = sources(None, &["model.id=from-set"]);
-        src.flags
-            .push(("model.id".into(), figment::value::Value::from("from-flag".to_string())));
+        src.flags.push((
+            "model.id".into(),
+            figment::value::Value::from("from-flag".to_string()),
+        ));
         assert_eq!(src.load().unwrap().model.id.as_deref(), Some("from-set"));
         src.sets.clear();
         assert_eq!(src.load().unwrap().model.id.as_deref(), Some("from-flag"));
@@ -68,8 +74,14 @@ fn unknown_key_in_file_names_key_and_file() {
     Jail::expect_with(|jail| {
         jail.create_file("bad.toml", "[train]\nlearnin_rate = 1e-4\n")?;
         let msg = err_text(sources(Some("bad.toml"), &[]).load().unwrap_err());
-        assert!(msg.contains("unknown config key `train.learnin_rate`"), "{msg}");
-        assert!(msg.contains("TOML file") && msg.contains("bad.toml"), "{msg}");
+        assert!(
+            msg.contains("unknown config key `train.learnin_rate`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("TOML file") && msg.contains("bad.toml"),
+            "{msg}"
+        );
         assert!(msg.contains("learning_rate"), "lists the valid keys: {msg}");
         Ok(())
     });
@@ -102,7 +114,10 @@ fn unknown_key_from_env_names_variable() {
 fn unknown_key_from_command_line() {
     Jail::expect_with(|_jail| {
         let msg = err_text(sources(None, &["lora.rank=4"]).load().unwrap_err());
-        assert!(msg.contains("`lora.rank`") && msg.contains("command line"), "{msg}");
+        assert!(
+            msg.contains("`lora.rank`") && msg.contains("command line"),
+            "{msg}"
+        );
         Ok(())
     });
 }
@@ -124,7 +139,10 @@ fn bad_enum_value_names_key() {
     Jail::expect_with(|jail| {
         jail.create_file("m.toml", "[train]\nmode = \"lorra\"\n")?;
         let msg = err_text(sources(Some("m.toml"), &[]).load().unwrap_err());
-        assert!(msg.contains("`train.mode`") && msg.contains("m.toml"), "{msg}");
+        assert!(
+            msg.contains("`train.mode`") && msg.contains("m.toml"),
+            "{msg}"
+        );
         Ok(())
     });
 }

@@ -72,8 +72,20 @@ impl Collator for Pad {
         let mut ids = Vec::new();
         let mut labels = Vec::new();
         for x in &s {
-            ids.extend(x.input_ids.iter().copied().chain(std::iter::repeat(0)).take(len));
-            labels.extend(x.labels.iter().copied().chain(std::iter::repeat(IGNORE_INDEX)).take(len));
+            ids.extend(
+                x.input_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(0))
+                    .take(len),
+            );
+            labels.extend(
+                x.labels
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(IGNORE_INDEX))
+                    .take(len),
+            );
         }
         let shape = [s.len() as i64, len as i64];
         Ok((
@@ -101,8 +113,15 @@ impl Model for ToyModel {
             IGNORE_INDEX,
             0.0,
         );
-        let n = shift_labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
-        Ok(ModelOutput { logits, loss_sum: Some(loss_sum), num_label_tokens: n })
+        let n = shift_labels
+            .ne(IGNORE_INDEX)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        Ok(ModelOutput {
+            logits,
+            loss_sum: Some(loss_sum),
+            num_label_tokens: n,
+        })
     }
     fn var_store(&self) -> &nn::VarStore {
         &self.vs
@@ -131,8 +150,21 @@ impl Family for Toy {
     fn load(c: &ToyConfig, dir: &Path, device: Device, kind: Kind) -> Result<ToyModel> {
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        let embed = nn::embedding(&root / "model" / "embed_tokens", c.vocab, c.hidden, Default::default());
-        let head = nn::linear(&root / "lm_head", c.hidden, c.vocab, nn::LinearConfig { bias: false, ..Default::default() });
+        let embed = nn::embedding(
+            &root / "model" / "embed_tokens",
+            c.vocab,
+            c.hidden,
+            Default::default(),
+        );
+        let head = nn::linear(
+            &root / "lm_head",
+            c.hidden,
+            c.vocab,
+            nn::LinearConfig {
+                bias: false,
+                ..Default::default()
+            },
+        );
         vs.load(dir.join("model.safetensors"))?;
         vs.set_kind(kind);
         Ok(ToyModel { vs, embed, head })
@@ -153,25 +185,47 @@ fn conversation() -> Conversation {
 fn erased_family_runs_end_to_end_and_matches_independent_loss() {
     tch::manual_seed(0);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), r#"{"vocab_size": 260, "hidden_size": 8}"#).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"vocab_size": 260, "hidden_size": 8}"#,
+    )
+    .unwrap();
     let embed = Tensor::randn([260, 8], (Kind::Float, Device::Cpu));
     let head = Tensor::randn([260, 8], (Kind::Float, Device::Cpu));
     Tensor::write_safetensors(
-        &[("model.embed_tokens.weight", &embed), ("lm_head.weight", &head)],
+        &[
+            ("model.embed_tokens.weight", &embed),
+            ("lm_head.weight", &head),
+        ],
         dir.path().join("model.safetensors"),
     )
     .unwrap();
 
     let fam: &dyn DynFamily = &Erased::<Toy>::NEW;
-    assert_eq!(fam.num_parameters(&serde_json::json!({"vocab_size": 260, "hidden_size": 8})).unwrap(), 4160);
+    assert_eq!(
+        fam.num_parameters(&serde_json::json!({"vocab_size": 260, "hidden_size": 8}))
+            .unwrap(),
+        4160
+    );
     let pipe = fam
-        .open(dir.path(), OpenOptions { device: Device::Cpu, kind: Kind::Float })
+        .open(
+            dir.path(),
+            OpenOptions {
+                device: Device::Cpu,
+                kind: Kind::Float,
+            },
+        )
         .unwrap();
-    let batch = vec![PreparedConversation { conversation: conversation(), media: DecodedMedia::default() }];
+    let batch = vec![PreparedConversation {
+        conversation: conversation(),
+        media: DecodedMedia::default(),
+    }];
     let out = pipe.forward(&batch, true).unwrap();
 
     // Independent computation: labeled positions are "hello" + end marker (6 tokens).
-    let enc = Bytes.encode(&conversation(), &MediaTokens::default(), false).unwrap();
+    let enc = Bytes
+        .encode(&conversation(), &MediaTokens::default(), false)
+        .unwrap();
     let ids = Tensor::from_slice(&enc.input_ids);
     let logits = embed.index_select(0, &ids).matmul(&head.tr());
     let logp = logits.log_softmax(-1, Kind::Float);
@@ -186,7 +240,10 @@ fn erased_family_runs_end_to_end_and_matches_independent_loss() {
     assert_eq!(n, 6);
     assert_eq!(out.num_label_tokens, 6);
     let got = out.loss_sum.as_ref().unwrap().double_value(&[]);
-    assert!((got - expected).abs() < 1e-4 * expected.abs(), "{got} vs {expected}");
+    assert!(
+        (got - expected).abs() < 1e-4 * expected.abs(),
+        "{got} vs {expected}"
+    );
 
     // Gradients reach the Hub-named parameters.
     out.mean_loss().unwrap().backward();
@@ -198,14 +255,27 @@ fn erased_family_runs_end_to_end_and_matches_independent_loss() {
 #[test]
 fn loading_a_checkpoint_of_another_shape_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), r#"{"vocab_size": 260, "hidden_size": 8}"#).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"vocab_size": 260, "hidden_size": 8}"#,
+    )
+    .unwrap();
     let wrong = Tensor::zeros([260, 4], (Kind::Float, Device::Cpu));
     Tensor::write_safetensors(
-        &[("model.embed_tokens.weight", &wrong), ("lm_head.weight", &wrong)],
+        &[
+            ("model.embed_tokens.weight", &wrong),
+            ("lm_head.weight", &wrong),
+        ],
         dir.path().join("model.safetensors"),
     )
     .unwrap();
     let fam: &dyn DynFamily = &Erased::<Toy>::NEW;
-    let err = fam.open(dir.path(), OpenOptions { device: Device::Cpu, kind: Kind::Float });
+    let err = fam.open(
+        dir.path(),
+        OpenOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        },
+    );
     assert!(err.is_err());
 }

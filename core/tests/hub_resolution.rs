@@ -35,7 +35,10 @@ fn refs_main_picks_the_snapshot() {
     let repo = hub.join("models--Qwen--Qwen2-VL-7B-Instruct");
     fs::create_dir_all(repo.join("refs")).unwrap();
     fs::write(repo.join("refs/main"), "2222\n").unwrap();
-    assert_eq!(resolve_model_dir(HUB_ID, None, &env_with_home(tmp.path())).unwrap(), main);
+    assert_eq!(
+        resolve_model_dir(HUB_ID, None, &env_with_home(tmp.path())).unwrap(),
+        main
+    );
 }
 
 #[test]
@@ -52,7 +55,10 @@ fn without_refs_the_newest_complete_snapshot() {
     fs::File::open(&new).unwrap().set_modified(t).unwrap();
     // An incomplete snapshot (no config.json) is never chosen.
     fs::create_dir_all(hub.join("models--Qwen--Qwen2-VL-7B-Instruct/snapshots/cccc")).unwrap();
-    assert_eq!(resolve_model_dir(HUB_ID, None, &env_with_home(tmp.path())).unwrap(), new);
+    assert_eq!(
+        resolve_model_dir(HUB_ID, None, &env_with_home(tmp.path())).unwrap(),
+        new
+    );
 }
 
 #[test]
@@ -94,7 +100,10 @@ fn explicit_path_wins_and_is_checked() {
         other => panic!("expected BadPath, got {other:?}"),
     }
     fs::write(local.join("config.json"), "{}").unwrap();
-    assert_eq!(resolve_model_dir(HUB_ID, Some(&local), &env).unwrap(), local);
+    assert_eq!(
+        resolve_model_dir(HUB_ID, Some(&local), &env).unwrap(),
+        local
+    );
 }
 
 #[test]

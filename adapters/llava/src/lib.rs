@@ -44,27 +44,104 @@ register_family! {
     implementation: None,
 }
 
-register_models!("llava", [
-    ("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", ["llava-1.5-7b-hf"], false),
-    ("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", ["llava-1.5-13b-hf"], false),
-    ("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", ["llava-interleave-0.5b"], true),
-    ("llava-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", ["llava-interleave-7b"], true),
-]);
+register_models!(
+    "llava",
+    [
+        (
+            "llava-1.5-7b",
+            "llava-hf/llava-1.5-7b-hf",
+            ["llava-1.5-7b-hf"],
+            false
+        ),
+        (
+            "llava-1.5-13b",
+            "llava-hf/llava-1.5-13b-hf",
+            ["llava-1.5-13b-hf"],
+            false
+        ),
+        (
+            "llava-interleave-qwen-0.5b",
+            "llava-hf/llava-interleave-qwen-0.5b-hf",
+            ["llava-interleave-0.5b"],
+            true
+        ),
+        (
+            "llava-interleave-qwen-7b",
+            "llava-hf/llava-interleave-qwen-7b-hf",
+            ["llava-interleave-7b"],
+            true
+        ),
+    ]
+);
 
-register_models!("llava-next", [
-    ("llava-1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", ["llava-next-vicuna-7b"], false),
-    ("llava-1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", ["llava-next-vicuna-13b"], false),
-    ("llava-1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", ["llava-next-mistral-7b"], false),
-]);
+register_models!(
+    "llava-next",
+    [
+        (
+            "llava-1.6-vicuna-7b",
+            "llava-hf/llava-v1.6-vicuna-7b-hf",
+            ["llava-next-vicuna-7b"],
+            false
+        ),
+        (
+            "llava-1.6-vicuna-13b",
+            "llava-hf/llava-v1.6-vicuna-13b-hf",
+            ["llava-next-vicuna-13b"],
+            false
+        ),
+        (
+            "llava-1.6-mistral-7b",
+            "llava-hf/llava-v1.6-mistral-7b-hf",
+            ["llava-next-mistral-7b"],
+            false
+        ),
+    ]
+);
 
-register_models!("llava-next-video", [
-    ("llava-next-video-7b", "llava-hf/LLaVA-NeXT-Video-7B-hf", [], true),
-    ("llava-next-video-7b-32k", "llava-hf/LLaVA-NeXT-Video-7B-32K-hf", [], true),
-    ("llava-next-video-34b", "llava-hf/LLaVA-NeXT-Video-34B-hf", [], true),
-]);
+register_models!(
+    "llava-next-video",
+    [
+        (
+            "llava-next-video-7b",
+            "llava-hf/LLaVA-NeXT-Video-7B-hf",
+            [],
+            true
+        ),
+        (
+            "llava-next-video-7b-32k",
+            "llava-hf/LLaVA-NeXT-Video-7B-32K-hf",
+            [],
+            true
+        ),
+        (
+            "llava-next-video-34b",
+            "llava-hf/LLaVA-NeXT-Video-34B-hf",
+            [],
+            true
+        ),
+    ]
+);
 
-register_models!("llava-onevision", [
-    ("llava-onevision-0.5b-ov", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", ["llava-onevision-0.5b"], true),
-    ("llava-onevision-7b-ov", "llava-hf/llava-onevision-qwen2-7b-ov-hf", ["llava-onevision-7b"], true),
-    ("llava-onevision-72b-ov", "llava-hf/llava-onevision-qwen2-72b-ov-hf", ["llava-onevision-72b"], true),
-]);
+register_models!(
+    "llava-onevision",
+    [
+        (
+            "llava-onevision-0.5b-ov",
+            "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+            ["llava-onevision-0.5b"],
+            true
+        ),
+        (
+            "llava-onevision-7b-ov",
+            "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+            ["llava-onevision-7b"],
+            true
+        ),
+        (
+            "llava-onevision-72b-ov",
+            "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+            ["llava-onevision-72b"],
+            true
+        ),
+    ]
+);

@@ -13,7 +13,20 @@ register_family! {
     implementation: None,
 }
 
-register_models!("llama-3.2-vision", [
-    ("llama-3.2-11b-vision-instruct", "meta-llama/Llama-3.2-11B-Vision-Instruct", ["llama-3.2-11b-vision"], false),
-    ("llama-3.2-90b-vision-instruct", "meta-llama/Llama-3.2-90B-Vision-Instruct", ["llama-3.2-90b-vision"], false),
-]);
+register_models!(
+    "llama-3.2-vision",
+    [
+        (
+            "llama-3.2-11b-vision-instruct",
+            "meta-llama/Llama-3.2-11B-Vision-Instruct",
+            ["llama-3.2-11b-vision"],
+            false
+        ),
+        (
+            "llama-3.2-90b-vision-instruct",
+            "meta-llama/Llama-3.2-90B-Vision-Instruct",
+            ["llama-3.2-90b-vision"],
+            false
+        ),
+    ]
+);

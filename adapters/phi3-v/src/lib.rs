@@ -13,7 +13,20 @@ register_family! {
     implementation: None,
 }
 
-register_models!("phi3-v", [
-    ("phi3-v", "microsoft/Phi-3-vision-128k-instruct", ["phi-3-vision-128k-instruct"], false),
-    ("phi3.5-v", "microsoft/Phi-3.5-vision-instruct", ["phi-3.5-vision-instruct"], true),
-]);
+register_models!(
+    "phi3-v",
+    [
+        (
+            "phi3-v",
+            "microsoft/Phi-3-vision-128k-instruct",
+            ["phi-3-vision-128k-instruct"],
+            false
+        ),
+        (
+            "phi3.5-v",
+            "microsoft/Phi-3.5-vision-instruct",
+            ["phi-3.5-vision-instruct"],
+            true
+        ),
+    ]
+);
