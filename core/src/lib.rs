@@ -9,8 +9,10 @@ pub mod data;
 pub mod family;
 pub mod hub;
 pub mod logging;
+pub mod nn;
 pub mod registry;
 pub mod runtime;
+pub mod weights;
 
 // Re-exported so the registration macros work in adapter crates without extra dependencies.
 pub use inventory;

@@ -1,0 +1,189 @@
+//! The Llama-style pre-norm decoder: RMSNorm → attention with rotary positions and grouped
+//! KV heads → residual → RMSNorm → SwiGLU MLP → residual. Parameter names follow the Hub
+//! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
+
+use lmms_ft_core::nn::{apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm};
+use tch::nn::Path;
+use tch::{Kind, Tensor};
+
+/// Sizes and switches of a decoder; families fill it from their `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_layers: i64,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// Bias on q/k/v projections (Qwen2: yes; Llama: `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`; never for Qwen2).
+    pub o_bias: bool,
+    pub tie_word_embeddings: bool,
+}
+
+impl DecoderConfig {
+    /// Parameters of embeddings + layers + final norm + (untied) lm_head.
+    pub fn num_parameters(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let q = (self.num_heads * self.head_dim) as u64;
+        let kv = (self.num_kv_heads * self.head_dim) as u64;
+        let i = self.intermediate_size as u64;
+        let v = self.vocab_size as u64;
+        let attn = linear_params(h, q, self.qkv_bias)
+            + 2 * linear_params(h, kv, self.qkv_bias)
+            + linear_params(q, h, self.o_bias);
+        let mlp = 3 * linear_params(h, i, false);
+        let layer = attn + mlp + 2 * h;
+        let lm_head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_layers as u64 * layer + h + lm_head
+    }
+}
+
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        let q = c.num_heads * c.head_dim;
+        let kv = c.num_kv_heads * c.head_dim;
+        Attention {
+            q_proj: Linear::new(&(p / "q_proj"), c.hidden_size, q, c.qkv_bias, init),
+            k_proj: Linear::new(&(p / "k_proj"), c.hidden_size, kv, c.qkv_bias, init),
+            v_proj: Linear::new(&(p / "v_proj"), c.hidden_size, kv, c.qkv_bias, init),
+            o_proj: Linear::new(&(p / "o_proj"), q, c.hidden_size, c.o_bias, init),
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// `x: [B, T, H]`, `cos`/`sin`: `[B, T, D]`. Causal; a right-padded batch needs no mask
+    /// because real tokens never attend to the padding after them.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let (b, t, _) = x.size3().expect("[B, T, H]");
+        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let q = split(self.q_proj.forward(x), self.heads);
+        let k = split(self.k_proj.forward(x), self.kv_heads);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
+        let q = apply_rotary(&q, &cos, &sin);
+        let k = apply_rotary(&k, &cos, &sin);
+        let n_rep = self.heads / self.kv_heads;
+        let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let out = sdpa(&q, &k, &v, mask, true, scale);
+        self.o_proj
+            .forward(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
+    }
+}
+
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        Mlp {
+            gate_proj: Linear::new(&(p / "gate_proj"), c.hidden_size, c.intermediate_size, false, init),
+            up_proj: Linear::new(&(p / "up_proj"), c.hidden_size, c.intermediate_size, false, init),
+            down_proj: Linear::new(&(p / "down_proj"), c.intermediate_size, c.hidden_size, false, init),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        DecoderLayer {
+            input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
+            self_attn: Attention::new(&(p / "self_attn"), c, init),
+            post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), c.hidden_size, c.rms_norm_eps),
+            mlp: Mlp::new(&(p / "mlp"), c, init),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let h = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), cos, sin, mask);
+        let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
+        h + out
+    }
+}
+
+/// Embeddings, layers and final norm (the Hub's `model.*`), plus the `lm_head`.
+pub struct Decoder {
+    pub config: DecoderConfig,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Linear>,
+}
+
+impl Decoder {
+    /// `model` is the path of `embed_tokens` / `layers` / `norm`; `lm_head` is the head's.
+    pub fn new(model: &Path, lm_head: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        Decoder {
+            embed_tokens: Embedding::new(&(model / "embed_tokens"), c.vocab_size, c.hidden_size, init),
+            layers: (0..c.num_layers)
+                .map(|i| DecoderLayer::new(&(model / "layers" / i), c, init))
+                .collect(),
+            norm: RmsNorm::new(&(model / "norm"), c.hidden_size, c.rms_norm_eps),
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| Linear::new(lm_head, c.hidden_size, c.vocab_size, false, init)),
+            config: c.clone(),
+        }
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Runs the layers and the final norm on `[B, T, H]` embeddings.
+    pub fn hidden_states(&self, embeds: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let mut h = embeds.shallow_clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, cos, sin, mask);
+        }
+        self.norm.forward(&h)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.linear::<Tensor>(&self.embed_tokens.weight, None),
+        }
+    }
+}
+
+/// Standard 1-D rotary tables for `positions: [B, T]` → `cos`, `sin`: `[B, T, D]` in `kind`.
+pub fn rope_cos_sin(positions: &Tensor, inv_freq: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+}

@@ -1,0 +1,134 @@
+//! `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`: vision tokens
+//! replace the `<|image_pad|>` / `<|video_pad|>` embeddings, then the Qwen2 decoder runs with
+//! M-RoPE positions.
+
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+use lmms_ft_backbones::decoder::Decoder;
+use lmms_ft_core::family::{Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::nn::{shifted_token_loss_sum, ParamInit};
+use lmms_ft_core::weights::{load_into, LoadOptions};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::config::Qwen2VlConfig;
+use crate::rope::mrope_cos_sin;
+use crate::vision::VisionTower;
+
+/// Processed media of a batch: flattened patches and their `(t, h, w)` grids.
+#[derive(Debug)]
+pub struct Media {
+    pub pixels: Tensor,
+    pub grids: Vec<[i64; 3]>,
+}
+
+/// A device batch, as the collator builds it.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B, T]`, right-padded.
+    pub input_ids: Tensor,
+    /// `[B, T]`, `IGNORE_INDEX` where no loss is taken; `None` for inference.
+    pub labels: Option<Tensor>,
+    /// `[3, B, T]` M-RoPE positions.
+    pub position_ids: Tensor,
+    pub images: Option<Media>,
+    pub videos: Option<Media>,
+    /// Labeled positions after the causal shift, counted on the host.
+    pub num_label_tokens: i64,
+}
+
+pub struct Qwen2VlModel {
+    pub config: Qwen2VlConfig,
+    vs: VarStore,
+    visual: VisionTower,
+    decoder: Decoder,
+}
+
+impl Qwen2VlModel {
+    /// Builds the parameters (named as in the Hub checkpoint) without loading weights.
+    pub fn new(config: &Qwen2VlConfig, device: Device, init: ParamInit) -> Qwen2VlModel {
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let visual = VisionTower::new(&(&root / "visual"), &config.vision, config.variant, init);
+        let decoder = Decoder::new(&(&root / "model"), &(&root / "lm_head"), &config.text, init);
+        Qwen2VlModel {
+            config: config.clone(),
+            vs,
+            visual,
+            decoder,
+        }
+    }
+
+    /// Loads a checkpoint directory into a model of `kind` on `device`.
+    pub fn load(config: &Qwen2VlConfig, dir: &Path, device: Device, kind: Kind) -> Result<Qwen2VlModel> {
+        let mut model = Qwen2VlModel::new(config, device, ParamInit::Zeros);
+        model.vs.set_kind(kind);
+        let tied = config.text.tie_word_embeddings;
+        load_into(
+            &model.vs,
+            dir,
+            &LoadOptions {
+                // Tied checkpoints may still carry a copy of the embeddings as lm_head.
+                ignore_unexpected: &|name| tied && name == "lm_head.weight",
+            },
+        )?;
+        Ok(model)
+    }
+
+    /// Token embeddings with every media placeholder replaced by its vision token.
+    fn embeddings(&self, batch: &Batch) -> Result<Tensor> {
+        let mut embeds = self.decoder.embed(&batch.input_ids);
+        for (media, token) in [
+            (&batch.images, self.config.image_token_id),
+            (&batch.videos, self.config.video_token_id),
+        ] {
+            if let Some(media) = media {
+                let feats = self.visual.forward(&media.pixels, &media.grids).to_kind(embeds.kind());
+                let mask = batch.input_ids.eq(token).unsqueeze(-1).expand_as(&embeds);
+                embeds = embeds.masked_scatter(&mask, &feats);
+            }
+        }
+        Ok(embeds)
+    }
+
+    /// Final hidden states `[B, T, H]`.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        let embeds = self.embeddings(batch)?;
+        let t = &self.config.text;
+        ensure!(
+            batch.position_ids.size() == [3, embeds.size()[0], embeds.size()[1]],
+            "position ids {:?} do not match the batch",
+            batch.position_ids.size()
+        );
+        let (cos, sin) = mrope_cos_sin(
+            &batch.position_ids,
+            self.config.mrope_section,
+            t.head_dim,
+            t.rope_theta,
+            embeds.kind(),
+            embeds.device(),
+        );
+        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+    }
+}
+
+impl Model for Qwen2VlModel {
+    type Batch = Batch;
+
+    fn forward(&self, batch: &Batch, _train: bool) -> Result<ModelOutput> {
+        let logits = self.decoder.logits(&self.hidden_states(batch)?);
+        let loss_sum = batch
+            .labels
+            .as_ref()
+            .map(|labels| shifted_token_loss_sum(&logits, labels, IGNORE_INDEX));
+        Ok(ModelOutput {
+            logits,
+            loss_sum,
+            num_label_tokens: batch.num_label_tokens,
+        })
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+}

@@ -1,0 +1,300 @@
+//! The Qwen2-VL / Qwen2.5-VL vision transformer: a 3-D patch embedding (two frames × 14 × 14
+//! patches), 2-D rotary positions, attention confined to each image or video frame (and, in
+//! Qwen2.5-VL, to 112-pixel windows except in `fullatt_block_indexes`), and a merger that
+//! folds each 2 × 2 block of patches into one LLM token.
+
+use lmms_ft_core::nn::{apply_rotary, rope_inv_freq, sdpa, LayerNorm, Linear, ParamInit, RmsNorm};
+use tch::nn::{Init, Path};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Variant, VisionConfig};
+
+enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    fn new(p: &Path, dim: i64, variant: Variant) -> Norm {
+        match variant {
+            Variant::Qwen2Vl => Norm::Layer(LayerNorm::new(p, dim, 1e-6)),
+            Variant::Qwen25Vl => Norm::Rms(RmsNorm::new(p, dim, 1e-6)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Norm::Layer(n) => n.forward(x),
+            Norm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+fn activation(name: &str, x: &Tensor) -> Tensor {
+    match name {
+        "quick_gelu" => x * (x * 1.702).sigmoid(),
+        "silu" => x.silu(),
+        "gelu_pytorch_tanh" => x.gelu("tanh"),
+        _ => x.gelu("none"),
+    }
+}
+
+enum Mlp {
+    /// Qwen2-VL: fc1 → act → fc2.
+    Plain { fc1: Linear, fc2: Linear },
+    /// Qwen2.5-VL: down(act(gate(x)) · up(x)), all with bias.
+    Gated {
+        gate_proj: Linear,
+        up_proj: Linear,
+        down_proj: Linear,
+    },
+}
+
+struct Block {
+    norm1: Norm,
+    norm2: Norm,
+    qkv: Linear,
+    proj: Linear,
+    mlp: Mlp,
+}
+
+pub struct VisionTower {
+    config: VisionConfig,
+    variant: Variant,
+    patch_embed: Tensor,
+    blocks: Vec<Block>,
+    ln_q: Norm,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+}
+
+/// Host-side layout of one forward: rotary positions, attention segments and (Qwen2.5-VL)
+/// the window permutation. Computed from the grids alone, before any tensor work.
+struct Layout {
+    positions: Vec<[i64; 2]>,
+    frame_segments: Vec<i64>,
+    window_segments: Vec<i64>,
+    /// Permutation of merge units into window order (empty when unused).
+    window_index: Vec<i64>,
+}
+
+impl VisionTower {
+    pub fn new(p: &Path, c: &VisionConfig, variant: Variant, init: ParamInit) -> VisionTower {
+        let e = c.embed_dim;
+        let init_w = match init {
+            ParamInit::Zeros => Init::Const(0.0),
+            ParamInit::Normal { std } => Init::Randn { mean: 0.0, stdev: std },
+        };
+        let patch_embed = (p / "patch_embed" / "proj").var(
+            "weight",
+            &[e, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size],
+            init_w,
+        );
+        let blocks = (0..c.depth)
+            .map(|i| {
+                let b = p / "blocks" / i;
+                let mlp = match variant {
+                    Variant::Qwen2Vl => Mlp::Plain {
+                        fc1: Linear::new(&(&b / "mlp" / "fc1"), e, c.mlp_dim, true, init),
+                        fc2: Linear::new(&(&b / "mlp" / "fc2"), c.mlp_dim, e, true, init),
+                    },
+                    Variant::Qwen25Vl => Mlp::Gated {
+                        gate_proj: Linear::new(&(&b / "mlp" / "gate_proj"), e, c.mlp_dim, true, init),
+                        up_proj: Linear::new(&(&b / "mlp" / "up_proj"), e, c.mlp_dim, true, init),
+                        down_proj: Linear::new(&(&b / "mlp" / "down_proj"), c.mlp_dim, e, true, init),
+                    },
+                };
+                Block {
+                    norm1: Norm::new(&(&b / "norm1"), e, variant),
+                    norm2: Norm::new(&(&b / "norm2"), e, variant),
+                    qkv: Linear::new(&(&b / "attn" / "qkv"), e, 3 * e, true, init),
+                    proj: Linear::new(&(&b / "attn" / "proj"), e, e, true, init),
+                    mlp,
+                }
+            })
+            .collect();
+        let merged = e * c.spatial_merge_size * c.spatial_merge_size;
+        let m = p / "merger";
+        VisionTower {
+            patch_embed,
+            blocks,
+            ln_q: Norm::new(&(&m / "ln_q"), e, variant),
+            merger_fc1: Linear::new(&(&m / "mlp" / 0), merged, merged, true, init),
+            merger_fc2: Linear::new(&(&m / "mlp" / 2), merged, c.out_dim, true, init),
+            config: c.clone(),
+            variant,
+        }
+    }
+
+    fn layout(&self, grids: &[[i64; 3]]) -> Layout {
+        let m = self.config.spatial_merge_size;
+        let mut positions = Vec::new();
+        let mut frame_segments = Vec::new();
+        for &[t, h, w] in grids {
+            // Row-major over merge blocks, then row-major inside each m × m block.
+            let mut frame = Vec::with_capacity((h * w) as usize);
+            for bh in 0..h / m {
+                for bw in 0..w / m {
+                    for ih in 0..m {
+                        for iw in 0..m {
+                            frame.push([bh * m + ih, bw * m + iw]);
+                        }
+                    }
+                }
+            }
+            for _ in 0..t {
+                positions.extend_from_slice(&frame);
+                frame_segments.push(h * w);
+            }
+        }
+        let (window_index, window_segments) = match self.variant {
+            Variant::Qwen2Vl => (Vec::new(), Vec::new()),
+            Variant::Qwen25Vl => self.windows(grids),
+        };
+        Layout {
+            positions,
+            frame_segments,
+            window_segments,
+            window_index,
+        }
+    }
+
+    /// Qwen2.5-VL windows: merge units grouped into `window_size / patch / merge` squares,
+    /// window by window, per frame. Returns the unit permutation and window lengths in patches.
+    fn windows(&self, grids: &[[i64; 3]]) -> (Vec<i64>, Vec<i64>) {
+        let c = &self.config;
+        let m = c.spatial_merge_size;
+        let win = c.window_size / m / c.patch_size;
+        let unit = m * m;
+        let mut index = Vec::new();
+        let mut lengths = Vec::new();
+        let mut base = 0;
+        for &[t, h, w] in grids {
+            let (lh, lw) = (h / m, w / m);
+            let nwh = (lh + win - lh % win) / win;
+            let nww = (lw + win - lw % win) / win;
+            for f in 0..t {
+                for wy in 0..nwh {
+                    for wx in 0..nww {
+                        let mut n = 0;
+                        for y in wy * win..((wy + 1) * win).min(lh) {
+                            for x in wx * win..((wx + 1) * win).min(lw) {
+                                index.push(base + f * lh * lw + y * lw + x);
+                                n += 1;
+                            }
+                        }
+                        if n > 0 {
+                            lengths.push(n * unit);
+                        }
+                    }
+                }
+            }
+            base += t * lh * lw;
+        }
+        (index, lengths)
+    }
+
+    /// `pixels: [patches, C·T·P·P]` → `[patches / m², out_dim]` tokens, in grid order.
+    pub fn forward(&self, pixels: &Tensor, grids: &[[i64; 3]]) -> Tensor {
+        let c = &self.config;
+        let device = pixels.device();
+        let kind = self.patch_embed.kind();
+        let layout = self.layout(grids);
+        let e = c.embed_dim;
+        // A Conv3d whose stride equals its kernel is a matmul over flattened patches.
+        let mut x = pixels
+            .to_kind(kind)
+            .matmul(&self.patch_embed.view([e, -1]).tr());
+        let (mut cos, mut sin) = self.rotary(&layout.positions, device);
+        let unit = c.spatial_merge_size * c.spatial_merge_size;
+        let permute = |t: &Tensor, index: &Tensor| {
+            let s = t.size();
+            t.view([s[0] / unit, unit, -1])
+                .index_select(0, index)
+                .view([s[0], -1])
+        };
+        let window_index = (!layout.window_index.is_empty())
+            .then(|| Tensor::from_slice(&layout.window_index).to_device(device));
+        if let Some(index) = &window_index {
+            x = permute(&x, index);
+            cos = permute(&cos, index);
+            sin = permute(&sin, index);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let segments = if self.variant == Variant::Qwen25Vl
+                && !c.fullatt_block_indexes.contains(&(i as i64))
+            {
+                &layout.window_segments
+            } else {
+                &layout.frame_segments
+            };
+            x = self.block(block, &x, &cos, &sin, segments);
+        }
+        let merged = self.ln_q.forward(&x).view([-1, e * unit]);
+        let mut out = self
+            .merger_fc2
+            .forward(&self.merger_fc1.forward(&merged).gelu("none"));
+        if let Some(index) = &window_index {
+            out = out.index_select(0, &index.argsort(0, false));
+        }
+        out
+    }
+
+    /// 2-D rotary tables `[patches, head_dim]` (fp32): half the frequencies for rows, half
+    /// for columns, repeated for both halves of the head as `rotate_half` expects.
+    fn rotary(&self, positions: &[[i64; 2]], device: Device) -> (Tensor, Tensor) {
+        let head_dim = self.config.embed_dim / self.config.num_heads;
+        let inv = rope_inv_freq(head_dim / 2, self.config.rope_theta, device);
+        let flat: Vec<i64> = positions.iter().flat_map(|p| p.iter().copied()).collect();
+        let pos = Tensor::from_slice(&flat)
+            .view([-1, 2])
+            .to_device(device)
+            .to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(-1) * &inv; // [N, 2, D/4]
+        let hw = freqs.view([positions.len() as i64, -1]); // rows then columns
+        let emb = Tensor::cat(&[&hw, &hw], -1);
+        (emb.cos(), emb.sin())
+    }
+
+    fn block(&self, b: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[i64]) -> Tensor {
+        let c = &self.config;
+        let (s, e) = x.size2().expect("[patches, width]");
+        let heads = c.num_heads;
+        let hd = e / heads;
+        let h = b.norm1.forward(x);
+        let qkv = b.qkv.forward(&h).view([s, 3, heads, hd]).permute([1, 0, 2, 3]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // Rotary in fp32, as transformers does, then back to the compute dtype.
+        let (cs, sn) = (cos.unsqueeze(-2), sin.unsqueeze(-2));
+        let q = apply_rotary(&q.to_kind(Kind::Float), &cs, &sn).to_kind(q.kind());
+        let k = apply_rotary(&k.to_kind(Kind::Float), &cs, &sn).to_kind(k.kind());
+        // [heads, S, hd]: each segment attends only within itself.
+        let (q, k, v) = (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1));
+        let scale = (hd as f64).powf(-0.5);
+        let attn = if segments.len() == 1 {
+            sdpa(&q.unsqueeze(0), &k.unsqueeze(0), &v.unsqueeze(0), None, false, scale).squeeze_dim(0)
+        } else {
+            let split = |t: &Tensor| t.split_with_sizes(segments, 1);
+            let outs: Vec<Tensor> = split(&q)
+                .iter()
+                .zip(split(&k).iter())
+                .zip(split(&v).iter())
+                .map(|((q, k), v)| {
+                    sdpa(&q.unsqueeze(0), &k.unsqueeze(0), &v.unsqueeze(0), None, false, scale).squeeze_dim(0)
+                })
+                .collect();
+            Tensor::cat(&outs, 1)
+        };
+        let x = x + b.proj.forward(&attn.transpose(0, 1).reshape([s, e]));
+        let h = b.norm2.forward(&x);
+        let mlp = match &b.mlp {
+            Mlp::Plain { fc1, fc2 } => fc2.forward(&activation(&c.hidden_act, &fc1.forward(&h))),
+            Mlp::Gated {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => down_proj.forward(&(activation(&c.hidden_act, &gate_proj.forward(&h)) * up_proj.forward(&h))),
+        };
+        x + mlp
+    }
+}

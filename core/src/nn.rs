@@ -1,0 +1,173 @@
+//! Layers shared by every family, with parameters named as in Hub checkpoints and numerics
+//! that follow `transformers` (RMSNorm in fp32, rotary embeddings, SDPA attention).
+
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+/// How fresh parameters are filled. Loading a checkpoint overwrites them, so `Zeros` avoids
+/// spending time on random numbers; `Normal` is for training from scratch (the quickstart).
+#[derive(Debug, Clone, Copy)]
+pub enum ParamInit {
+    Zeros,
+    /// `transformers`' `_init_weights`: N(0, std) for weights, zeros for biases.
+    Normal { std: f64 },
+}
+
+impl ParamInit {
+    fn weight(self) -> Init {
+        match self {
+            ParamInit::Zeros => Init::Const(0.0),
+            ParamInit::Normal { std } => Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        }
+    }
+}
+
+/// `y = x Wᵀ + b` with `W: [out, in]`, named `weight` / `bias` like `torch.nn.Linear`.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(p: &Path, input: i64, output: i64, bias: bool, init: ParamInit) -> Linear {
+        Linear {
+            weight: p.var("weight", &[output, input], init.weight()),
+            bias: bias.then(|| p.var("bias", &[output], Init::Const(0.0))),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// Number of parameters of a [`Linear`], for config-only parameter counts.
+pub const fn linear_params(input: u64, output: u64, bias: bool) -> u64 {
+    input * output + if bias { output } else { 0 }
+}
+
+/// RMSNorm as in Llama / Qwen2: normalise in fp32, cast back, then scale.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: &Path, dim: i64, eps: f64) -> RmsNorm {
+        RmsNorm {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let h = h * (var + self.eps).rsqrt();
+        &self.weight * h.to_kind(kind)
+    }
+}
+
+/// `torch.nn.LayerNorm` with affine weight and bias.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+    dim: i64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &Path, dim: i64, eps: f64) -> LayerNorm {
+        LayerNorm {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            bias: p.var("bias", &[dim], Init::Const(0.0)),
+            eps,
+            dim,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// Token embedding table named `weight`.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(p: &Path, vocab: i64, dim: i64, init: ParamInit) -> Embedding {
+        Embedding {
+            weight: p.var("weight", &[vocab, dim], init.weight()),
+        }
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// `torch.cat((-x2, x1), -1)` for the two halves of the last dimension.
+pub fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `cos` / `sin` broadcast against `x`.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// Inverse frequencies `1 / base^(2i/dim)` for `i < dim/2`, in fp32 as `transformers` does.
+pub fn rope_inv_freq(dim: i64, base: f64, device: tch::Device) -> Tensor {
+    let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Float, device)) / (dim as f64);
+    (Tensor::from(base).to_device(device).to_kind(Kind::Float).pow(&exponent)).reciprocal()
+}
+
+/// Repeats key/value heads for grouped-query attention: `[B, kv, T, D]` → `[B, kv·n, T, D]`.
+pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return x.shallow_clone();
+    }
+    let (b, kv, t, d) = x.size4().expect("attention states are 4-D");
+    x.unsqueeze(2)
+        .expand([b, kv, n_rep, t, d], false)
+        .reshape([b, kv * n_rep, t, d])
+}
+
+/// Attention through `scaled_dot_product_attention`, so CUDA can pick flash / memory-efficient
+/// kernels. `mask` is an additive float or boolean (true = attend) mask; with `causal` and no
+/// mask, no `T × T` mask is materialised.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
+    Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal && mask.is_none(), scale, false)
+}
+
+/// Cross-entropy summed over positions whose label is not `ignore`, after the causal shift
+/// (position t predicts label t+1), computed in fp32. The count of labeled positions is left
+/// to the collator, which knows it on the host without a device sync.
+pub fn shifted_token_loss_sum(logits: &Tensor, labels: &Tensor, ignore: i64) -> Tensor {
+    let (_, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
+    let shift_logits = logits.narrow(1, 0, t - 1).reshape([-1, v]).to_kind(Kind::Float);
+    let shift_labels = labels.narrow(1, 1, t - 1).reshape([-1]);
+    shift_logits.cross_entropy_loss::<Tensor>(&shift_labels, None, tch::Reduction::Sum, ignore, 0.0)
+}
+
+/// Labeled positions after the causal shift: labels other than `ignore`, excluding each
+/// row's first position (it is never predicted).
+pub fn count_shifted_labels(labels: &[Vec<i64>], ignore: i64) -> i64 {
+    labels
+        .iter()
+        .map(|row| row.iter().skip(1).filter(|&&l| l != ignore).count() as i64)
+        .sum()
+}
