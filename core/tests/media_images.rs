@@ -15,7 +15,9 @@ fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("LMMS_FT_PYTHON") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let venv = home.join(".cache/lmms-ft/venv/bin/python");
     assert!(
         venv.exists(),
@@ -67,13 +69,13 @@ const YELLOW: [u8; 3] = [240, 240, 40];
 fn upright_corners(k: u64) -> [[u8; 3]; 4] {
     match k {
         1 => [RED, GREEN, BLUE, YELLOW],
-        2 => [GREEN, RED, YELLOW, BLUE],  // mirrored left-right
-        3 => [YELLOW, BLUE, GREEN, RED],  // rotated 180
-        4 => [BLUE, YELLOW, RED, GREEN],  // mirrored top-bottom
-        5 => [RED, BLUE, GREEN, YELLOW],  // transposed
-        6 => [BLUE, RED, YELLOW, GREEN],  // rotated 90 clockwise
-        7 => [YELLOW, GREEN, BLUE, RED],  // transversed
-        8 => [GREEN, YELLOW, RED, BLUE],  // rotated 90 counter-clockwise
+        2 => [GREEN, RED, YELLOW, BLUE], // mirrored left-right
+        3 => [YELLOW, BLUE, GREEN, RED], // rotated 180
+        4 => [BLUE, YELLOW, RED, GREEN], // mirrored top-bottom
+        5 => [RED, BLUE, GREEN, YELLOW], // transposed
+        6 => [BLUE, RED, YELLOW, GREEN], // rotated 90 clockwise
+        7 => [YELLOW, GREEN, BLUE, RED], // transversed
+        8 => [GREEN, YELLOW, RED, BLUE], // rotated 90 counter-clockwise
         _ => unreachable!(),
     }
 }
@@ -90,8 +92,8 @@ fn rgb_conversion_matches_transformers() {
             case["width"].as_u64().unwrap() as u32,
             case["height"].as_u64().unwrap() as u32,
         );
-        let got = load_image(&dir.path().join(file), &limits)
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let got =
+            load_image(&dir.path().join(file), &limits).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(got.dimensions(), (w, h), "{file}: size");
         let want = raw_rgb(&dir.path().join(case["expected"].as_str().unwrap()), w, h);
         let (max, count) = max_diff(&got, &want);
@@ -208,7 +210,11 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut png, b"IHDR", &ihdr);
     // zlib stream of a single empty stored block.
-    chunk(&mut png, b"IDAT", &[0x78, 0x01, 0x01, 0x00, 0x00, 0xFF, 0xFF, 0, 0, 0, 1]);
+    chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x01, 0x01, 0x00, 0x00, 0xFF, 0xFF, 0, 0, 0, 1],
+    );
     chunk(&mut png, b"IEND", &[]);
     png
 }
@@ -228,7 +234,10 @@ fn decompression_bombs_are_refused_before_decoding() {
     std::fs::write(&path, png_header_only(20_000, 20_000)).unwrap();
     let t = std::time::Instant::now();
     let err = load_image(&path, &ImageLimits::default()).unwrap_err();
-    assert!(t.elapsed().as_secs_f64() < 2.0, "the refusal must not decode");
+    assert!(
+        t.elapsed().as_secs_f64() < 2.0,
+        "the refusal must not decode"
+    );
     match &err {
         ImageError::TooLarge {
             width,
@@ -243,7 +252,10 @@ fn decompression_bombs_are_refused_before_decoding() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("bomb.png") && msg.contains("exceeds the limit"), "{msg}");
+    assert!(
+        msg.contains("bomb.png") && msg.contains("exceeds the limit"),
+        "{msg}"
+    );
 
     // The limit is configurable and inclusive.
     let png = small_png(20, 20);
@@ -271,7 +283,10 @@ fn bad_files_give_named_errors() {
     let text = dir.path().join("notes.jpg");
     std::fs::write(&text, "this is not an image at all").unwrap();
     let err = load_image(&text, &limits).unwrap_err();
-    assert!(matches!(err, ImageError::UnsupportedFormat { .. }), "{err:?}");
+    assert!(
+        matches!(err, ImageError::UnsupportedFormat { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("notes.jpg"));
 
     let png = small_png(64, 64);

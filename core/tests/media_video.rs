@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::Pixel;
 use ffmpeg::software::scaling::{context::Context as Scaler, flag::Flags};
+use ffmpeg_next as ffmpeg;
 use lmms_ft_core::data::video::{
     load_video, probe, sample_indices, FrameCountSource, FrameSelection, IndexRule, VideoError,
     VideoSampling,
@@ -32,14 +32,24 @@ fn index_of(frame: &RgbImage) -> usize {
     let hi = ((f64::from(p[1]) - 20.0) / 40.0).round() as usize;
     let i = hi * 6 + lo;
     let want = colour(i);
-    let off = p.iter().zip(want).map(|(a, b)| a.abs_diff(b)).max().unwrap();
-    assert!(off <= 12, "frame colour {p:?} is not close to index {i}'s {want:?}");
+    let off = p
+        .iter()
+        .zip(want)
+        .map(|(a, b)| a.abs_diff(b))
+        .max()
+        .unwrap();
+    assert!(
+        off <= 12,
+        "frame colour {p:?} is not close to index {i}'s {want:?}"
+    );
     i
 }
 
 /// Encodes `FRAMES` frames at `FPS` with MPEG-4 Part 2 (B-frames on, so the decoder must
-/// reorder) into the container the extension names.
-fn write_video(path: &Path) {
+/// reorder) into the container the extension names. Without `durations` the packets carry no
+/// duration, as from careless muxers: MP4 then ends its edit list at the last frame's start,
+/// so the header counts 30 frames but the demuxer delivers 29.
+fn write_video_with(path: &Path, durations: bool) {
     ffmpeg::init().unwrap();
     let mut octx = ffmpeg::format::output(path).unwrap();
     let codec = ffmpeg::encoder::find(ffmpeg::codec::Id::MPEG4).expect("no MPEG-4 encoder");
@@ -71,11 +81,16 @@ fn write_video(path: &Path) {
     }
     octx.write_header().unwrap();
     let ost_tb = octx.stream(0).unwrap().time_base();
-    let mut scaler = Scaler::get(Pixel::RGB24, W, H, Pixel::YUV420P, W, H, Flags::BILINEAR).unwrap();
-    let write_packets = |enc: &mut ffmpeg::encoder::Video, octx: &mut ffmpeg::format::context::Output| {
+    let mut scaler =
+        Scaler::get(Pixel::RGB24, W, H, Pixel::YUV420P, W, H, Flags::BILINEAR).unwrap();
+    let write_packets = |enc: &mut ffmpeg::encoder::Video,
+                         octx: &mut ffmpeg::format::context::Output| {
         let mut packet = ffmpeg::Packet::empty();
         while enc.receive_packet(&mut packet).is_ok() {
             packet.set_stream(0);
+            if durations {
+                packet.set_duration(1);
+            }
             packet.rescale_ts(tb, ost_tb);
             packet.write_interleaved(octx).unwrap();
         }
@@ -102,7 +117,7 @@ fn write_video(path: &Path) {
 
 fn video(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
-    write_video(&path);
+    write_video_with(&path, true);
     path
 }
 
@@ -144,8 +159,16 @@ fn probe_reads_counts_and_falls_back_for_matroska() {
         let info = probe(&video(dir.path(), name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(info.frames, FRAMES as u64, "{name}");
         assert_eq!(info.frame_count_source, source, "{name}");
-        assert!((info.fps - f64::from(FPS)).abs() < 1e-6, "{name}: fps {}", info.fps);
-        assert!((info.duration - 3.0).abs() < 0.15, "{name}: duration {}", info.duration);
+        assert!(
+            (info.fps - f64::from(FPS)).abs() < 1e-6,
+            "{name}: fps {}",
+            info.fps
+        );
+        assert!(
+            (info.duration - 3.0).abs() < 0.15,
+            "{name}: duration {}",
+            info.duration
+        );
         assert_eq!((info.width, info.height), (W, H), "{name}");
     }
 }
@@ -182,12 +205,27 @@ fn fps_sampling_counts_frames_from_the_duration() {
     // min_frames wins over 3 s at 1 fps.
     let (got, _) = decoded_indices(&path, &fps(1.0, 4, 768));
     assert_eq!(got, [0, 10, 19, 29]); // round(0, 9.67, 19.33, 29)
-    // max_frames caps; 14.5 rounds half to even, as torch does.
+                                      // max_frames caps; 14.5 rounds half to even, as torch does.
     let (got, _) = decoded_indices(&path, &fps(2.0, 1, 3));
     assert_eq!(got, [0, 14, 29]);
     // 3 s at 0.5 fps = 1.5 frames, rounded half to even = 2.
     let (got, _) = decoded_indices(&path, &fps(0.5, 1, 768));
     assert_eq!(got, [0, 29]);
+}
+
+#[test]
+fn a_header_over_reporting_by_a_frame_is_padded_with_the_last_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no_durations.mp4");
+    write_video_with(&path, false);
+    let info = probe(&path).unwrap();
+    assert_eq!(
+        (info.frames, info.frame_count_source),
+        (30, FrameCountSource::Container)
+    );
+    // Index 29 does not decode; its slot repeats frame 28, the last one there is.
+    let (got, _) = decoded_indices(&path, &uniform(8, IndexRule::Linspace));
+    assert_eq!(got, [0, 4, 8, 12, 17, 21, 25, 28]);
 }
 
 #[test]
@@ -207,7 +245,11 @@ fn frame_indices_match_torch_and_transformers() {
         .arg(dir.path())
         .output()
         .expect("cannot run the Python oracle (run scripts/setup.sh)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("manifest.json")).unwrap())
             .unwrap();
@@ -216,7 +258,10 @@ fn frame_indices_match_torch_and_transformers() {
     for case in cases {
         let total = case["total"].as_u64().unwrap();
         let n = case["n"].as_u64().unwrap() as usize;
-        for (rule, key) in [(IndexRule::Linspace, "linspace"), (IndexRule::Floor, "floor")] {
+        for (rule, key) in [
+            (IndexRule::Linspace, "linspace"),
+            (IndexRule::Floor, "floor"),
+        ] {
             let want: Vec<u64> = case[key]
                 .as_array()
                 .unwrap()
@@ -239,7 +284,9 @@ fn bad_inputs_give_named_errors() {
     assert!(err.to_string().contains("gone.mp4"));
 
     let junk = dir.path().join("junk.mp4");
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&junk, bytes).unwrap();
     let err = probe(&junk).unwrap_err();
     assert!(matches!(err, VideoError::NotAVideo { .. }), "{err:?}");

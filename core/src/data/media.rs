@@ -106,7 +106,7 @@ pub fn load_image_from_bytes(
     origin: &str,
     limits: &ImageLimits,
 ) -> Result<RgbImage, ImageError> {
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| corrupt(origin, e.to_string()))?;
     if reader.format().is_none() {
@@ -115,7 +115,6 @@ pub fn load_image_from_bytes(
             detail: String::new(),
         });
     }
-    let mut reader = reader;
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_alloc = Some(limits.max_alloc_bytes());
     reader.limits(decoder_limits);

@@ -19,10 +19,10 @@
 use std::path::Path;
 use std::sync::Once;
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::Pixel;
 use ffmpeg::media::Type;
 use ffmpeg::software::scaling::{context::Context as Scaler, flag::Flags};
+use ffmpeg_next as ffmpeg;
 use image::RgbImage;
 
 use super::VideoClip;
@@ -261,7 +261,7 @@ pub fn sample_indices(
             min_frames,
             max_frames,
         } => {
-            if !(fps > 0.0 && fps.is_finite()) || !(video_fps > 0.0 && video_fps.is_finite()) {
+            if !(fps > 0.0 && fps.is_finite() && video_fps > 0.0 && video_fps.is_finite()) {
                 return Err(format!(
                     "fps sampling needs positive rates (asked {fps}, video has {video_fps})"
                 ));
@@ -427,11 +427,11 @@ impl Collector<'_> {
                     .last()
                     .is_some_and(|&l| index < l && l - index <= FRAME_COUNT_SLACK);
                 if near_end {
-                    self.last = Some(self.to_rgb(&frame)?);
+                    self.last = Some(self.convert(&frame)?);
                 }
                 continue;
             }
-            let rgb = self.to_rgb(&frame)?;
+            let rgb = self.convert(&frame)?;
             while self.wanted.get(self.next) == Some(&index) {
                 self.out.push(rgb.clone());
                 self.next += 1;
@@ -441,7 +441,7 @@ impl Collector<'_> {
         Ok(())
     }
 
-    fn to_rgb(&mut self, frame: &ffmpeg::frame::Video) -> Result<RgbImage, String> {
+    fn convert(&mut self, frame: &ffmpeg::frame::Video) -> Result<RgbImage, String> {
         let (fmt, w, h) = (frame.format(), frame.width(), frame.height());
         let stale = !matches!(&self.scaler, Some((_, f, sw, sh)) if (*f, *sw, *sh) == (fmt, w, h));
         if stale {

@@ -67,7 +67,7 @@ impl ResampleFilter {
                 }
             }
             ResampleFilter::Lanczos => {
-                if -3.0 <= x && x < 3.0 {
+                if (-3.0..3.0).contains(&x) {
                     sinc(x) * sinc(x / 3.0)
                 } else {
                     0.0
@@ -233,7 +233,10 @@ fn horizontal_pass(
 ) -> Vec<u8> {
     let t = taps(w, out_w, filter);
     let mut buf = vec![0u8; out_w * h * ch];
-    for (row_in, row_out) in data.chunks_exact(w * ch).zip(buf.chunks_exact_mut(out_w * ch)) {
+    for (row_in, row_out) in data
+        .chunks_exact(w * ch)
+        .zip(buf.chunks_exact_mut(out_w * ch))
+    {
         for (xx, &(start, n)) in t.spans.iter().enumerate() {
             let k = &t.coeffs[xx * t.stride..xx * t.stride + n];
             for c in 0..ch {
