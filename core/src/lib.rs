@@ -12,6 +12,7 @@ pub mod logging;
 pub mod nn;
 pub mod registry;
 pub mod runtime;
+pub mod testing;
 pub mod weights;
 
 // Re-exported so the registration macros work in adapter crates without extra dependencies.

@@ -1,0 +1,114 @@
+//! Qwen2-VL and Qwen2.5-VL against `transformers` 5.23 on tiny random checkpoints saved by
+//! `scripts/oracle/qwen2_vl_fixture.py`: rope position ids (exact), logits (max abs diff ≤
+//! 1e-4), loss (relative ≤ 1e-5) and gradients of named parameters (≤ 1e-4), for a text-only,
+//! a one-image, a two-image multi-turn (with system prompt) and a video sample.
+
+use std::collections::HashMap;
+use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
+use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
+use lmms_ft_qwen2_vl::rope::{position_ids, RopeSpec};
+use tch::{Device, Kind, Tensor};
+
+fn grids(t: Option<&Tensor>) -> Vec<[i64; 3]> {
+    let Some(t) = t else { return vec![] };
+    let v: Vec<i64> = Vec::try_from(t.flatten(0, -1)).unwrap();
+    v.chunks(3).map(|c| [c[0], c[1], c[2]]).collect()
+}
+
+fn check_variant(variant: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(variant);
+    let printed = run_oracle(
+        "qwen2_vl_fixture.py",
+        &[out.to_str().unwrap(), variant, hf_configs().to_str().unwrap()],
+    );
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config = Qwen2VlConfig::from_hf_json(&json).unwrap();
+    assert_eq!(config.variant, if variant == "qwen2_vl" { Variant::Qwen2Vl } else { Variant::Qwen25Vl });
+    // Parameter count from the config alone equals transformers' count on the meta device.
+    let expected_params: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    assert_eq!(config.num_parameters(), expected_params["num_parameters"].as_u64().unwrap());
+
+    let model = Qwen2VlModel::load(&config, &out, Device::Cpu, Kind::Float).unwrap();
+    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(out.join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("reference.json")).unwrap()).unwrap();
+    let spec = RopeSpec {
+        image_token_id: config.image_token_id,
+        video_token_id: config.video_token_id,
+        spatial_merge_size: config.vision.spatial_merge_size,
+        tokens_per_second: (config.variant == Variant::Qwen25Vl).then_some(config.vision.tokens_per_second),
+    };
+    for name in ["text", "image", "two_images", "video"] {
+        let get = |k: &str| reference.get(&format!("{name}.{k}"));
+        let ids_t = get("input_ids").unwrap();
+        let ids: Vec<i64> = Vec::try_from(ids_t.flatten(0, -1)).unwrap();
+        let image_grids = grids(get("image_grid_thw"));
+        let video_grids = grids(get("video_grid_thw"));
+        let seconds: Vec<f64> = get("second_per_grid_ts")
+            .map(|t| Vec::try_from(t.to_kind(Kind::Double)).unwrap())
+            .unwrap_or_else(|| vec![1.0; video_grids.len()]);
+        let pos = position_ids(
+            &ids,
+            &spec,
+            &mut image_grids.clone().into_iter(),
+            &mut video_grids.clone().into_iter().zip(seconds),
+        )
+        .unwrap();
+        let pos_t = Tensor::from_slice(&pos.concat()).view([3, 1, -1]);
+        assert_eq!(max_abs_diff(&pos_t, get("position_ids").unwrap()), 0.0, "{variant}/{name}: position ids");
+
+        let labels = get("labels").unwrap();
+        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
+        let media = |pixels: Option<&Tensor>, grids: Vec<[i64; 3]>| {
+            pixels.map(|p| Media { pixels: p.shallow_clone(), grids })
+        };
+        let batch = Batch {
+            input_ids: ids_t.shallow_clone(),
+            labels: Some(labels.shallow_clone()),
+            position_ids: pos_t,
+            images: media(get("pixel_values"), image_grids),
+            videos: media(get("pixel_values_videos"), video_grids),
+            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
+        };
+        for (_, v) in model.var_store().variables() {
+            v.zero_grad();
+        }
+        let out = model.forward(&batch, true).unwrap();
+        let logit_diff = max_abs_diff(&out.logits, get("logits").unwrap());
+        assert!(logit_diff <= 1e-4, "{variant}/{name}: logits differ by {logit_diff}");
+        let loss = out.mean_loss().unwrap();
+        let ours = loss.double_value(&[]);
+        let theirs = meta["samples"][name]["loss"].as_f64().unwrap();
+        assert!(((ours - theirs) / theirs).abs() <= 1e-5, "{variant}/{name}: loss {ours} vs {theirs}");
+        loss.backward();
+        let vars = model.var_store().variables();
+        let mut compared = 0;
+        for (key, expected) in &reference {
+            if let Some(param) = key.strip_prefix(&format!("{name}.grad.")) {
+                let d = max_abs_diff(&vars[param].grad(), expected);
+                assert!(d <= 1e-4, "{variant}/{name}: grad of {param} differs by {d}");
+                compared += 1;
+            }
+        }
+        let media_sample = name != "text";
+        assert!(compared >= if media_sample { 4 } else { 2 }, "{variant}/{name}: only {compared} gradients compared");
+        eprintln!("{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {theirs:.6}");
+    }
+}
+
+#[test]
+fn qwen2_vl_matches_transformers() {
+    check_variant("qwen2_vl");
+}
+
+#[test]
+fn qwen2_5_vl_matches_transformers() {
+    check_variant("qwen2_5_vl");
+}
