@@ -77,7 +77,7 @@ fn check_variant(variant: &str) {
             videos: media(get("pixel_values_videos"), video_grids),
             num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
         };
-        for (_, v) in model.var_store().variables() {
+        for (_, mut v) in model.var_store().variables() {
             v.zero_grad();
         }
         let out = model.forward(&batch, true).unwrap();
