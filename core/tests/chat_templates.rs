@@ -7,8 +7,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use lmms_ft_core::data::template::{
-    discover_template, load_tokenizer, ChatRenderer, ContentMode, HfChatTemplate,
-    MediaPlaceholders, SpecialTokens, TemplateSource, tokenizer_path,
+    discover_template, load_dir_tokenizer, load_tokenizer, tokenizer_path, ChatRenderer,
+    ContentMode, HfChatTemplate, MediaPlaceholders, SpecialTokens, TemplateSource,
 };
 use lmms_ft_core::data::{Conversation, Part, Role, Turn};
 use lmms_ft_core::family::{ChatTemplate, MediaTokens, IGNORE_INDEX};
@@ -29,16 +29,23 @@ const VICUNA: &str = "{% for message in messages %}{% if message['role'] == 'sys
 const GEN_WS: &str = "{% for m in messages %}\n  {%- if m['role'] == 'assistant' %}\n    {%- generation -%}\n      [{{ m['content'][0]['text'] }}]\n    {%- endgeneration %}\n  {% else %}\n{{ m['role'] }}: {{ m['content'] | tojson }}\n  {% endif %}\n{% endfor %}{{ messages[0] | tojson(indent=2) }}|{{ {'b': [1, 2.5, none, true], 'a': '<é>'} | tojson(separators=(',', ':')) }}";
 
 fn hf(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/hf-configs").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/hf-configs")
+        .join(name)
 }
 
 fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("LMMS_FT_PYTHON") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let p = home.join(".cache/lmms-ft/venv/bin/python");
-    assert!(p.is_file(), "no oracle Python: set LMMS_FT_PYTHON or run scripts/setup.sh");
+    assert!(
+        p.is_file(),
+        "no oracle Python: set LMMS_FT_PYTHON or run scripts/setup.sh"
+    );
     p
 }
 
@@ -65,8 +72,14 @@ fn conversation(video: bool) -> Conversation {
             Turn::text(Role::System, "You are a careful visual assistant."),
             turn(Role::User, vec![image(0), text("What is in this picture?")]),
             Turn::text(Role::Assistant, "A red bicycle leaning on a wall."),
-            turn(Role::User, vec![text("And here?"), image(1), text("Compare them, please.")]),
-            Turn::text(Role::Assistant, "The second one is blue; both are bikes.\nThat's all."),
+            turn(
+                Role::User,
+                vec![text("And here?"), image(1), text("Compare them, please.")],
+            ),
+            Turn::text(
+                Role::Assistant,
+                "The second one is blue; both are bikes.\nThat's all.",
+            ),
             turn(Role::User, third),
             Turn::text(Role::Assistant, "Someone rides away, très vite (99 km/h)!"),
         ],
@@ -147,7 +160,11 @@ fn cases() -> Vec<Case> {
     v.push(Case {
         template: Some(Box::leak(chatml.into_boxed_str())),
         string_content: Some(("<image>\n", "<video>\n")),
-        ..case("interleave_7b_tokenizer_chatml_string", INTER7, Some(INTER7))
+        ..case(
+            "interleave_7b_tokenizer_chatml_string",
+            INTER7,
+            Some(INTER7),
+        )
     });
     v
 }
@@ -187,7 +204,8 @@ fn oracle() -> &'static Oracle {
         let in_path = dir.path().join("in.json");
         let out_path = dir.path().join("out.json");
         std::fs::write(&in_path, input.to_string()).expect("write oracle input");
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/oracle/chat_templates.py");
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/oracle/chat_templates.py");
         let out = Command::new(python())
             .arg(&script)
             .arg(&in_path)
@@ -234,23 +252,18 @@ fn renderer(c: &Case) -> ChatRenderer {
         },
         None => discover_template(&hf(c.dir)).expect("discover"),
     };
-    let special = SpecialTokens::from_dir(&hf(c.tokenizer.unwrap_or(c.dir))).expect("special tokens");
+    let special =
+        SpecialTokens::from_dir(&hf(c.tokenizer.unwrap_or(c.dir))).expect("special tokens");
     ChatRenderer::new(source, special, content_mode(c)).expect("compile")
-}
-
-/// The real `tokenizer.json` where the folder has one, else the oracle's conversion.
-fn tokenizer_json(folder: &str) -> PathBuf {
-    let own = hf(folder).join("tokenizer.json");
-    if own.is_file() {
-        own
-    } else {
-        oracle().tokenizers[folder].clone()
-    }
 }
 
 fn template(c: &Case) -> HfChatTemplate {
     let folder = c.tokenizer.expect("case with tokenizer");
-    let tok = load_tokenizer(&tokenizer_json(folder)).expect("tokenizer");
+    let tok = if hf(folder).join("tokenizer.json").is_file() {
+        load_dir_tokenizer(&hf(folder)).expect("tokenizer")
+    } else {
+        load_tokenizer(&oracle().tokenizers[folder]).expect("tokenizer")
+    };
     let media = MediaPlaceholders {
         image: c.image.map(String::from),
         video: c.video.map(String::from),
@@ -277,15 +290,36 @@ fn renders_like_transformers() {
     for c in cases() {
         let expected = &oracle().cases[c.name];
         if !c.transformers_renders {
-            assert!(expected.get("error").is_some(), "{}: transformers was expected to fail", c.name);
+            assert!(
+                expected.get("error").is_some(),
+                "{}: transformers was expected to fail",
+                c.name
+            );
             continue;
         }
-        assert!(expected.get("error").is_none(), "{}: transformers failed: {}", c.name, expected["error"]);
+        assert!(
+            expected.get("error").is_none(),
+            "{}: transformers failed: {}",
+            c.name,
+            expected["error"]
+        );
         let r = renderer(&c);
         let got = r.render(&c.conv, false).expect("render");
-        assert_eq!(got, expected["rendered"].as_str().expect("str"), "{} full", c.name);
-        let got = r.render(&prompt_conv(&c.conv), true).expect("render prompt");
-        assert_eq!(got, expected["prompt_rendered"].as_str().expect("str"), "{} prompt", c.name);
+        assert_eq!(
+            got,
+            expected["rendered"].as_str().expect("str"),
+            "{} full",
+            c.name
+        );
+        let got = r
+            .render(&prompt_conv(&c.conv), true)
+            .expect("render prompt");
+        assert_eq!(
+            got,
+            expected["prompt_rendered"].as_str().expect("str"),
+            "{} prompt",
+            c.name
+        );
     }
 }
 
@@ -299,17 +333,39 @@ fn ids_labels_and_prompts_match_transformers() {
         let want = ints(&expected["labels"]);
         assert_eq!(enc.labels.len(), want.len(), "{} label count", c.name);
         for (i, (g, w)) in enc.labels.iter().zip(&want).enumerate() {
-            assert_eq!(g, w, "{}: label {i} (token {}) differs", c.name, enc.input_ids[i]);
+            assert_eq!(
+                g, w,
+                "{}: label {i} (token {}) differs",
+                c.name, enc.input_ids[i]
+            );
         }
         let n_labeled = want.iter().filter(|&&l| l != IGNORE_INDEX).count();
-        assert!(n_labeled > 0 && n_labeled < want.len() / 2, "{}: {n_labeled} labels", c.name);
+        assert!(
+            n_labeled > 0 && n_labeled < want.len() / 2,
+            "{}: {n_labeled} labels",
+            c.name
+        );
 
         let all = t.encode(&c.conv, &c.media, true).expect("encode label_all");
-        assert_eq!(all.input_ids, enc.input_ids, "{}: label_all changes ids", c.name);
-        assert_eq!(all.labels, ints(&expected["labels_all"]), "{} label_all", c.name);
+        assert_eq!(
+            all.input_ids, enc.input_ids,
+            "{}: label_all changes ids",
+            c.name
+        );
+        assert_eq!(
+            all.labels,
+            ints(&expected["labels_all"]),
+            "{} label_all",
+            c.name
+        );
 
         let prompt = t.encode_prompt(&c.conv, &c.media).expect("encode_prompt");
-        assert_eq!(prompt, ints(&expected["prompt_ids"]), "{} prompt ids", c.name);
+        assert_eq!(
+            prompt,
+            ints(&expected["prompt_ids"]),
+            "{} prompt ids",
+            c.name
+        );
         assert!(
             enc.input_ids.starts_with(&prompt) && prompt.len() < enc.input_ids.len(),
             "{}: prompt ids are not a prefix of the training ids",
@@ -320,10 +376,18 @@ fn ids_labels_and_prompts_match_transformers() {
 
 #[test]
 fn qwen_labels_decode_to_answers() {
-    let c = cases().into_iter().find(|c| c.name == "qwen25vl_3b").expect("case");
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name == "qwen25vl_3b")
+        .expect("case");
     let t = template(&c);
     let enc = t.encode(&c.conv, &c.media, false).expect("encode");
-    let labeled: Vec<u32> = enc.labels.iter().filter(|&&l| l >= 0).map(|&l| l as u32).collect();
+    let labeled: Vec<u32> = enc
+        .labels
+        .iter()
+        .filter(|&&l| l >= 0)
+        .map(|&l| l as u32)
+        .collect();
     let got = t.tokenizer().decode(&labeled, false).expect("decode");
     assert_eq!(
         got,
@@ -356,10 +420,16 @@ fn discovery_order_and_special_tokens() {
     assert_eq!(s.get("add_bos_token"), None);
 
     let e = tempfile::tempdir().expect("tempdir");
-    std::fs::write(e.path().join("tokenizer_config.json"), r#"{"chat_template": [{"name": "x", "template": "X"}]}"#)
-        .expect("write");
+    std::fs::write(
+        e.path().join("tokenizer_config.json"),
+        r#"{"chat_template": [{"name": "x", "template": "X"}]}"#,
+    )
+    .expect("write");
     let err = format!("{:#}", discover_template(e.path()).expect_err("no default"));
-    assert!(err.contains("no \"default\" entry") && err.contains('x'), "{err}");
+    assert!(
+        err.contains("no \"default\" entry") && err.contains('x'),
+        "{err}"
+    );
 
     // The real interleave-7b folder has a text-only ChatML template in tokenizer_config.json;
     // chat_template.json must win.
@@ -367,8 +437,14 @@ fn discovery_order_and_special_tokens() {
         &std::fs::read_to_string(hf(INTER7).join("chat_template.json")).expect("read"),
     )
     .expect("parse");
-    assert_eq!(discover_template(&hf(INTER7)).expect("discover").source, want["chat_template"]);
-    let err = format!("{:#}", tokenizer_path(&hf(QWEN3B)).expect_err("no tokenizer.json"));
+    assert_eq!(
+        discover_template(&hf(INTER7)).expect("discover").source,
+        want["chat_template"]
+    );
+    let err = format!(
+        "{:#}",
+        tokenizer_path(&hf(QWEN3B)).expect_err("no tokenizer.json")
+    );
     assert!(err.contains("vocab.json, merges.txt"), "{err}");
 }
 
@@ -383,24 +459,55 @@ fn raise_exception_carries_message() {
         turns: vec![Turn::text(Role::User, "hi")],
     };
     let err = format!("{:#}", r.render(&conv, false).expect_err("must fail"));
-    assert!(err.contains("Conversations must start with a system turn, got user"), "{err}");
+    assert!(
+        err.contains("Conversations must start with a system turn, got user"),
+        "{err}"
+    );
 }
 
 #[test]
 fn media_count_mismatch_is_an_error() {
-    let c = cases().into_iter().find(|c| c.name == "qwen25vl_3b").expect("case");
+    let c = cases()
+        .into_iter()
+        .find(|c| c.name == "qwen25vl_3b")
+        .expect("case");
     let t = template(&c);
-    let fewer = MediaTokens { images: vec![4], videos: vec![5] };
-    let err = format!("{:#}", t.encode(&c.conv, &fewer, false).expect_err("mismatch"));
-    assert!(err.contains("2 image placeholder(s) <|image_pad|> but 1 image(s)"), "{err}");
-    let no_video = MediaTokens { images: vec![4, 3], videos: vec![] };
-    let err = format!("{:#}", t.encode(&c.conv, &no_video, false).expect_err("mismatch"));
-    assert!(err.contains("1 video placeholder(s) <|video_pad|> but 0 video(s)"), "{err}");
+    let fewer = MediaTokens {
+        images: vec![4],
+        videos: vec![5],
+    };
+    let err = format!(
+        "{:#}",
+        t.encode(&c.conv, &fewer, false).expect_err("mismatch")
+    );
+    assert!(
+        err.contains("2 image placeholder(s) <|image_pad|> but 1 image(s)"),
+        "{err}"
+    );
+    let no_video = MediaTokens {
+        images: vec![4, 3],
+        videos: vec![],
+    };
+    let err = format!(
+        "{:#}",
+        t.encode(&c.conv, &no_video, false).expect_err("mismatch")
+    );
+    assert!(
+        err.contains("1 video placeholder(s) <|video_pad|> but 0 video(s)"),
+        "{err}"
+    );
 }
 
 fn qwen() -> &'static HfChatTemplate {
     static T: OnceLock<HfChatTemplate> = OnceLock::new();
-    T.get_or_init(|| template(&cases().into_iter().find(|c| c.name == "qwen25vl_3b").expect("case")))
+    T.get_or_init(|| {
+        template(
+            &cases()
+                .into_iter()
+                .find(|c| c.name == "qwen25vl_3b")
+                .expect("case"),
+        )
+    })
 }
 
 fn texts() -> impl Strategy<Value = String> {

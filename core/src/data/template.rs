@@ -44,7 +44,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use tokenizers::Tokenizer;
 
-pub use discovery::{discover_template, tokenizer_path, SpecialTokens, TemplateSource};
+pub use discovery::{
+    discover_template, load_dir_tokenizer, tokenizer_path, SpecialTokens, TemplateSource,
+};
 pub use render::{strip_generation_tags, AssistantSpans, ChatRenderer, ContentMode};
 
 use crate::data::{Conversation, Part, Role};
@@ -101,7 +103,7 @@ impl HfChatTemplate {
             SpecialTokens::from_dir(dir)?,
             content_mode,
         )?;
-        let tokenizer = load_tokenizer(&tokenizer_path(dir)?)?;
+        let tokenizer = load_dir_tokenizer(dir)?;
         Self::new(renderer, tokenizer, media)
     }
 
@@ -119,13 +121,17 @@ impl HfChatTemplate {
             origin: format!("training template for {}", dir.display()),
         };
         let renderer = ChatRenderer::new(source, SpecialTokens::from_dir(dir)?, content_mode)?;
-        let tokenizer = load_tokenizer(&tokenizer_path(dir)?)?;
+        let tokenizer = load_dir_tokenizer(dir)?;
         Self::new(renderer, tokenizer, media)
     }
 
     /// Joins a renderer and a tokenizer. The placeholders must be single tokens of the
     /// tokenizer, otherwise expansion could not find them.
-    pub fn new(renderer: ChatRenderer, tokenizer: Tokenizer, media: MediaPlaceholders) -> Result<Self> {
+    pub fn new(
+        renderer: ChatRenderer,
+        tokenizer: Tokenizer,
+        media: MediaPlaceholders,
+    ) -> Result<Self> {
         let id_of = |token: &Option<String>, what: &str| -> Result<Option<u32>> {
             token
                 .as_deref()
@@ -215,7 +221,13 @@ impl HfChatTemplate {
             return tokens
                 .ids
                 .iter()
-                .map(|&id| if self.is_media(id) { IGNORE_INDEX } else { id as i64 })
+                .map(|&id| {
+                    if self.is_media(id) {
+                        IGNORE_INDEX
+                    } else {
+                        id as i64
+                    }
+                })
                 .collect();
         }
         let mut labels = vec![IGNORE_INDEX; n];
@@ -264,11 +276,10 @@ impl HfChatTemplate {
                 );
             }
         }
-        let total = ids.len()
-            + media.images.iter().sum::<usize>()
-            + media.videos.iter().sum::<usize>()
-            - n_img
-            - n_vid;
+        let total =
+            ids.len() + media.images.iter().sum::<usize>() + media.videos.iter().sum::<usize>()
+                - n_img
+                - n_vid;
         let mut out = EncodedText {
             input_ids: Vec::with_capacity(total),
             labels: Vec::with_capacity(total),
@@ -327,7 +338,12 @@ impl HfChatTemplate {
 }
 
 impl ChatTemplate for HfChatTemplate {
-    fn encode(&self, conv: &Conversation, media: &MediaTokens, label_all: bool) -> Result<EncodedText> {
+    fn encode(
+        &self,
+        conv: &Conversation,
+        media: &MediaTokens,
+        label_all: bool,
+    ) -> Result<EncodedText> {
         self.encode_text(conv, false, media, label_all)
     }
 
@@ -336,7 +352,11 @@ impl ChatTemplate for HfChatTemplate {
     fn encode_prompt(&self, conv: &Conversation, media: &MediaTokens) -> Result<Vec<i64>> {
         let mut prompt = conv.clone();
         let mut media = media.clone();
-        if prompt.turns.last().is_some_and(|t| t.role == Role::Assistant) {
+        if prompt
+            .turns
+            .last()
+            .is_some_and(|t| t.role == Role::Assistant)
+        {
             if let Some(last) = prompt.turns.pop() {
                 for part in &last.parts {
                     let list = match part {

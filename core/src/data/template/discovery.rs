@@ -33,9 +33,9 @@ pub fn discover_template(dir: &Path) -> Result<TemplateSource> {
     let json_path = dir.join("chat_template.json");
     if json_path.is_file() {
         let value = read_json(&json_path)?;
-        let template = value.get("chat_template").with_context(|| {
-            format!("{}: no \"chat_template\" key", json_path.display())
-        })?;
+        let template = value
+            .get("chat_template")
+            .with_context(|| format!("{}: no \"chat_template\" key", json_path.display()))?;
         return template_from_value(template, &json_path);
     }
     let config_path = dir.join("tokenizer_config.json");
@@ -198,4 +198,65 @@ pub fn tokenizer_path(dir: &Path) -> Result<PathBuf> {
         dir.display(),
         slow.join(", ")
     )
+}
+
+/// Loads a model directory's `tokenizer.json` as `transformers` 5 uses it. For
+/// `LlamaTokenizer(Fast)` transformers ignores the file's normalizer / pre-tokenizer /
+/// decoder and rebuilds them from `tokenizer_config.json` (`legacy`, `add_prefix_space`):
+/// Metaspace with `prepend_scheme` "first" instead of the Hub file's legacy `Prepend("▁")`
+/// normalizer, which would otherwise put a `▁` after every special token (`<image>\n`
+/// tokenises as `<image>`, `▁`, `\n` with the file as written, `<image>`, `\n` in
+/// transformers).
+pub fn load_dir_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let path = tokenizer_path(dir)?;
+    let mut tok = read_json(&path)?;
+    let config_path = dir.join("tokenizer_config.json");
+    let config = if config_path.is_file() {
+        read_json(&config_path)?
+    } else {
+        Json::Null
+    };
+    let class = config
+        .get("tokenizer_class")
+        .and_then(Json::as_str)
+        .unwrap_or("");
+    if matches!(class, "LlamaTokenizer" | "LlamaTokenizerFast") {
+        let add_prefix_space = config
+            .get("add_prefix_space")
+            .and_then(Json::as_bool)
+            .unwrap_or(true);
+        let legacy = config
+            .get("legacy")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        let scheme = match (add_prefix_space, legacy) {
+            (false, _) => "never",
+            (true, false) => "first",
+            (true, true) => "always",
+        };
+        let mut decoders = vec![
+            serde_json::json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+            serde_json::json!({"type": "ByteFallback"}),
+            serde_json::json!({"type": "Fuse"}),
+        ];
+        if add_prefix_space {
+            decoders
+                .push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let Some(obj) = tok.as_object_mut() else {
+            bail!("{}: not a JSON object", path.display());
+        };
+        obj.insert("normalizer".into(), Json::Null);
+        obj.insert(
+            "pre_tokenizer".into(),
+            serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false}),
+        );
+        obj.insert(
+            "decoder".into(),
+            serde_json::json!({"type": "Sequence", "decoders": decoders}),
+        );
+    }
+    let text = tok.to_string();
+    text.parse::<tokenizers::Tokenizer>()
+        .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))
 }

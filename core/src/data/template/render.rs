@@ -7,7 +7,7 @@ use std::ops::Range;
 use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, Error, ErrorKind, Value};
-use serde_json::{json, Map, Value as Json};
+use serde_json::{Map, Value as Json};
 
 use super::discovery::{SpecialTokens, TemplateSource};
 use crate::data::{Conversation, Part, Role};
@@ -72,7 +72,8 @@ impl ChatRenderer {
         // Jinja2's lexer turns every `\r\n` / `\r` into `\n`, in text and in string
         // literals alike (and Python reads `.jinja` files with universal newlines): the
         // llava-1.5 `chat_template.jinja` on the Hub has CRLF inside `'<image>\n'`.
-        let source = strip_generation_tags(&template.source.replace("\r\n", "\n").replace('\r', "\n"));
+        let source =
+            strip_generation_tags(&template.source.replace("\r\n", "\n").replace('\r', "\n"));
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| anyhow!("compiling chat template from {}: {e:#}", template.origin))?;
         Ok(Self {
@@ -119,12 +120,12 @@ impl ChatRenderer {
         let sentinels: Vec<String> = (0..contents.len())
             .map(|k| format!("\u{E000}lmms{k}\u{E001}"))
             .collect();
-        let marked = self.render_messages(self.messages(conv, Some(&sentinels)), add_generation_prompt)?;
+        let marked =
+            self.render_messages(self.messages(conv, Some(&sentinels)), add_generation_prompt)?;
         let flat = match locate_sentinels(&marked, &sentinels, &contents, &text) {
             Some(spans) => spans,
-            None => search_contents(&text, &contents).map_err(|e| {
-                anyhow!("chat template from {}: {e}", self.origin)
-            })?,
+            None => search_contents(&text, &contents)
+                .map_err(|e| anyhow!("chat template from {}: {e}", self.origin))?,
         };
         let mut turns: Vec<Vec<Range<usize>>> = Vec::new();
         let mut last_turn = None;
@@ -140,29 +141,35 @@ impl ChatRenderer {
         Ok(AssistantSpans { text, turns })
     }
 
-    fn render_messages(&self, messages: Vec<Json>, add_generation_prompt: bool) -> Result<String> {
-        let mut ctx = Map::new();
+    fn render_messages(&self, messages: Vec<Value>, add_generation_prompt: bool) -> Result<String> {
+        let mut ctx: Vec<(String, Value)> = Vec::new();
         for (name, text) in &self.special.tokens {
-            ctx.insert(name.clone(), Json::String(text.clone()));
+            ctx.push((name.clone(), Value::from(text.as_str())));
         }
         for (k, v) in &self.extra {
-            ctx.insert(k.clone(), v.clone());
+            ctx.push((k.clone(), Value::from_serialize(v)));
         }
-        ctx.insert("messages".into(), Json::Array(messages));
-        ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
-        ctx.insert("tools".into(), Json::Null);
+        ctx.push(("messages".into(), Value::from(messages)));
+        ctx.push((
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        ));
+        ctx.push(("tools".into(), Value::from(())));
+        let ctx: Value = ctx.into_iter().collect();
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| anyhow!("chat template from {}: {e:#}", self.origin))?;
         template
-            .render(Value::from_serialize(&ctx))
+            .render(ctx)
             .map_err(|e| anyhow!("rendering chat template from {}: {e:#}", self.origin))
     }
 
-    /// The template's `messages`; `sentinels` replaces the assistant texts (in order).
-    fn messages(&self, conv: &Conversation, sentinels: Option<&[String]>) -> Vec<Json> {
+    /// The template's `messages`; `sentinels` replaces the assistant texts (in order). Built
+    /// as minijinja maps so keys keep Python's insertion order (`tojson` shows it).
+    fn messages(&self, conv: &Conversation, sentinels: Option<&[String]>) -> Vec<Value> {
         let mut k = 0;
+        let map = |pairs: Vec<(&str, Value)>| -> Value { pairs.into_iter().collect() };
         conv.turns
             .iter()
             .map(|turn| {
@@ -177,16 +184,18 @@ impl ChatRenderer {
                     }
                 };
                 let content = match &self.content_mode {
-                    ContentMode::Parts => Json::Array(
-                        turn.parts
-                            .iter()
-                            .map(|p| match p {
-                                Part::Text { text } => json!({"type": "text", "text": text_of(text)}),
-                                Part::Image { .. } => json!({"type": "image"}),
-                                Part::Video { .. } => json!({"type": "video"}),
-                            })
-                            .collect(),
-                    ),
+                    ContentMode::Parts => turn
+                        .parts
+                        .iter()
+                        .map(|p| match p {
+                            Part::Text { text } => map(vec![
+                                ("type", Value::from("text")),
+                                ("text", Value::from(text_of(text))),
+                            ]),
+                            Part::Image { .. } => map(vec![("type", Value::from("image"))]),
+                            Part::Video { .. } => map(vec![("type", Value::from("video"))]),
+                        })
+                        .collect::<Value>(),
                     ContentMode::String { image, video } => {
                         let mut s = String::new();
                         for p in &turn.parts {
@@ -196,10 +205,13 @@ impl ChatRenderer {
                                 Part::Video { .. } => s.push_str(video),
                             }
                         }
-                        Json::String(s)
+                        Value::from(s)
                     }
                 };
-                json!({"role": turn.role.as_str(), "content": content})
+                map(vec![
+                    ("role", Value::from(turn.role.as_str())),
+                    ("content", content),
+                ])
             })
             .collect()
     }
@@ -330,7 +342,9 @@ fn parse_generation_tag(s: &str) -> Option<(usize, &str, bool, &str)> {
         }
         _ => "",
     };
-    s[i..].starts_with("%}").then_some((i + 2, left, end, right))
+    s[i..]
+        .starts_with("%}")
+        .then_some((i + 2, left, end, right))
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -355,7 +369,10 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Err
     let names = ["ensure_ascii", "indent", "separators", "sort_keys"];
     let mut opts: [Option<Value>; 4] = Default::default();
     if args.0.len() > names.len() {
-        return Err(Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments",
+        ));
     }
     for (slot, arg) in opts.iter_mut().zip(args.0) {
         *slot = Some(arg);
@@ -373,7 +390,12 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Err
         Some(v) => match (v.as_i64(), v.as_str()) {
             (Some(n), _) => Some(" ".repeat(n.max(0) as usize)),
             (None, Some(s)) => Some(s.to_string()),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: bad indent")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: bad indent",
+                ))
+            }
         },
     };
     let (item_sep, key_sep) = match separators.filter(|v| !v.is_none() && !v.is_undefined()) {
@@ -382,7 +404,12 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> Result<String, Err
             let b = v.get_item_by_index(1)?;
             match (a.as_str(), b.as_str()) {
                 (Some(a), Some(b)) => (a.to_string(), b.to_string()),
-                _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: bad separators")),
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: bad separators",
+                    ))
+                }
             }
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
@@ -424,7 +451,9 @@ impl PyJson {
         use minijinja::value::ValueKind as K;
         match v.kind() {
             K::Undefined | K::None => self.out.push_str("null"),
-            K::Bool => self.out.push_str(if v.is_true() { "true" } else { "false" }),
+            K::Bool => self
+                .out
+                .push_str(if v.is_true() { "true" } else { "false" }),
             K::Number => {
                 if let Some(i) = v.as_i64() {
                     let _ = write!(self.out, "{i}");
@@ -494,7 +523,8 @@ impl PyJson {
         if f.is_nan() {
             self.out.push_str("NaN");
         } else if f.is_infinite() {
-            self.out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
+            self.out
+                .push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
         } else if f.fract() == 0.0 && f.abs() < 1e16 {
             let _ = write!(self.out, "{f:.1}");
         } else {
