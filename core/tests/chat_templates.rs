@@ -330,6 +330,30 @@ fn ids_labels_and_prompts_match_transformers() {
         let t = template(&c);
         let enc = t.encode(&c.conv, &c.media, false).expect("encode");
         assert_eq!(enc.input_ids, ints(&expected["ids"]), "{} ids", c.name);
+        // transformers' whole-string tokenisation is the same, except where the interleave
+        // templates write `\n` + answer after a generation prompt ending in `\n`: the pair
+        // merges into one `\n\n` token there, so the ids are transformers' tokenisation of
+        // the prompt and of the rest, which keeps the prompt a prefix (see template.rs).
+        let whole = ints(&expected["whole_ids"]);
+        if matches!(c.name, "interleave_05b" | "interleave_7b") {
+            assert_ne!(
+                enc.input_ids, whole,
+                "{}: expected a split at the prompt end",
+                c.name
+            );
+            assert_eq!(
+                enc.input_ids.len(),
+                whole.len() + 3,
+                "{}: one extra token per answer",
+                c.name
+            );
+        } else {
+            assert_eq!(
+                enc.input_ids, whole,
+                "{}: differs from whole-string tokenisation",
+                c.name
+            );
+        }
         let want = ints(&expected["labels"]);
         assert_eq!(enc.labels.len(), want.len(), "{} label count", c.name);
         for (i, (g, w)) in enc.labels.iter().zip(&want).enumerate() {

@@ -212,7 +212,8 @@ def main():
             continue
         if tok is not None:
             _, ids, offs, spans = tokenize(tok, case, case["turns"], False)
-            res["whole_ids"] = tok(res["rendered"], add_special_tokens=False)["input_ids"]
+            whole = tok(res["rendered"], add_special_tokens=False)["input_ids"]
+            res["whole_ids"], _ = expand(whole, [-100] * len(whole), tok, case)
             res["ids"], res["labels"] = expand(ids, label(ids, offs, spans, tok, case, False), tok, case)
             _, res["labels_all"] = expand(ids, label(ids, offs, spans, tok, case, True), tok, case)
             _, pids, _, _ = tokenize(tok, case, prompt_turns, True)
