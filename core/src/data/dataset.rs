@@ -193,7 +193,9 @@ impl Dataset {
             }
             let skip = buf
                 .iter()
-                .take_while(|b| b.is_ascii_whitespace() || **b == 0xEF || **b == 0xBB || **b == 0xBF)
+                .take_while(|b| {
+                    b.is_ascii_whitespace() || **b == 0xEF || **b == 0xBB || **b == 0xBF
+                })
                 .count();
             if skip < buf.len() {
                 break buf[skip] == b'[';
@@ -363,13 +365,17 @@ impl<R: BufRead> Iterator for JsonlRecords<R> {
                 Ok(text) => {
                     // A UTF-8 byte-order mark may start the first line.
                     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+                    // Without the line end, an early EOF is placed on this line, not after it.
+                    let text = text.trim_end_matches(['\n', '\r']);
                     match serde_json::from_str::<serde_json::Value>(text) {
                         Err(e) => Err(RecordError {
                             location: self.location(Some(e.column())),
                             kind: RecordErrorKind::Json,
                             message: json_message(&e),
                         }),
-                        Ok(value) => parse::parse_record(&value, self.location(None), &self.options),
+                        Ok(value) => {
+                            parse::parse_record(&value, self.location(None), &self.options)
+                        }
                     }
                 }
             };

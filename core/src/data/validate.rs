@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::dataset::{Dataset, DatasetError, DatasetOptions, Record, RecordError, RecordErrorKind, SourceLocation};
+use super::dataset::{
+    Dataset, DatasetError, DatasetOptions, Record, RecordError, RecordErrorKind, SourceLocation,
+};
 use super::{Part, Role};
 use crate::config::OnBadSample;
 
@@ -229,7 +231,11 @@ impl fmt::Display for ValidationReport {
             )?;
         }
         if let Some(max) = self.max_length {
-            writeln!(f, "over max_length {max}: {} (dropped with overlength = \"drop\")", self.over_length)?;
+            writeln!(
+                f,
+                "over max_length {max}: {} (dropped with overlength = \"drop\")",
+                self.over_length
+            )?;
         }
         if self.problems.is_empty() {
             return writeln!(f, "no problems found");
@@ -243,7 +249,10 @@ impl fmt::Display for ValidationReport {
             }
         }
         counts.sort();
-        let summary: Vec<String> = counts.iter().map(|(k, n)| format!("{} {n}", k.label())).collect();
+        let summary: Vec<String> = counts
+            .iter()
+            .map(|(k, n)| format!("{} {n}", k.label()))
+            .collect();
         writeln!(f, "  by kind: {}", summary.join(", "))?;
         for p in &self.problems {
             writeln!(f, "  {p}")?;
@@ -253,7 +262,11 @@ impl fmt::Display for ValidationReport {
 }
 
 /// Validates a dataset file: opens it with `options` and checks every record.
-pub fn validate_dataset(path: &Path, options: &DatasetOptions, checks: &Checks) -> ValidationReport {
+pub fn validate_dataset(
+    path: &Path,
+    options: &DatasetOptions,
+    checks: &Checks,
+) -> ValidationReport {
     let dataset = match Dataset::open(path, options.clone()) {
         Ok(dataset) => dataset,
         Err(e) => return file_problem(&e, checks),
@@ -417,7 +430,11 @@ impl<'c, 'a> Checker<'c, 'a> {
                 format!("{what} {} does not exist", path.display()),
             ))
         } else if !path.is_file() {
-            let kind = if is_image { ProblemKind::BadImage } else { ProblemKind::BadVideo };
+            let kind = if is_image {
+                ProblemKind::BadImage
+            } else {
+                ProblemKind::BadVideo
+            };
             Err((kind, format!("{what} {} is not a file", path.display())))
         } else if self.checks.media == MediaCheck::Exists {
             Ok(())
@@ -426,7 +443,10 @@ impl<'c, 'a> Checker<'c, 'a> {
         } else {
             match self.checks.video_check {
                 Some(check) => check(path).map_err(|e| {
-                    (ProblemKind::BadVideo, format!("video {}: {e:#}", path.display()))
+                    (
+                        ProblemKind::BadVideo,
+                        format!("video {}: {e:#}", path.display()),
+                    )
                 }),
                 None => Ok(()),
             }
@@ -478,7 +498,11 @@ fn role_order_problem(record: &Record) -> Option<String> {
         return Some("the conversation has only a system turn".into());
     }
     for (i, turn) in body.iter().enumerate() {
-        let expected = if i % 2 == 0 { Role::User } else { Role::Assistant };
+        let expected = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
         if turn.role != expected {
             let n = i + offset + 1;
             return Some(if turn.role == Role::System {
@@ -494,7 +518,10 @@ fn role_order_problem(record: &Record) -> Option<String> {
         }
     }
     if body.len() % 2 == 1 {
-        return Some("the last turn is from the user; a conversation must end with an assistant reply".into());
+        return Some(
+            "the last turn is from the user; a conversation must end with an assistant reply"
+                .into(),
+        );
     }
     None
 }

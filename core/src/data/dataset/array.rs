@@ -8,7 +8,9 @@
 
 use std::path::Path;
 
-use super::{json_message, parse, DatasetOptions, Record, RecordError, RecordErrorKind, SourceLocation};
+use super::{
+    json_message, parse, DatasetOptions, Record, RecordError, RecordErrorKind, SourceLocation,
+};
 
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -32,11 +34,11 @@ impl ArrayData {
             Err(scan_error) => {
                 // Let serde_json find the exact position; fall back to the scanner's own
                 // finding if serde_json (unexpectedly) accepts the text.
-                let (line, column, message) =
-                    match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
-                        Err(e) => (e.line(), e.column(), json_message(&e)),
-                        Ok(_) => (scan_error.line, scan_error.column, scan_error.message),
-                    };
+                let (line, column, message) = match serde_json::from_str::<serde_json::Value>(&text)
+                {
+                    Err(e) => (e.line(), e.column(), json_message(&e)),
+                    Ok(_) => (scan_error.line, scan_error.column, scan_error.message),
+                };
                 Err(RecordError {
                     location: SourceLocation {
                         file: path.to_path_buf(),
@@ -135,7 +137,8 @@ struct ScanError {
 
 /// Finds the byte spans of the top-level elements of a JSON array. Checks only what is needed
 /// to find element boundaries (brackets nest properly, strings end, commas separate);
-/// everything inside an element is left to serde_json.
+/// everything inside an element is left to serde_json. The fallback error uses the same
+/// `Value` parse as elements do, so the file-level and element-level verdicts agree.
 fn scan(text: &str) -> Result<Vec<Span>, ScanError> {
     let bytes = text.as_bytes();
     let mut pos = 0;
@@ -187,7 +190,8 @@ fn scan(text: &str) -> Result<Vec<Span>, ScanError> {
                         b'\\' => pos += 1,
                         b'"' => in_string = false,
                         b'\n' => {
-                            return Err(err(pos, line, line_start, "unterminated string"));
+                            line += 1;
+                            line_start = pos + 1;
                         }
                         _ => {}
                     }
@@ -237,7 +241,12 @@ fn scan(text: &str) -> Result<Vec<Span>, ScanError> {
     }
     skip_ws(&mut pos, &mut line, &mut line_start);
     if pos < bytes.len() {
-        return Err(err(pos, line, line_start, "trailing characters after the array"));
+        return Err(err(
+            pos,
+            line,
+            line_start,
+            "trailing characters after the array",
+        ));
     }
     Ok(spans)
 }

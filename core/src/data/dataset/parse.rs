@@ -80,7 +80,10 @@ impl Parser<'_> {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
             Some(other) => {
-                return Err(format!("`id` must be a string or a number, found {}", type_name(other)))
+                return Err(format!(
+                    "`id` must be a string or a number, found {}",
+                    type_name(other)
+                ))
             }
         };
         let top_images = self.media_list(obj, "image", "images", MediaKind::Image)?;
@@ -89,7 +92,10 @@ impl Parser<'_> {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.as_str()),
             Some(other) => {
-                return Err(format!("`system_prompt` must be a string, found {}", type_name(other)))
+                return Err(format!(
+                    "`system_prompt` must be a string, found {}",
+                    type_name(other)
+                ))
             }
         };
 
@@ -102,9 +108,9 @@ impl Parser<'_> {
             self.inline_paths = top_images.is_none() && top_videos.is_none();
             self.images = top_images.unwrap_or_default();
             self.videos = top_videos.unwrap_or_default();
-            let list = messages
-                .as_array()
-                .ok_or_else(|| format!("`messages` must be a list, found {}", type_name(messages)))?;
+            let list = messages.as_array().ok_or_else(|| {
+                format!("`messages` must be a list, found {}", type_name(messages))
+            })?;
             for (i, message) in list.iter().enumerate() {
                 turns.push(self.openai_turn(i, message)?);
             }
@@ -113,15 +119,20 @@ impl Parser<'_> {
             self.images = top_images.unwrap_or_default();
             self.videos = top_videos.unwrap_or_default();
             let list = conversations.as_array().ok_or_else(|| {
-                format!("`conversations` must be a list, found {}", type_name(conversations))
+                format!(
+                    "`conversations` must be a list, found {}",
+                    type_name(conversations)
+                )
             })?;
             for (i, turn) in list.iter().enumerate() {
                 turns.push(self.llava_turn(i, turn)?);
             }
         } else {
-            return Err("the record has no `conversations` list (LLaVA format) and no `messages` \
+            return Err(
+                "the record has no `conversations` list (LLaVA format) and no `messages` \
                         list (OpenAI format)"
-                .into());
+                    .into(),
+            );
         }
 
         // LLaVA / lmms-finetune convention: media with no placeholder at all goes in front
@@ -152,7 +163,9 @@ impl Parser<'_> {
         let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
         let (key, value) = match (present(singular), present(plural)) {
             (Some(_), Some(_)) => {
-                return Err(format!("the record has both `{singular}` and `{plural}`; use one"))
+                return Err(format!(
+                    "the record has both `{singular}` and `{plural}`; use one"
+                ))
             }
             (Some(v), None) => (singular, v),
             (None, Some(v)) => (plural, v),
@@ -189,7 +202,9 @@ impl Parser<'_> {
             return Err(format!("empty {} path", kind.name()));
         }
         let lower = raw.to_ascii_lowercase();
-        if lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("data:")
+        if lower.starts_with("http://")
+            || lower.starts_with("https://")
+            || lower.starts_with("data:")
         {
             return Err(format!(
                 "{} '{}' is not a local file; only local paths are supported",
@@ -239,7 +254,10 @@ impl Parser<'_> {
 
     fn llava_turn(&mut self, i: usize, turn: &Value) -> Res<Turn> {
         let obj = turn.as_object().ok_or_else(|| {
-            format!("`conversations[{i}]` must be an object, found {}", type_name(turn))
+            format!(
+                "`conversations[{i}]` must be an object, found {}",
+                type_name(turn)
+            )
         })?;
         let (role_key, role_value) = first_key(obj, &["from", "role"])
             .ok_or_else(|| format!("`conversations[{i}]` has no `from`"))?;
@@ -259,9 +277,14 @@ impl Parser<'_> {
 
     fn openai_turn(&mut self, i: usize, message: &Value) -> Res<Turn> {
         let obj = message.as_object().ok_or_else(|| {
-            format!("`messages[{i}]` must be an object, found {}", type_name(message))
+            format!(
+                "`messages[{i}]` must be an object, found {}",
+                type_name(message)
+            )
         })?;
-        let role_value = obj.get("role").ok_or_else(|| format!("`messages[{i}]` has no `role`"))?;
+        let role_value = obj
+            .get("role")
+            .ok_or_else(|| format!("`messages[{i}]` has no `role`"))?;
         let role = self.role_of(&format!("messages[{i}].role"), role_value)?;
         let mut parts = Vec::new();
         match obj.get("content") {
@@ -292,7 +315,9 @@ impl Parser<'_> {
             .ok_or_else(|| format!("`{at}` has no string `type`"))?;
         let kind = match ty {
             "text" => {
-                let text = obj.get("text").ok_or_else(|| format!("`{at}` has no `text`"))?;
+                let text = obj
+                    .get("text")
+                    .ok_or_else(|| format!("`{at}` has no `text`"))?;
                 let text = text.as_str().ok_or_else(|| {
                     format!("`{at}.text` must be a string, found {}", type_name(text))
                 })?;
@@ -324,13 +349,18 @@ impl Parser<'_> {
                 ))
             }
             Some((key, other)) => {
-                return Err(format!("`{at}.{key}` must be a path string, found {}", type_name(other)))
+                return Err(format!(
+                    "`{at}.{key}` must be a path string, found {}",
+                    type_name(other)
+                ))
             }
         };
         let name = kind.name();
         match (path, self.inline_paths) {
             (Some((key, raw)), true) => {
-                let resolved = self.resolve(raw, kind).map_err(|e| format!("`{at}.{key}`: {e}"))?;
+                let resolved = self
+                    .resolve(raw, kind)
+                    .map_err(|e| format!("`{at}.{key}`: {e}"))?;
                 match kind {
                     MediaKind::Image => self.images.push(resolved),
                     MediaKind::Video => self.videos.push(resolved),
@@ -417,7 +447,10 @@ impl Parser<'_> {
     }
 }
 
-fn first_key<'v>(obj: &'v Map<String, Value>, keys: &[&'static str]) -> Option<(&'static str, &'v Value)> {
+fn first_key<'v>(
+    obj: &'v Map<String, Value>,
+    keys: &[&'static str],
+) -> Option<(&'static str, &'v Value)> {
     keys.iter()
         .find_map(|k| obj.get(*k).filter(|v| !v.is_null()).map(|v| (*k, v)))
 }
