@@ -55,11 +55,11 @@ fn write_jsonl(path: &Path, records: &[serde_json::Value]) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Conversation, image paths and video paths expected for one record.
+type Expected = (Conversation, Vec<PathBuf>, Vec<PathBuf>);
+
 /// The mixed LLaVA dataset and, for each record, the expected (conversation, images, videos).
-fn llava_mixed() -> (
-    Vec<serde_json::Value>,
-    Vec<(Conversation, Vec<PathBuf>, Vec<PathBuf>)>,
-) {
+fn llava_mixed() -> (Vec<serde_json::Value>, Vec<Expected>) {
     let records = vec![
         // text-only
         json!({"id": "t0", "conversations": [
@@ -150,7 +150,7 @@ fn llava_mixed() -> (
     (records, expected)
 }
 
-fn check(records: &[Record], expected: &[(Conversation, Vec<PathBuf>, Vec<PathBuf>)]) {
+fn check(records: &[Record], expected: &[Expected]) {
     assert_eq!(records.len(), expected.len());
     for (k, (r, (c, images, videos))) in records.iter().zip(expected).enumerate() {
         assert_eq!(&r.conversation, c, "record {k}");

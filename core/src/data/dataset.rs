@@ -253,39 +253,41 @@ impl Dataset {
     /// For JSONL this reopens the file and streams it.
     pub fn records(&self) -> Result<Records<'_>, DatasetError> {
         match &self.array {
-            Some(array) => Ok(Records::Array(ArrayRecords::new(
+            Some(array) => Ok(Records(RecordsInner::Array(ArrayRecords::new(
                 array,
                 &self.path,
                 &self.options,
-            ))),
+            )))),
             None => {
                 let file = File::open(&self.path).map_err(|source| DatasetError::Io {
                     path: self.path.clone(),
                     source,
                 })?;
-                Ok(Records::Lines(JsonlRecords::new(
+                Ok(Records(RecordsInner::Lines(Box::new(JsonlRecords::new(
                     BufReader::new(file),
                     self.path.clone(),
                     self.options.clone(),
-                )))
+                )))))
             }
         }
     }
 }
 
 /// Iterator over a dataset's records, whichever the container.
-pub enum Records<'a> {
+pub struct Records<'a>(RecordsInner<'a>);
+
+enum RecordsInner<'a> {
     Array(ArrayRecords<'a>),
-    Lines(JsonlRecords<BufReader<File>>),
+    Lines(Box<JsonlRecords<BufReader<File>>>),
 }
 
 impl Iterator for Records<'_> {
     type Item = Result<Record, RecordError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            Records::Array(it) => it.next(),
-            Records::Lines(it) => it.next(),
+        match &mut self.0 {
+            RecordsInner::Array(it) => it.next(),
+            RecordsInner::Lines(it) => it.next(),
         }
     }
 }

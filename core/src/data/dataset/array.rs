@@ -202,10 +202,11 @@ fn scan(text: &str) -> Result<Vec<Span>, ScanError> {
                     b'"' => in_string = true,
                     b'{' => stack.push(b'}'),
                     b'[' => stack.push(b']'),
+                    b'}' | b']' if stack.last() == Some(&b) => {
+                        stack.pop();
+                    }
                     b'}' | b']' if !stack.is_empty() => {
-                        if stack.pop() != Some(b) {
-                            return Err(err(pos, line, line_start, "mismatched bracket"));
-                        }
+                        return Err(err(pos, line, line_start, "mismatched bracket"));
                     }
                     b',' | b']' if stack.is_empty() => {
                         end = Some(b);
