@@ -564,3 +564,18 @@ fn bufread_trait_is_enough_for_jsonl() {
     let line = json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]});
     assert_eq!(count(format!("{line}\n\n{line}").as_bytes()), 2);
 }
+
+#[test]
+fn bom_and_leading_blank_lines_keep_line_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec =
+        json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]});
+    let array = dir.path().join("a.json");
+    std::fs::write(&array, format!("\u{feff}\n\n[\n{rec},\n\n{rec}]")).unwrap();
+    let got = collect(&Dataset::open(&array, options()).unwrap());
+    let lines: Vec<_> = got.iter().map(|r| r.location.line).collect();
+    assert_eq!(lines, vec![Some(4), Some(6)]);
+    let jsonl = dir.path().join("a.jsonl");
+    std::fs::write(&jsonl, format!("\u{feff}{rec}\n{rec}\n")).unwrap();
+    assert_eq!(collect(&Dataset::open(&jsonl, options()).unwrap()).len(), 2);
+}

@@ -14,7 +14,7 @@ mod parse;
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use super::Conversation;
@@ -186,25 +186,30 @@ impl Dataset {
             source,
         };
         let mut reader = BufReader::new(File::open(&path).map_err(io_err)?);
+        let mut at_start = true;
         let is_array = loop {
             let buf = reader.fill_buf().map_err(io_err)?;
             if buf.is_empty() {
                 break false;
             }
-            let skip = buf
+            let mut skip = 0;
+            if at_start && buf.starts_with(&[0xEF, 0xBB, 0xBF]) {
+                skip = 3; // UTF-8 byte-order mark
+            }
+            at_start = false;
+            skip += buf[skip..]
                 .iter()
-                .take_while(|b| {
-                    b.is_ascii_whitespace() || **b == 0xEF || **b == 0xBB || **b == 0xBF
-                })
+                .take_while(|b| b.is_ascii_whitespace())
                 .count();
             if skip < buf.len() {
                 break buf[skip] == b'[';
             }
             reader.consume(skip);
         };
+        drop(reader);
         let array = if is_array {
-            let mut text = String::new();
-            reader.read_to_string(&mut text).map_err(io_err)?;
+            // Read from the start again so line numbers count the skipped blank lines.
+            let text = std::fs::read_to_string(&path).map_err(io_err)?;
             Some(array::ArrayData::parse(&path, text).map_err(DatasetError::Json)?)
         } else {
             None

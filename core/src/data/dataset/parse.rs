@@ -244,10 +244,19 @@ impl Parser<'_> {
             .ok_or_else(|| format!("`{field}` must be a string, found {}", type_name(value)))?;
         self.role(name).ok_or_else(|| {
             let o = self.options;
+            let names = |configured: &str, standard: &str| {
+                if configured == standard {
+                    format!("\"{standard}\"")
+                } else {
+                    format!("\"{configured}\" or \"{standard}\"")
+                }
+            };
             format!(
-                "`{field}` is \"{name}\", which is not a known role (user: \"{}\" or \"user\"; \
-                 assistant: \"{}\" or \"assistant\"; system: \"{}\" or \"system\")",
-                o.user_role, o.assistant_role, o.system_role
+                "`{field}` is \"{name}\", which is not a known role (user: {}; assistant: {}; \
+                 system: {})",
+                names(&o.user_role, "user"),
+                names(&o.assistant_role, "assistant"),
+                names(&o.system_role, "system")
             )
         })
     }
