@@ -1,12 +1,15 @@
-//! Qwen2-VL and Qwen2.5-VL: config, vision tower, M-RoPE and the conditional-generation model.
-//! The processor and chat template land with the data pipeline; until then the family is
-//! registered as planned.
+//! Qwen2-VL and Qwen2.5-VL: config ([`config`]), processor ([`processor`]), vision tower
+//! ([`vision`]), M-RoPE ([`rope`]), model ([`model`]) and the [`family::Qwen2Vl`] bundle the
+//! core drives, registered for both model types.
 
 pub mod config;
+pub mod family;
 pub mod model;
+pub mod processor;
 pub mod rope;
 pub mod vision;
 
+use lmms_ft_core::family::Erased;
 use lmms_ft_core::registry::{Status, TrainMode};
 use lmms_ft_core::{register_family, register_models};
 
@@ -17,8 +20,8 @@ register_family! {
     architectures: &["Qwen2VLForConditionalGeneration"],
     model_types: &["qwen2_vl"],
     modes: MODES,
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Qwen2Vl>::NEW),
 }
 
 register_family! {
@@ -26,8 +29,8 @@ register_family! {
     architectures: &["Qwen2_5_VLForConditionalGeneration"],
     model_types: &["qwen2_5_vl"],
     modes: MODES,
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Qwen2Vl>::NEW),
 }
 
 register_models!("qwen2-vl", [
