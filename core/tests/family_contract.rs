@@ -135,7 +135,7 @@ impl Family for Toy {
     type Batch = (Tensor, Tensor);
     type Collator = Pad;
     type Model = ToyModel;
-    fn processor(_: &ToyConfig, _: &Path) -> Result<NoMedia> {
+    fn processor(_: &ToyConfig, _: &Path, _: &ProcessorOptions) -> Result<NoMedia> {
         Ok(NoMedia)
     }
     fn template(_: &ToyConfig, _: &Path) -> Result<Bytes> {

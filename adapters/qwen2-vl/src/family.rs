@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{ContentMode, HfChatTemplate, MediaPlaceholders};
-use lmms_ft_core::family::{Collator, EncodedText, Family, IGNORE_INDEX};
+use lmms_ft_core::family::{Collator, EncodedText, Family, ProcessorOptions, IGNORE_INDEX};
 use lmms_ft_core::nn::count_shifted_labels;
 use tch::{Device, Kind, Tensor};
 
@@ -38,7 +38,8 @@ impl QwenCollator {
                 image_token_id: config.image_token_id,
                 video_token_id: config.video_token_id,
                 spatial_merge_size: v.spatial_merge_size,
-                tokens_per_second: (config.variant == Variant::Qwen25Vl).then_some(v.tokens_per_second),
+                tokens_per_second: (config.variant == Variant::Qwen25Vl)
+                    .then_some(v.tokens_per_second),
             },
             patch_dim: v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size,
         }
@@ -54,7 +55,12 @@ impl QwenCollator {
                 &s.text.input_ids,
                 &self.rope,
                 &mut s.media.image_grids.iter().copied(),
-                &mut s.media.video_grids.iter().copied().zip(s.media.video_seconds.iter().copied()),
+                &mut s
+                    .media
+                    .video_grids
+                    .iter()
+                    .copied()
+                    .zip(s.media.video_seconds.iter().copied()),
             )?;
             for (axis, values) in pos.iter().enumerate() {
                 let start = (axis * b + row) * len;
@@ -66,7 +72,9 @@ impl QwenCollator {
 
     fn media(&self, patches: Vec<f32>, grids: Vec<[i64; 3]>, device: Device) -> Option<Media> {
         (!grids.is_empty()).then(|| Media {
-            pixels: Tensor::from_slice(&patches).view([-1, self.patch_dim]).to_device(device),
+            pixels: Tensor::from_slice(&patches)
+                .view([-1, self.patch_dim])
+                .to_device(device),
             grids,
         })
     }
@@ -115,8 +123,12 @@ impl Family for Qwen2Vl {
     type Collator = QwenCollator;
     type Model = Qwen2VlModel;
 
-    fn processor(_config: &Qwen2VlConfig, dir: &Path) -> Result<QwenProcessor> {
-        QwenProcessor::from_dir(dir)
+    fn processor(
+        _config: &Qwen2VlConfig,
+        dir: &Path,
+        opts: &ProcessorOptions,
+    ) -> Result<QwenProcessor> {
+        Ok(QwenProcessor::from_dir(dir)?.with_options(opts))
     }
 
     fn template(_config: &Qwen2VlConfig, dir: &Path) -> Result<HfChatTemplate> {
@@ -135,7 +147,12 @@ impl Family for Qwen2Vl {
         QwenCollator::new(config)
     }
 
-    fn load(config: &Qwen2VlConfig, dir: &Path, device: Device, kind: Kind) -> Result<Qwen2VlModel> {
+    fn load(
+        config: &Qwen2VlConfig,
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Qwen2VlModel> {
         Qwen2VlModel::load(config, dir, device, kind)
     }
 }

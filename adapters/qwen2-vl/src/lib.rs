@@ -33,14 +33,50 @@ register_family! {
     implementation: Some(&Erased::<family::Qwen2Vl>::NEW),
 }
 
-register_models!("qwen2-vl", [
-    ("qwen2-vl-2b-instruct", "Qwen/Qwen2-VL-2B-Instruct", ["qwen2-vl-2b"], true),
-    ("qwen2-vl-7b-instruct", "Qwen/Qwen2-VL-7B-Instruct", ["qwen2-vl-7b"], true),
-    ("qwen2-vl-72b-instruct", "Qwen/Qwen2-VL-72B-Instruct", ["qwen2-vl-72b"], true),
-]);
+register_models!(
+    "qwen2-vl",
+    [
+        (
+            "qwen2-vl-2b-instruct",
+            "Qwen/Qwen2-VL-2B-Instruct",
+            ["qwen2-vl-2b"],
+            true
+        ),
+        (
+            "qwen2-vl-7b-instruct",
+            "Qwen/Qwen2-VL-7B-Instruct",
+            ["qwen2-vl-7b"],
+            true
+        ),
+        (
+            "qwen2-vl-72b-instruct",
+            "Qwen/Qwen2-VL-72B-Instruct",
+            ["qwen2-vl-72b"],
+            true
+        ),
+    ]
+);
 
-register_models!("qwen2.5-vl", [
-    ("qwen2.5-vl-3b-instruct", "Qwen/Qwen2.5-VL-3B-Instruct", ["qwen2.5-vl-3b"], true),
-    ("qwen2.5-vl-7b-instruct", "Qwen/Qwen2.5-VL-7B-Instruct", ["qwen2.5-vl-7b"], true),
-    ("qwen2.5-vl-72b-instruct", "Qwen/Qwen2.5-VL-72B-Instruct", ["qwen2.5-vl-72b"], true),
-]);
+register_models!(
+    "qwen2.5-vl",
+    [
+        (
+            "qwen2.5-vl-3b-instruct",
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            ["qwen2.5-vl-3b"],
+            true
+        ),
+        (
+            "qwen2.5-vl-7b-instruct",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            ["qwen2.5-vl-7b"],
+            true
+        ),
+        (
+            "qwen2.5-vl-72b-instruct",
+            "Qwen/Qwen2.5-VL-72B-Instruct",
+            ["qwen2.5-vl-72b"],
+            true
+        ),
+    ]
+);

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use lmms_ft_core::data::media::{resize, ResampleFilter};
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{MediaTokens, Processor};
+use lmms_ft_core::family::{MediaTokens, Processor, ProcessorOptions};
 use serde_json::Value;
 
 /// Pixel budget of one image or video frame.
@@ -45,10 +45,18 @@ pub struct QwenMedia {
 
 /// `transformers`' `smart_resize`: both sides multiples of `factor`, area within the budget,
 /// aspect ratio kept as closely as possible. Python's `round` rounds halves to even.
-pub fn smart_resize(height: u32, width: u32, factor: u32, budget: PixelBudget) -> Result<(u32, u32)> {
+pub fn smart_resize(
+    height: u32,
+    width: u32,
+    factor: u32,
+    budget: PixelBudget,
+) -> Result<(u32, u32)> {
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     if h.max(w) / h.min(w) > 200.0 {
-        bail!("absolute aspect ratio must be smaller than 200, got {}", h.max(w) / h.min(w));
+        bail!(
+            "absolute aspect ratio must be smaller than 200, got {}",
+            h.max(w) / h.min(w)
+        );
     }
     let mut hb = (h / f).round_ties_even() * f;
     let mut wb = (w / f).round_ties_even() * f;
@@ -65,7 +73,8 @@ pub fn smart_resize(height: u32, width: u32, factor: u32, budget: PixelBudget) -
 }
 
 fn get_u64(obj: &Value, keys: &[&str]) -> Option<u64> {
-    keys.iter().find_map(|k| obj.get(*k).and_then(Value::as_u64))
+    keys.iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_u64))
 }
 
 fn triple(obj: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
@@ -74,7 +83,11 @@ fn triple(obj: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
         Some(v) => {
             let a: Vec<f32> = v
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect()
+                })
                 .unwrap_or_default();
             a.try_into()
                 .map_err(|_| anyhow::anyhow!("`{key}` must be 3 numbers, got {v}"))
@@ -107,8 +120,12 @@ impl QwenProcessor {
             if !path.is_file() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            ))
         };
         let nested = read("processor_config.json")?;
         let image = match read("preprocessor_config.json")? {
@@ -125,11 +142,26 @@ impl QwenProcessor {
                 .and_then(|n| n.get("video_processor").cloned())
                 .unwrap_or(Value::Null),
         };
-        let image_budget = budget(&image, PixelBudget { min_pixels: 56 * 56, max_pixels: 28 * 28 * 1280 });
+        let image_budget = budget(
+            &image,
+            PixelBudget {
+                min_pixels: 56 * 56,
+                max_pixels: 28 * 28 * 1280,
+            },
+        );
         let video_budget = if video.is_null() {
-            PixelBudget { min_pixels: 128 * 28 * 28, max_pixels: 28 * 28 * 768 }
+            PixelBudget {
+                min_pixels: 128 * 28 * 28,
+                max_pixels: 28 * 28 * 768,
+            }
         } else {
-            budget(&video, PixelBudget { min_pixels: 128 * 28 * 28, max_pixels: 28 * 28 * 768 })
+            budget(
+                &video,
+                PixelBudget {
+                    min_pixels: 128 * 28 * 28,
+                    max_pixels: 28 * 28 * 768,
+                },
+            )
         };
         let p = QwenProcessor {
             image: image_budget,
@@ -137,20 +169,28 @@ impl QwenProcessor {
             patch_size: get_u64(&image, &["patch_size"]).unwrap_or(14) as u32,
             temporal_patch_size: get_u64(&image, &["temporal_patch_size"]).unwrap_or(2) as u32,
             merge_size: get_u64(&image, &["merge_size"]).unwrap_or(2) as u32,
-            rescale_factor: image.get("rescale_factor").and_then(Value::as_f64).unwrap_or(1.0 / 255.0),
+            rescale_factor: image
+                .get("rescale_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0 / 255.0),
             mean: triple(&image, "image_mean", OPENAI_CLIP_MEAN)?,
             std: triple(&image, "image_std", OPENAI_CLIP_STD)?,
         };
         if p.patch_size == 0 || p.merge_size == 0 || p.temporal_patch_size == 0 {
-            bail!("{}: patch_size, merge_size and temporal_patch_size must be positive", dir.display());
+            bail!(
+                "{}: patch_size, merge_size and temporal_patch_size must be positive",
+                dir.display()
+            );
         }
         Ok(p)
     }
 
-    /// Overrides the pixel budgets (the `max_pixels` / `min_pixels` data options).
-    pub fn with_budgets(mut self, image: Option<PixelBudget>, video: Option<PixelBudget>) -> Self {
-        self.image = image.unwrap_or(self.image);
-        self.video = video.unwrap_or(self.video);
+    /// Applies the user's pixel budgets (`data.max_pixels`, `data.video_max_pixels`, ...).
+    pub fn with_options(mut self, opts: &ProcessorOptions) -> Self {
+        self.image.min_pixels = opts.min_pixels.unwrap_or(self.image.min_pixels);
+        self.image.max_pixels = opts.max_pixels.unwrap_or(self.image.max_pixels);
+        self.video.min_pixels = opts.video_min_pixels.unwrap_or(self.video.min_pixels);
+        self.video.max_pixels = opts.video_max_pixels.unwrap_or(self.video.max_pixels);
         self
     }
 
@@ -183,7 +223,11 @@ impl QwenProcessor {
     /// Patches of `frames` (each `[3][h·w]` planes, already a multiple of the temporal
     /// patch), appended to `out`; returns the grid.
     fn patchify(&self, frames: &[&[f32]], h: u32, w: u32, out: &mut Vec<f32>) -> [i64; 3] {
-        let (p, m, tp) = (self.patch_size as usize, self.merge_size as usize, self.temporal_patch_size as usize);
+        let (p, m, tp) = (
+            self.patch_size as usize,
+            self.merge_size as usize,
+            self.temporal_patch_size as usize,
+        );
         let (h, w) = (h as usize, w as usize);
         let (gh, gw) = (h / p, w / p);
         let gt = frames.len() / tp;
@@ -228,7 +272,11 @@ impl QwenProcessor {
         let mut planes = Vec::with_capacity(clip.frames.len());
         for frame in &clip.frames {
             if frame.dimensions() != (w, h) {
-                bail!("video frames change size ({:?} then {:?})", (w, h), frame.dimensions());
+                bail!(
+                    "video frames change size ({:?} then {:?})",
+                    (w, h),
+                    frame.dimensions()
+                );
             }
             planes.push(self.planes(frame, size)?.0);
         }
@@ -239,7 +287,10 @@ impl QwenProcessor {
         }
         let grid = self.patchify(&frames, size.0, size.1, out);
         if !(clip.sampled_fps > 0.0) {
-            bail!("video sampled_fps must be positive, got {}", clip.sampled_fps);
+            bail!(
+                "video sampled_fps must be positive, got {}",
+                clip.sampled_fps
+            );
         }
         Ok((grid, self.temporal_patch_size as f64 / clip.sampled_fps))
     }
@@ -254,7 +305,11 @@ impl QwenProcessor {
 impl Processor for QwenProcessor {
     type Media = QwenMedia;
 
-    fn process(&self, images: &[RgbImage], videos: &[VideoClip]) -> Result<(QwenMedia, MediaTokens)> {
+    fn process(
+        &self,
+        images: &[RgbImage],
+        videos: &[VideoClip],
+    ) -> Result<(QwenMedia, MediaTokens)> {
         let mut media = QwenMedia::default();
         let mut tokens = MediaTokens::default();
         for (i, img) in images.iter().enumerate() {
