@@ -27,7 +27,11 @@ fn make_dataset(dir: &Path, n: usize) -> Result<PathBuf> {
         // A smooth gradient with noise compresses like a photo.
         let img = ImageBuffer::from_fn(w, h, |x, y| {
             let n = ((x * 7 + y * 13 + i as u32 * 31) % 17) as u8;
-            Rgb([(x * 255 / w) as u8 ^ n, (y * 255 / h) as u8, (((x + y) * 3) % 256) as u8])
+            Rgb([
+                (x * 255 / w) as u8 ^ n,
+                (y * 255 / h) as u8,
+                (((x + y) * 3) % 256) as u8,
+            ])
         });
         img.save(dir.join(format!("img{i}.png")))?;
         img.save(dir.join(format!("img{i}.jpg")))?;
@@ -49,7 +53,10 @@ fn make_dataset(dir: &Path, n: usize) -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let model_dir = PathBuf::from(args.get(1).context("usage: data_throughput MODEL_DIR [--samples N] [--workers N]")?);
+    let model_dir = PathBuf::from(
+        args.get(1)
+            .context("usage: data_throughput MODEL_DIR [--samples N] [--workers N]")?,
+    );
     let flag = |name: &str, default: usize| -> usize {
         args.iter()
             .position(|a| a == name)
@@ -64,13 +71,23 @@ fn main() -> Result<()> {
     let data = make_dataset(tmp.path(), n)?;
 
     let config = Qwen2Vl::config(&model_dir)?;
-    let processor = Arc::new(Qwen2Vl::processor(&config, &model_dir, &Default::default())?);
+    let processor = Arc::new(Qwen2Vl::processor(
+        &config,
+        &model_dir,
+        &Default::default(),
+    )?);
     let template = Arc::new(Qwen2Vl::template(&config, &model_dir)?);
     let collator = Arc::new(Qwen2Vl::collator(&config));
     let dataset = Arc::new(Dataset::open(&data, Default::default())?);
     let media = Arc::new(MediaOptions::default());
     for w in [1, workers] {
-        let (p, t, c, d, m) = (processor.clone(), template.clone(), collator.clone(), dataset.clone(), media.clone());
+        let (p, t, c, d, m) = (
+            processor.clone(),
+            template.clone(),
+            collator.clone(),
+            dataset.clone(),
+            media.clone(),
+        );
         let load = move |indices: &[usize]| {
             let mut samples = Vec::with_capacity(indices.len());
             for &i in indices {
@@ -82,10 +99,21 @@ fn main() -> Result<()> {
             }
             c.collate(samples, Device::Cpu)
         };
-        let batches: Vec<Vec<usize>> = (0..n).collect::<Vec<_>>().chunks(batch_size).map(<[usize]>::to_vec).collect();
+        let batches: Vec<Vec<usize>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
         let start = Instant::now();
         let mut tokens = 0i64;
-        for batch in Loader::new(batches, load, LoaderOptions { workers: w, prefetch: 2 * w })? {
+        for batch in Loader::new(
+            batches,
+            load,
+            LoaderOptions {
+                workers: w,
+                prefetch: 2 * w,
+            },
+        )? {
             tokens += batch?.input_ids.numel() as i64;
         }
         let secs = start.elapsed().as_secs_f64();

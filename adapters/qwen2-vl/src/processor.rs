@@ -107,8 +107,11 @@ fn budget(obj: &Value, default: PixelBudget) -> PixelBudget {
     }
 }
 
-const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+// transformers' decimal constants, rounded to f32 exactly as numpy does for a float32 image.
+#[allow(clippy::excessive_precision)]
+const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
+const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl QwenProcessor {
     /// Reads the processor settings of a model directory: the Hub's
@@ -286,7 +289,7 @@ impl QwenProcessor {
             frames.push(frames[frames.len() - 1]);
         }
         let grid = self.patchify(&frames, size.0, size.1, out);
-        if !(clip.sampled_fps > 0.0) {
+        if clip.sampled_fps.is_nan() || clip.sampled_fps <= 0.0 {
             bail!(
                 "video sampled_fps must be positive, got {}",
                 clip.sampled_fps
