@@ -62,6 +62,8 @@ else:
     Processor = Qwen2_5_VLProcessor
 model = model.float().eval()
 model.save_pretrained(out)
+# The same weights in shards with a model.safetensors.index.json, as large Hub models ship.
+model.save_pretrained(os.path.join(out, "sharded"), max_shard_size="20MB")
 
 tokenizer = AutoTokenizer.from_pretrained(real)
 with open(os.path.join(real, "chat_template.json")) as f:

@@ -296,3 +296,67 @@ fn qwen2_vl_matches_transformers() {
 fn qwen2_5_vl_matches_transformers() {
     check_variant("qwen2_5_vl");
 }
+
+/// Sharded checkpoints (with an index) load to the same weights; bf16 runs close to fp32; a
+/// checkpoint of the other variant is rejected with a message naming the mismatch.
+#[test]
+fn sharded_bf16_and_wrong_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let q2 = dir.path().join("qwen2_vl");
+    let q25 = dir.path().join("qwen2_5_vl");
+    run_oracle("qwen2_vl_fixture.py", &[q2.to_str().unwrap(), "qwen2_vl", hf_configs().to_str().unwrap()]);
+    run_oracle("qwen2_vl_fixture.py", &[q25.to_str().unwrap(), "qwen2_5_vl", hf_configs().to_str().unwrap()]);
+    let read_config = |d: &std::path::Path| {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        Qwen2VlConfig::from_hf_json(&json).unwrap()
+    };
+    let config = read_config(&q2);
+    let shards = std::fs::read_dir(q2.join("sharded"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "safetensors"))
+        .count();
+    assert!(shards >= 2, "fixture should be sharded, got {shards} file(s)");
+    assert!(q2.join("sharded/model.safetensors.index.json").is_file());
+    let single = Qwen2VlModel::load(&config, &q2, Device::Cpu, Kind::Float).unwrap();
+    let sharded = Qwen2VlModel::load(&config, &q2.join("sharded"), Device::Cpu, Kind::Float).unwrap();
+    let a = single.var_store().variables();
+    let b = sharded.var_store().variables();
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[name]), 0.0, "{name}");
+    }
+
+    // bf16 weights and compute: logits stay close to fp32 (bf16 has ~3 significant digits).
+    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(q2.join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let ids = &reference["two_images.input_ids"];
+    let ids_v: Vec<i64> = Vec::try_from(ids.flatten(0, -1)).unwrap();
+    let image_grids = grids(reference.get("two_images.image_grid_thw"));
+    let spec = RopeSpec {
+        image_token_id: config.image_token_id,
+        video_token_id: config.video_token_id,
+        spatial_merge_size: config.vision.spatial_merge_size,
+        tokens_per_second: None,
+    };
+    let pos = position_ids(&ids_v, &spec, &mut image_grids.clone().into_iter(), &mut std::iter::empty()).unwrap();
+    let batch = Batch {
+        input_ids: ids.shallow_clone(),
+        labels: None,
+        position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
+        images: Some(Media { pixels: reference["two_images.pixel_values"].shallow_clone(), grids: image_grids }),
+        videos: None,
+        num_label_tokens: 0,
+    };
+    let bf16 = Qwen2VlModel::load(&config, &q2, Device::Cpu, Kind::BFloat16).unwrap();
+    let out = tch::no_grad(|| bf16.forward(&batch, false)).unwrap();
+    assert_eq!(out.logits.kind(), Kind::BFloat16);
+    assert!(out.loss_sum.is_none());
+    let d = max_abs_diff(&out.logits, &reference["two_images.logits"]);
+    assert!(d < 0.05, "bf16 logits differ from fp32 by {d}");
+
+    // A Qwen2.5-VL checkpoint under a Qwen2-VL config: names and shapes differ.
+    let err = Qwen2VlModel::load(&config, &q25, Device::Cpu, Kind::Float).err().expect("must fail").to_string();
+    assert!(err.contains("another model"), "{err}");
+}
