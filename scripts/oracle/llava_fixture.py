@@ -8,6 +8,10 @@ VARIANT:
   llava_multi  Same, but `vision_feature_layer = [-3, -1]` (concatenated features).
   interleave   LLaVA-Interleave layout: SigLIP vision (layer -1, "full") + Qwen2 text
                (tied embeddings), real llava-interleave-qwen tokenizer and template.
+  next_vicuna  LLaVA-NeXT (anyres over 56-pixel tiles) + Llama text, llava-1.5 tokenizer and
+               template.
+  next_mistral LLaVA-NeXT + Mistral text (sliding window 4096), llava-1.5 tokenizer with the
+               llava-v1.6-mistral template.
 
 Writes into OUT_DIR a checkpoint saved by `save_pretrained`, the processor and tokenizer, and
 `reference.safetensors` + `reference.json` holding, for three samples (text-only, one
@@ -32,12 +36,17 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     Qwen2Config,
     Qwen2Tokenizer,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 out, variant, shared = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -88,10 +97,38 @@ elif variant == "interleave":
                                vision_feature_select_strategy="full", num_additional_image_tokens=0,
                                chat_template=template)
     vision_prefix = "model.vision_tower."
+elif variant in ("next_vicuna", "next_mistral"):
+    real = os.path.join(shared, "llava-hf--llava-1.5-7b-hf")
+    sizes = dict(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=4096)
+    if variant == "next_vicuna":
+        text = LlamaConfig(**sizes)
+        with open(os.path.join(real, "chat_template.json")) as f:
+            template = json.load(f)["chat_template"]
+    else:
+        text = MistralConfig(sliding_window=4096, rope_theta=1000000.0, **sizes)
+        with open(os.path.join(shared, "llava-hf--llava-v1.6-mistral-7b-hf", "chat_template.json")) as f:
+            template = json.load(f)["chat_template"]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=16)
+    # The real pinpoints scaled from 336- to 56-pixel tiles.
+    pinpoints = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
+                             pad_token_id=32001, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=pinpoints, image_seq_length=16)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                 image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN,
+                                                 image_std=CLIP_STD)
+    tokenizer = AutoTokenizer.from_pretrained(real)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=template)
+    vision_prefix = "model.vision_tower."
 else:
     raise SystemExit(f"unknown variant {variant}")
 
-model = LlavaForConditionalGeneration(config).float().eval()
+Model = LlavaNextForConditionalGeneration if variant.startswith("next") else LlavaForConditionalGeneration
+model = Model(config).float().eval()
 model.save_pretrained(out)
 processor.save_pretrained(out)
 tokenizer.save_pretrained(out)
@@ -102,8 +139,9 @@ def noise_image(w, h, seed):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-# Both non-square: 84x56 is only cropped, 100x60 is resized then cropped (or just resized).
-img_a = noise_image(84, 56, 1)
+# Both non-square: 56 wide x 84 high (tall) and 100 x 60 (wide), so anyres unpads columns for
+# one and rows for the other; CLIP crops / resizes both.
+img_a = noise_image(56, 84, 1)
 img_b = noise_image(100, 60, 2)
 img_a.save(os.path.join(out, "image_a.png"))
 img_b.save(os.path.join(out, "image_b.png"))
@@ -133,7 +171,7 @@ track = [
     "model.multi_modal_projector.linear_2.bias",
     vision_prefix + "encoder.layers.0.self_attn.q_proj.weight",
     vision_prefix + "embeddings.patch_embedding.weight",
-]
+] + (["model.image_newline"] if variant.startswith("next") else [])
 
 
 def hub_name(runtime):
@@ -142,7 +180,7 @@ def hub_name(runtime):
         return "language_model.model." + runtime[len("model.language_model."):]
     if runtime.startswith("model.vision_tower."):
         return "vision_tower.vision_model." + runtime[len("model.vision_tower."):]
-    if runtime.startswith("model.multi_modal_projector."):
+    if runtime.startswith("model.multi_modal_projector.") or runtime == "model.image_newline":
         return runtime[len("model."):]
     return runtime
 
@@ -165,6 +203,8 @@ for name, messages in samples.items():
     tensors[f"{name}.logits"] = result.logits.detach().contiguous()
     if "pixel_values" in batch:
         tensors[f"{name}.pixel_values"] = batch["pixel_values"].contiguous()
+    if "image_sizes" in batch:
+        tensors[f"{name}.image_sizes"] = batch["image_sizes"].contiguous()
     for p in track:
         if params[p].grad is not None:
             tensors[f"{name}.grad.{hub_name(p)}"] = params[p].grad.detach().clone().contiguous()
@@ -187,5 +227,5 @@ with open(os.path.join(out, "reference.json"), "w") as f:
 with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
     keys = sorted(f.keys())
 with torch.device("meta"):
-    meta_model = LlavaForConditionalGeneration(config)
+    meta_model = Model(config)
 print(json.dumps({"num_parameters": sum(p.numel() for p in meta_model.parameters()), "keys": keys}))

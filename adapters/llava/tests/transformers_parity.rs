@@ -1,4 +1,5 @@
-//! The LLaVA family against `transformers` 5.23 on tiny random checkpoints saved by
+//! The LLaVA family (1.5, a feature-layer list, Interleave, NeXT with Vicuna and Mistral text)
+//! against `transformers` 5.23 on tiny random checkpoints saved by
 //! `scripts/oracle/llava_fixture.py`, fed with transformers' own processor outputs: per-image
 //! placeholder counts (exact), logits (max abs diff ≤ 1e-4), loss (relative ≤ 1e-5) and the
 //! gradients of named parameters (≤ 1e-4 relative to their largest entry), for a text-only,
@@ -154,4 +155,14 @@ fn llava_feature_layer_list_matches_transformers() {
 #[test]
 fn llava_interleave_matches_transformers() {
     check_variant("interleave");
+}
+
+#[test]
+fn llava_next_vicuna_matches_transformers() {
+    check_variant("next_vicuna");
+}
+
+#[test]
+fn llava_next_mistral_matches_transformers() {
+    check_variant("next_mistral");
 }
