@@ -115,3 +115,54 @@ fn tensor_view(data: &[u8], shape: &[i64], kind: tch::Kind) -> Tensor {
     // view does not outlive the borrow.
     unsafe { Tensor::from_blob(data.as_ptr(), shape, &strides, kind, tch::Device::Cpu) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    /// The llava-hf Hub names, transformers 5's `save_pretrained` names and its runtime
+    /// module paths all land on the same variable.
+    #[test]
+    fn every_layout_maps_to_the_hub_names() {
+        let cases = [
+            (
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                "language_model.model.layers.0.mlp.up_proj.weight",
+            ),
+            (
+                "model.language_model.layers.0.mlp.up_proj.weight",
+                "language_model.model.layers.0.mlp.up_proj.weight",
+            ),
+            (
+                "language_model.lm_head.weight",
+                "language_model.lm_head.weight",
+            ),
+            ("lm_head.weight", "language_model.lm_head.weight"),
+            (
+                "vision_tower.vision_model.pre_layrnorm.bias",
+                "vision_tower.vision_model.pre_layrnorm.bias",
+            ),
+            (
+                "vision_tower.pre_layrnorm.bias",
+                "vision_tower.vision_model.pre_layrnorm.bias",
+            ),
+            (
+                "model.vision_tower.encoder.layers.1.mlp.fc1.weight",
+                "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+            ),
+            (
+                "model.multi_modal_projector.linear_1.weight",
+                "multi_modal_projector.linear_1.weight",
+            ),
+            (
+                "multi_modal_projector.linear_2.bias",
+                "multi_modal_projector.linear_2.bias",
+            ),
+            ("model.image_newline", "image_newline"),
+            ("image_newline", "image_newline"),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(canonical_name(name), expected, "{name}");
+        }
+    }
+}
