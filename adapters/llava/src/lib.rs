@@ -2,6 +2,16 @@
 //! LLaVA-OneVision. Registered as planned: the model code lands with the LLaVA adapter issue.
 //! Interleave checkpoints are `model_type = "llava"` with a Qwen2 text model, so they share
 //! the `llava` family with 1.5.
+//!
+//! Done so far: config parsing (`config`), the models of `llava` and `llava_next`
+//! (`model`), anyres geometry (`anyres`) and multi-layout checkpoint loading (`weights`).
+//! The processor, template and `Family` wiring are not written yet, so the families stay
+//! registered as planned.
+
+pub mod anyres;
+pub mod config;
+pub mod model;
+pub mod weights;
 
 use lmms_ft_core::registry::{Status, TrainMode};
 use lmms_ft_core::{register_family, register_models};

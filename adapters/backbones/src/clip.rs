@@ -1,0 +1,152 @@
+//! The CLIP vision tower (`CLIPVisionModel`): conv patch embedding without bias, a learned
+//! class token, learned absolute positions, a LayerNorm before the encoder (`pre_layrnorm`,
+//! spelled as in the checkpoints) and one after it that only the pooled output uses.
+//! LLaVA reads intermediate hidden states, so the tower returns those rather than a pooled
+//! embedding.
+
+use anyhow::{bail, Result};
+use lmms_ft_core::nn::{Embedding, LayerNorm, ParamInit};
+use serde_json::Value;
+use tch::nn::Path;
+use tch::Tensor;
+
+use crate::vit::{
+    encoder_layers, float, int, resolve_layer, select_hidden_states, string, weight_init,
+    Activation, EncoderConfig, EncoderLayer,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipVisionConfig {
+    pub encoder: EncoderConfig,
+    pub num_channels: i64,
+    pub image_size: i64,
+    pub patch_size: i64,
+}
+
+impl ClipVisionConfig {
+    /// Parses a `vision_config` with `CLIPVisionConfig`'s defaults for absent keys.
+    pub fn from_hf_json(v: &Value) -> Result<ClipVisionConfig> {
+        let c = ClipVisionConfig {
+            encoder: EncoderConfig {
+                hidden_size: int(v, "hidden_size", 768)?,
+                intermediate_size: int(v, "intermediate_size", 3072)?,
+                num_layers: int(v, "num_hidden_layers", 12)?,
+                num_heads: int(v, "num_attention_heads", 12)?,
+                layer_norm_eps: float(v, "layer_norm_eps", 1e-5)?,
+                hidden_act: Activation::parse(string(v, "hidden_act", "quick_gelu")?)?,
+            },
+            num_channels: int(v, "num_channels", 3)?,
+            image_size: int(v, "image_size", 224)?,
+            patch_size: int(v, "patch_size", 32)?,
+        };
+        c.encoder.validate()?;
+        if c.patch_size <= 0 || c.image_size < c.patch_size {
+            bail!(
+                "CLIP image_size {} is smaller than patch_size {}",
+                c.image_size,
+                c.patch_size
+            );
+        }
+        Ok(c)
+    }
+
+    /// Patches per side of the (square) input; the conv drops a remainder.
+    pub fn grid(&self) -> i64 {
+        self.image_size / self.patch_size
+    }
+
+    /// Tokens per image out of the tower: the patches plus the class token.
+    pub fn num_tokens(&self) -> i64 {
+        self.grid() * self.grid() + 1
+    }
+
+    pub fn num_parameters(&self) -> u64 {
+        let h = self.encoder.hidden_size as u64;
+        let patch = h * (self.num_channels * self.patch_size * self.patch_size) as u64;
+        let embeddings = h + patch + self.num_tokens() as u64 * h;
+        // pre_layrnorm and post_layernorm, weight + bias each.
+        embeddings + 4 * h + self.encoder.num_parameters()
+    }
+}
+
+pub struct ClipVisionTower {
+    pub config: ClipVisionConfig,
+    class_embedding: Tensor,
+    patch_embedding: Tensor,
+    position_embedding: Embedding,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    /// Only the pooled output uses it; kept so checkpoints load and save unchanged.
+    pub post_layernorm: LayerNorm,
+}
+
+impl ClipVisionTower {
+    /// `p` is the path of `embeddings` / `pre_layrnorm` / `encoder` (the Hub's
+    /// `vision_tower.vision_model`).
+    pub fn new(p: &Path, c: &ClipVisionConfig, init: ParamInit) -> ClipVisionTower {
+        let h = c.encoder.hidden_size;
+        let e = p / "embeddings";
+        ClipVisionTower {
+            class_embedding: e.var("class_embedding", &[h], weight_init(init)),
+            patch_embedding: (&e / "patch_embedding").var(
+                "weight",
+                &[h, c.num_channels, c.patch_size, c.patch_size],
+                weight_init(init),
+            ),
+            position_embedding: Embedding::new(
+                &(&e / "position_embedding"),
+                c.num_tokens(),
+                h,
+                init,
+            ),
+            pre_layrnorm: LayerNorm::new(&(p / "pre_layrnorm"), h, c.encoder.layer_norm_eps),
+            layers: encoder_layers(p, &c.encoder, init),
+            post_layernorm: LayerNorm::new(&(p / "post_layernorm"), h, c.encoder.layer_norm_eps),
+            config: c.clone(),
+        }
+    }
+
+    /// `transformers`' `hidden_states[i]` for each requested `i` (0 = embeddings after
+    /// `pre_layrnorm`, negative from the end), each `[N, 1 + patches, H]`, for `pixels:
+    /// [N, C, S, S]` at the configured `image_size` (no position interpolation, as LLaVA).
+    pub fn hidden_states(&self, pixels: &Tensor, layers: &[i64]) -> Result<Vec<Tensor>> {
+        let c = &self.config;
+        let size = pixels.size();
+        if size.len() != 4
+            || size[1] != c.num_channels
+            || size[2] != c.image_size
+            || size[3] != c.image_size
+        {
+            bail!(
+                "CLIP tower expects pixel values [N, {}, {s}, {s}], got {size:?}",
+                c.num_channels,
+                s = c.image_size
+            );
+        }
+        let wanted = layers
+            .iter()
+            .map(|&i| resolve_layer(i, c.encoder.num_layers))
+            .collect::<Result<Vec<_>>>()?;
+        let n = size[0];
+        let pixels = pixels.to_kind(self.patch_embedding.kind());
+        let patches = pixels
+            .conv2d::<Tensor>(
+                &self.patch_embedding,
+                None,
+                [c.patch_size; 2],
+                [0; 2],
+                [1; 2],
+                1,
+            )
+            .flatten(2, -1)
+            .transpose(1, 2);
+        let h = c.encoder.hidden_size;
+        let cls = self
+            .class_embedding
+            .view([1, 1, h])
+            .expand([n, 1, h], false);
+        let x = Tensor::cat(&[cls, patches], 1) + self.position_embedding.weight.unsqueeze(0);
+        let x = self.pre_layrnorm.forward(&x);
+        Ok(select_hidden_states(x, &self.layers, &wanted))
+    }
+}

@@ -1,0 +1,228 @@
+//! Pieces shared by the CLIP and SigLIP vision towers: their encoder layers are the same
+//! pre-norm ViT block (LayerNorm → bidirectional attention with biased q/k/v/out → residual →
+//! LayerNorm → two-layer MLP → residual) and differ only in the MLP activation.
+
+use anyhow::{bail, Result};
+use lmms_ft_core::nn::{linear_params, sdpa, LayerNorm, Linear, ParamInit};
+use serde_json::Value;
+use tch::nn::{Init, Path};
+use tch::Tensor;
+
+/// The `hidden_act` / `projector_hidden_act` values of `transformers`' `ACT2FN` that the
+/// LLaVA family's towers and projectors use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: the exact (erf) GELU.
+    Gelu,
+    /// `gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`, CLIP's.
+    QuickGelu,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Activation> {
+        Ok(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            other => bail!("unsupported activation `{other}` (supported: gelu, gelu_pytorch_tanh, gelu_new, quick_gelu, silu, relu)"),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluTanh => x.gelu("tanh"),
+            Activation::QuickGelu => x * (x * 1.702).sigmoid(),
+            Activation::Silu => x.silu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// The tch initialiser for a weight under `init` (biases and norms have fixed inits).
+pub(crate) fn weight_init(init: ParamInit) -> Init {
+    match init {
+        ParamInit::Zeros => Init::Const(0.0),
+        ParamInit::Normal { std } => Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    }
+}
+
+/// Reads an integer key, falling back to `default` when absent or null.
+pub fn int(obj: &Value, key: &str, default: i64) -> Result<i64> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("`{key}` must be an integer, got {v}")),
+    }
+}
+
+/// Reads a number key, falling back to `default` when absent or null.
+pub fn float(obj: &Value, key: &str, default: f64) -> Result<f64> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("`{key}` must be a number, got {v}")),
+    }
+}
+
+/// Reads a boolean key, falling back to `default` when absent or null.
+pub fn boolean(obj: &Value, key: &str, default: bool) -> Result<bool> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| anyhow::anyhow!("`{key}` must be true or false, got {v}")),
+    }
+}
+
+/// Reads a string key, falling back to `default` when absent or null.
+pub fn string<'a>(obj: &'a Value, key: &str, default: &'a str) -> Result<&'a str> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("`{key}` must be a string, got {v}")),
+    }
+}
+
+/// Sizes of one ViT encoder stack.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_layers: i64,
+    pub num_heads: i64,
+    pub layer_norm_eps: f64,
+    pub hidden_act: Activation,
+}
+
+impl EncoderConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.num_heads <= 0 || self.hidden_size % self.num_heads != 0 {
+            bail!(
+                "vision hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_heads
+            );
+        }
+        Ok(())
+    }
+
+    /// Parameters of the layer stack (LayerNorms, attention and MLP, all with biases).
+    pub fn num_parameters(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let i = self.intermediate_size as u64;
+        let layer = 4 * h
+            + 4 * linear_params(h, h, true)
+            + linear_params(h, i, true)
+            + linear_params(i, h, true);
+        self.num_layers as u64 * layer
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, t, h) = x.size3().expect("[B, T, H]");
+        let d = h / self.heads;
+        let split = |y: Tensor| y.view([b, t, self.heads, d]).transpose(1, 2);
+        let q = split(self.q_proj.forward(x));
+        let k = split(self.k_proj.forward(x));
+        let v = split(self.v_proj.forward(x));
+        let out = sdpa(&q, &k, &v, None, false, (d as f64).powf(-0.5));
+        self.out_proj
+            .forward(&out.transpose(1, 2).reshape([b, t, h]))
+    }
+}
+
+/// One encoder block, parameters named as in `CLIPEncoderLayer` / `SiglipEncoderLayer`.
+pub struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    pub fn new(p: &Path, c: &EncoderConfig, init: ParamInit) -> EncoderLayer {
+        let h = c.hidden_size;
+        let a = p / "self_attn";
+        let m = p / "mlp";
+        EncoderLayer {
+            layer_norm1: LayerNorm::new(&(p / "layer_norm1"), h, c.layer_norm_eps),
+            self_attn: Attention {
+                q_proj: Linear::new(&(&a / "q_proj"), h, h, true, init),
+                k_proj: Linear::new(&(&a / "k_proj"), h, h, true, init),
+                v_proj: Linear::new(&(&a / "v_proj"), h, h, true, init),
+                out_proj: Linear::new(&(&a / "out_proj"), h, h, true, init),
+                heads: c.num_heads,
+            },
+            layer_norm2: LayerNorm::new(&(p / "layer_norm2"), h, c.layer_norm_eps),
+            fc1: Linear::new(&(&m / "fc1"), h, c.intermediate_size, true, init),
+            fc2: Linear::new(&(&m / "fc2"), c.intermediate_size, h, true, init),
+            act: c.hidden_act,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let h = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+        let y = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h))),
+        );
+        h + y
+    }
+}
+
+/// Builds the `encoder.layers.N` stack under `p`.
+pub fn encoder_layers(p: &Path, c: &EncoderConfig, init: ParamInit) -> Vec<EncoderLayer> {
+    let layers = p / "encoder" / "layers";
+    (0..c.num_layers)
+        .map(|i| EncoderLayer::new(&(&layers / i), c, init))
+        .collect()
+}
+
+/// Resolves `transformers`' `hidden_states[i]` indices (0 = the embeddings, `n` = after the
+/// last of `n` layers; negative counts from the end) to non-negative ones.
+pub fn resolve_layer(index: i64, num_layers: i64) -> Result<usize> {
+    let n = num_layers + 1;
+    let i = if index < 0 { n + index } else { index };
+    if !(0..n).contains(&i) {
+        bail!("vision_feature_layer {index} is out of range for a tower with {num_layers} layers");
+    }
+    Ok(i as usize)
+}
+
+/// Runs `layers` on `x`, returning the hidden states at the requested (resolved) indices,
+/// in request order; layers past the deepest requested one are not run.
+pub fn select_hidden_states(x: Tensor, layers: &[EncoderLayer], wanted: &[usize]) -> Vec<Tensor> {
+    let deepest = wanted.iter().copied().max().unwrap_or(0);
+    let mut states = Vec::with_capacity(deepest + 1);
+    states.push(x);
+    for layer in layers.iter().take(deepest) {
+        let next = layer.forward(states.last().expect("non-empty"));
+        states.push(next);
+    }
+    wanted.iter().map(|&i| states[i].shallow_clone()).collect()
+}

@@ -1,0 +1,84 @@
+//! LLaVA-NeXT's "anyres" geometry, as `transformers` computes it: which grid resolution an
+//! image is tiled at, how many tiles it gets, and which rows / columns of the tile grid's
+//! features survive the unpadding. Shared by the model (to pack features) and the token
+//! count (which must equal the processor's placeholder count exactly).
+
+/// `select_best_resolution`: the `(height, width)` pinpoint that keeps the most of the
+/// image's resolution after an aspect-preserving downscale, ties going to the least waste.
+/// `None` when `pinpoints` is empty.
+pub fn select_best_resolution(original: [i64; 2], pinpoints: &[[i64; 2]]) -> Option<[i64; 2]> {
+    let [oh, ow] = original;
+    let mut best = None;
+    let mut max_effective = 0i64;
+    let mut min_wasted = i64::MAX;
+    for &[h, w] in pinpoints {
+        let scale = (w as f64 / ow as f64).min(h as f64 / oh as f64);
+        let (dw, dh) = ((ow as f64 * scale) as i64, (oh as f64 * scale) as i64);
+        let effective = (dw * dh).min(ow * oh);
+        let wasted = w * h - effective;
+        if effective > max_effective || (effective == max_effective && wasted < min_wasted) {
+            max_effective = effective;
+            min_wasted = wasted;
+            best = Some([h, w]);
+        }
+    }
+    best
+}
+
+/// Python's `int(round(x, 7))` for the non-negative values the unpadding produces: rounding
+/// to 7 decimals first keeps values like 41.99999999 from truncating to 41.
+fn int_round7(x: f64) -> i64 {
+    ((x * 1e7).round() / 1e7) as i64
+}
+
+/// The tiling of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiling {
+    /// Tiles down and across the chosen resolution (each `image_size` square).
+    pub rows: i64,
+    pub cols: i64,
+}
+
+impl Tiling {
+    /// `original` is `(height, width)`; `tile` the tower's `image_size`.
+    pub fn new(original: [i64; 2], pinpoints: &[[i64; 2]], tile: i64) -> Option<Tiling> {
+        let [h, w] = select_best_resolution(original, pinpoints)?;
+        Some(Tiling {
+            rows: h / tile,
+            cols: w / tile,
+        })
+    }
+
+    /// Tiles fed to the tower: the base (whole-image) tile plus the grid.
+    pub fn num_tiles(&self) -> i64 {
+        1 + self.rows * self.cols
+    }
+}
+
+/// `unpad_image` on a feature map of `current = (height, width)`: the row range (or column
+/// range) left after removing the padding the resize-and-pad introduced, as
+/// `(row_start, row_end, col_start, col_end)`.
+pub fn unpad_ranges(original: [i64; 2], current: [i64; 2]) -> (i64, i64, i64, i64) {
+    let [oh, ow] = original;
+    let [ch, cw] = current;
+    let original_ratio = ow as f64 / oh as f64;
+    let current_ratio = cw as f64 / ch as f64;
+    if original_ratio > current_ratio {
+        let new_h = int_round7(oh as f64 * (cw as f64 / ow as f64));
+        let pad = (ch - new_h).div_euclid(2);
+        (pad, ch - pad, 0, cw)
+    } else {
+        let new_w = int_round7(ow as f64 * (ch as f64 / oh as f64));
+        let pad = (cw - new_w).div_euclid(2);
+        (0, ch, pad, cw - pad)
+    }
+}
+
+/// Placeholder tokens of one LLaVA-NeXT image: the base tile's features, then the unpadded
+/// grid features with one `image_newline` per row. `grid` is features per tile side
+/// (`image_size / patch_size`), `base` the base tile's feature count.
+pub fn next_image_tokens(original: [i64; 2], tiling: Tiling, grid: i64, base: i64) -> i64 {
+    let (r0, r1, c0, c1) = unpad_ranges(original, [tiling.rows * grid, tiling.cols * grid]);
+    let (rows, cols) = (r1 - r0, c1 - c0);
+    base + rows * (cols + 1)
+}

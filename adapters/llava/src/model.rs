@@ -1,0 +1,275 @@
+//! `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration`: vision tower →
+//! selected hidden states → two-layer projector → the features replace the `<image>`
+//! placeholder embeddings (NeXT: after anyres packing with `image_newline`) → the text
+//! decoder with plain 1-D rotary positions.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use lmms_ft_backbones::clip::ClipVisionTower;
+use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
+use lmms_ft_backbones::siglip::SiglipVisionTower;
+use lmms_ft_core::family::{Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::nn::{rope_inv_freq, shifted_token_loss_sum, Linear, ParamInit};
+use tch::nn::{Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::anyres::{unpad_ranges, Tiling};
+use crate::config::{Architecture, LlavaConfig, SelectStrategy, VisionConfig};
+use crate::weights::load_llava;
+
+/// A device batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B, T]`, right-padded.
+    pub input_ids: Tensor,
+    /// `[B, T]`, `IGNORE_INDEX` where no loss is taken; `None` for inference.
+    pub labels: Option<Tensor>,
+    /// LLaVA: `[images, C, S, S]`. NeXT: every image's tiles concatenated (`[tiles, C, S,
+    /// S]`, base tile first), or the processor's `[images, max_tiles, C, S, S]`, whose
+    /// padding tiles are dropped using `image_sizes`.
+    pub pixel_values: Option<Tensor>,
+    /// `(height, width)` of each original image; required by NeXT, ignored by LLaVA.
+    pub image_sizes: Vec<[i64; 2]>,
+    /// Labeled positions after the causal shift, counted on the host.
+    pub num_label_tokens: i64,
+}
+
+enum Tower {
+    Clip(ClipVisionTower),
+    Siglip(SiglipVisionTower),
+}
+
+pub struct LlavaModel {
+    pub config: LlavaConfig,
+    vs: VarStore,
+    tower: Tower,
+    linear_1: Linear,
+    linear_2: Linear,
+    image_newline: Option<Tensor>,
+    decoder: Decoder,
+}
+
+impl LlavaModel {
+    /// Builds the parameters, named as in the llava-hf Hub checkpoints, without loading.
+    pub fn new(config: &LlavaConfig, device: Device, init: ParamInit) -> LlavaModel {
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let vp = &root / "vision_tower" / "vision_model";
+        let tower = match &config.vision {
+            VisionConfig::Clip(c) => Tower::Clip(ClipVisionTower::new(&vp, c, init)),
+            VisionConfig::Siglip(c) => Tower::Siglip(SiglipVisionTower::new(&vp, c, init)),
+        };
+        let pp = &root / "multi_modal_projector";
+        let h = config.text.decoder.hidden_size;
+        let vin = config.vision.hidden_size() * config.vision_feature_layers.len() as i64;
+        let linear_1 = Linear::new(&(&pp / "linear_1"), vin, h, config.projector_bias, init);
+        let linear_2 = Linear::new(&(&pp / "linear_2"), h, h, config.projector_bias, init);
+        let image_newline = (config.architecture == Architecture::LlavaNext).then(|| {
+            let std = 1.0 / (h as f64).sqrt();
+            root.var(
+                "image_newline",
+                &[h],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )
+        });
+        let lm = &root / "language_model";
+        let decoder = Decoder::new(
+            &(&lm / "model"),
+            &(&lm / "lm_head"),
+            &config.text.decoder,
+            init,
+        );
+        LlavaModel {
+            config: config.clone(),
+            vs,
+            tower,
+            linear_1,
+            linear_2,
+            image_newline,
+            decoder,
+        }
+    }
+
+    /// Loads a checkpoint directory (any of the layouts [`crate::weights`] accepts).
+    pub fn load(
+        config: &LlavaConfig,
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<LlavaModel> {
+        let mut model = LlavaModel::new(config, device, ParamInit::Zeros);
+        model.vs.set_kind(kind);
+        let tied = config.text.decoder.tie_word_embeddings;
+        // Tied checkpoints may still carry the head as a copy of the embeddings.
+        load_llava(&model.vs, dir, &|name| {
+            tied && name == "language_model.lm_head.weight"
+        })?;
+        Ok(model)
+    }
+
+    /// Projected features `[tiles, tokens_per_tile, H]` of a stack of tiles.
+    fn tile_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let layers = &self.config.vision_feature_layers;
+        let states = match &self.tower {
+            Tower::Clip(t) => t.hidden_states(pixels, layers)?,
+            Tower::Siglip(t) => t.hidden_states(pixels, layers)?,
+        };
+        let states: Vec<Tensor> = match self.config.select_strategy {
+            SelectStrategy::Default => states
+                .iter()
+                .map(|s| s.narrow(1, 1, s.size()[1] - 1))
+                .collect(),
+            SelectStrategy::Full => states,
+        };
+        let selected = Tensor::cat(&states, -1);
+        let x = self.linear_1.forward(&selected);
+        Ok(self.linear_2.forward(&self.config.projector_act.apply(&x)))
+    }
+
+    /// Image features in placeholder order, `[total_tokens, H]`.
+    fn image_features(&self, pixels: &Tensor, sizes: &[[i64; 2]]) -> Result<Tensor> {
+        match self.config.architecture {
+            Architecture::Llava => {
+                ensure!(
+                    pixels.dim() == 4,
+                    "LLaVA pixel values must be [images, C, H, W], got {:?}",
+                    pixels.size()
+                );
+                Ok(self.tile_features(pixels)?.flatten(0, 1))
+            }
+            Architecture::LlavaNext => self.next_features(pixels, sizes),
+        }
+    }
+
+    /// `pack_image_features`: per image, the base tile's features, then the tile grid's
+    /// feature map unpadded to the image's aspect ratio with `image_newline` ending each row.
+    fn next_features(&self, pixels: &Tensor, sizes: &[[i64; 2]]) -> Result<Tensor> {
+        let c = &self.config;
+        let tile = c.vision.image_size();
+        let tilings = sizes
+            .iter()
+            .map(|&s| {
+                ensure!(s[0] > 0 && s[1] > 0, "image size {s:?} must be positive");
+                Tiling::new(s, &c.image_grid_pinpoints, tile)
+                    .context("image_grid_pinpoints is empty")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pixels = match pixels.dim() {
+            4 => pixels.shallow_clone(),
+            5 => {
+                let per: Vec<Tensor> = tilings
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| pixels.get(i as i64).narrow(0, 0, t.num_tiles()))
+                    .collect();
+                Tensor::cat(&per, 0)
+            }
+            _ => bail!(
+                "LLaVA-NeXT pixel values must be 4-D or 5-D, got {:?}",
+                pixels.size()
+            ),
+        };
+        let total: i64 = tilings.iter().map(Tiling::num_tiles).sum();
+        ensure!(
+            pixels.size()[0] == total,
+            "{} tiles given but the image sizes call for {total}",
+            pixels.size()[0]
+        );
+        let feats = self.tile_features(&pixels)?;
+        let (per_tile, dim) = (feats.size()[1], feats.size()[2]);
+        let grid = tile / c.vision.patch_size();
+        let newline = self
+            .image_newline
+            .as_ref()
+            .context("NeXT model without image_newline")?;
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut start = 0;
+        for (size, tiling) in sizes.iter().zip(&tilings) {
+            let f = feats.narrow(0, start, tiling.num_tiles());
+            start += tiling.num_tiles();
+            let base = f.get(0);
+            ensure!(
+                per_tile == grid * grid,
+                "{per_tile} features per tile cannot form a {grid}x{grid} grid (a CLS token kept with the \"full\" strategy?)"
+            );
+            let (rows, cols) = (tiling.rows, tiling.cols);
+            let map = f
+                .narrow(0, 1, rows * cols)
+                .view([rows, cols, grid, grid, dim])
+                .permute([4, 0, 2, 1, 3])
+                .reshape([dim, rows * grid, cols * grid]);
+            let (r0, r1, c0, c1) = unpad_ranges(*size, [rows * grid, cols * grid]);
+            let map = map.narrow(1, r0, r1 - r0).narrow(2, c0, c1 - c0);
+            let nl = newline
+                .to_kind(map.kind())
+                .view([dim, 1, 1])
+                .expand([dim, r1 - r0, 1], false);
+            let map = Tensor::cat(&[map, nl], 2).flatten(1, 2).transpose(0, 1);
+            out.push(Tensor::cat(&[base, map], 0));
+        }
+        Ok(Tensor::cat(&out, 0))
+    }
+
+    /// Token embeddings with the `<image>` placeholders replaced by image features.
+    fn embeddings(&self, batch: &Batch) -> Result<Tensor> {
+        let embeds = self.decoder.embed(&batch.input_ids);
+        let Some(pixels) = &batch.pixel_values else {
+            return Ok(embeds);
+        };
+        let feats = self
+            .image_features(pixels, &batch.image_sizes)?
+            .to_kind(embeds.kind());
+        let mask = batch.input_ids.eq(self.config.image_token_id);
+        let placeholders = mask.sum(Kind::Int64).int64_value(&[]);
+        ensure!(
+            placeholders == feats.size()[0],
+            "the batch has {placeholders} image tokens but its images give {} features",
+            feats.size()[0]
+        );
+        Ok(embeds.masked_scatter(&mask.unsqueeze(-1).expand_as(&embeds), &feats))
+    }
+
+    /// Final hidden states `[B, T, H]`.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        let embeds = self.embeddings(batch)?;
+        let (b, t) = (embeds.size()[0], embeds.size()[1]);
+        if let Some(window) = self.config.text.sliding_window {
+            ensure!(
+                t <= window,
+                "sequence of {t} tokens exceeds the text model's sliding window of {window}, which is not implemented"
+            );
+        }
+        let d = &self.config.text.decoder;
+        let positions = Tensor::arange(t, (Kind::Int64, embeds.device()))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        let inv_freq = rope_inv_freq(d.head_dim, d.rope_theta, embeds.device());
+        let (cos, sin) = rope_cos_sin(&positions, &inv_freq, embeds.kind());
+        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+    }
+}
+
+impl Model for LlavaModel {
+    type Batch = Batch;
+
+    fn forward(&self, batch: &Batch, _train: bool) -> Result<ModelOutput> {
+        let logits = self.decoder.logits(&self.hidden_states(batch)?);
+        let loss_sum = batch
+            .labels
+            .as_ref()
+            .map(|labels| shifted_token_loss_sum(&logits, labels, IGNORE_INDEX));
+        Ok(ModelOutput {
+            logits,
+            loss_sum,
+            num_label_tokens: batch.num_label_tokens,
+        })
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+}

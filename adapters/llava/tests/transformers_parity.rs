@@ -1,0 +1,168 @@
+//! The LLaVA family (1.5, a feature-layer list, Interleave, NeXT with Vicuna and Mistral text)
+//! against `transformers` 5.23 on tiny random checkpoints saved by
+//! `scripts/oracle/llava_fixture.py`, fed with transformers' own processor outputs: per-image
+//! placeholder counts (exact), logits (max abs diff ≤ 1e-4), loss (relative ≤ 1e-5) and the
+//! gradients of named parameters (≤ 1e-4 relative to their largest entry), for a text-only,
+//! a one-image (non-square, resized) and a two-image two-turn sample. Also checks the
+//! parameter count computed from the saved config alone against transformers' count on the
+//! meta device.
+
+use std::collections::HashMap;
+
+use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_llava::anyres::{next_image_tokens, Tiling};
+use lmms_ft_llava::config::{Architecture, LlavaConfig};
+use lmms_ft_llava::model::{Batch, LlavaModel};
+use tch::{Device, Kind, Tensor};
+
+/// Placeholder tokens per image as lmms-ft computes them from the config.
+fn expected_tokens(config: &LlavaConfig, size: [i64; 2]) -> i64 {
+    match config.architecture {
+        Architecture::Llava => config.tokens_per_tile(),
+        Architecture::LlavaNext => {
+            let tile = config.vision.image_size();
+            let tiling = Tiling::new(size, &config.image_grid_pinpoints, tile).unwrap();
+            next_image_tokens(
+                size,
+                tiling,
+                tile / config.vision.patch_size(),
+                config.tokens_per_tile(),
+            )
+        }
+    }
+}
+
+fn check_variant(variant: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(variant);
+    let printed = run_oracle(
+        "llava_fixture.py",
+        &[
+            out.to_str().unwrap(),
+            variant,
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config = LlavaConfig::from_hf_json(&json).unwrap();
+    let oracle: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        config.num_parameters(),
+        oracle["num_parameters"].as_u64().unwrap(),
+        "{variant}: parameter count"
+    );
+
+    let model = LlavaModel::load(&config, &out, Device::Cpu, Kind::Float).unwrap();
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("reference.json")).unwrap())
+            .unwrap();
+    for name in ["text", "image", "two_images"] {
+        let get = |k: &str| reference.get(&format!("{name}.{k}"));
+        let sample = &meta["samples"][name];
+        let ids = get("input_ids").unwrap();
+        let sizes: Vec<[i64; 2]> = sample["image_sizes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| [s[0].as_i64().unwrap(), s[1].as_i64().unwrap()])
+            .collect();
+        let counts: Vec<i64> = sizes.iter().map(|&s| expected_tokens(&config, s)).collect();
+        let theirs: Vec<i64> = sample["tokens_per_image"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            counts, theirs,
+            "{variant}/{name}: placeholder tokens per image"
+        );
+
+        let labels = get("labels").unwrap();
+        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
+        let batch = Batch {
+            input_ids: ids.shallow_clone(),
+            labels: Some(labels.shallow_clone()),
+            pixel_values: get("pixel_values").map(Tensor::shallow_clone),
+            image_sizes: sizes,
+            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
+        };
+        for (_, mut v) in model.var_store().variables() {
+            v.zero_grad();
+        }
+        let result = model.forward(&batch, true).unwrap();
+        let logit_diff = max_abs_diff(&result.logits, get("logits").unwrap());
+        assert!(
+            logit_diff <= 1e-4,
+            "{variant}/{name}: logits differ by {logit_diff}"
+        );
+        let loss = result.mean_loss().unwrap();
+        let ours = loss.double_value(&[]);
+        let expected = sample["loss"].as_f64().unwrap();
+        assert!(
+            ((ours - expected) / expected).abs() <= 1e-5,
+            "{variant}/{name}: loss {ours} vs {expected}"
+        );
+        loss.backward();
+        let vars = model.var_store().variables();
+        let mut compared = 0;
+        for (key, expected) in &reference {
+            if let Some(param) = key.strip_prefix(&format!("{name}.grad.")) {
+                let var = vars
+                    .get(param)
+                    .unwrap_or_else(|| panic!("{variant}: no variable {param}"));
+                // Relative to the gradient's size: vision gradients are ~1e-4 in absolute terms.
+                let d = max_abs_diff(&var.grad(), expected);
+                let scale = expected.abs().max().double_value(&[]);
+                assert!(
+                    scale > 0.0,
+                    "{variant}/{name}: reference grad of {param} is zero"
+                );
+                assert!(
+                    d <= 1e-4 * scale,
+                    "{variant}/{name}: grad of {param} differs by {d} (max |grad| {scale})"
+                );
+                compared += 1;
+            }
+        }
+        let min = if name == "text" { 3 } else { 7 };
+        assert!(
+            compared >= min,
+            "{variant}/{name}: only {compared} gradients compared"
+        );
+        eprintln!("{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {expected:.6}, {compared} grads");
+    }
+}
+
+#[test]
+fn llava_1_5_matches_transformers() {
+    check_variant("llava");
+}
+
+#[test]
+fn llava_feature_layer_list_matches_transformers() {
+    check_variant("llava_multi");
+}
+
+#[test]
+fn llava_interleave_matches_transformers() {
+    check_variant("interleave");
+}
+
+#[test]
+fn llava_next_vicuna_matches_transformers() {
+    check_variant("next_vicuna");
+}
+
+#[test]
+fn llava_next_mistral_matches_transformers() {
+    check_variant("next_mistral");
+}

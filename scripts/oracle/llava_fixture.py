@@ -1,0 +1,231 @@
+"""Tiny random LLaVA checkpoints and reference outputs from pinned transformers.
+
+Usage: python llava_fixture.py OUT_DIR VARIANT SHARED_HF_CONFIGS
+
+VARIANT:
+  llava        LLaVA-1.5 layout: CLIP vision (layer -2, "default" drops CLS) + Llama text,
+               real llava-1.5 tokenizer and template.
+  llava_multi  Same, but `vision_feature_layer = [-3, -1]` (concatenated features).
+  interleave   LLaVA-Interleave layout: SigLIP vision (layer -1, "full") + Qwen2 text
+               (tied embeddings), real llava-interleave-qwen tokenizer and template.
+  next_vicuna  LLaVA-NeXT (anyres over 56-pixel tiles) + Llama text, llava-1.5 tokenizer and
+               template.
+  next_mistral LLaVA-NeXT + Mistral text (sliding window 4096), llava-1.5 tokenizer with the
+               llava-v1.6-mistral template.
+
+Writes into OUT_DIR a checkpoint saved by `save_pretrained`, the processor and tokenizer, and
+`reference.safetensors` + `reference.json` holding, for three samples (text-only, one
+non-square image that needs a resize, two images over two turns): the processor's inputs,
+logits, loss and the gradients of a few named parameters after one backward. Prints the
+checkpoint's tensor names and transformers' parameter count (meta device) as JSON on the
+last line.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    MistralConfig,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    SiglipVisionConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+out, variant, shared = sys.argv[1], sys.argv[2], sys.argv[3]
+os.makedirs(out, exist_ok=True)
+torch.manual_seed(0)
+np.random.seed(0)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+if variant in ("llava", "llava_multi"):
+    real = os.path.join(shared, "llava-hf--llava-1.5-7b-hf")
+    text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=16)
+    layer = -2 if variant == "llava" else [-3, -1]
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
+                         pad_token_id=32001, vision_feature_layer=layer, vision_feature_select_strategy="default",
+                         image_seq_length=16)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                            image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    tokenizer = AutoTokenizer.from_pretrained(real)
+    with open(os.path.join(real, "chat_template.json")) as f:
+        template = json.load(f)["chat_template"]
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    vision_prefix = "model.vision_tower."
+elif variant == "interleave":
+    real = os.path.join(shared, "llava-hf--llava-interleave-qwen-7b-hf")
+    text = Qwen2Config(vocab_size=152000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=True)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=151646,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=16,
+                         tie_word_embeddings=True)
+    image_processor = SiglipImageProcessorPil(size={"height": 56, "width": 56})
+    # The folder has vocab.json + merges.txt but no tokenizer.json; AutoTokenizer's generic
+    # backend cannot build from those, the Qwen2 class can.
+    tokenizer = Qwen2Tokenizer.from_pretrained(real)
+    with open(os.path.join(real, "chat_template.json")) as f:
+        template = json.load(f)["chat_template"]
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                               chat_template=template)
+    vision_prefix = "model.vision_tower."
+elif variant in ("next_vicuna", "next_mistral"):
+    real = os.path.join(shared, "llava-hf--llava-1.5-7b-hf")
+    sizes = dict(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=4096)
+    if variant == "next_vicuna":
+        text = LlamaConfig(**sizes)
+        with open(os.path.join(real, "chat_template.json")) as f:
+            template = json.load(f)["chat_template"]
+    else:
+        text = MistralConfig(sliding_window=4096, rope_theta=1000000.0, **sizes)
+        with open(os.path.join(shared, "llava-hf--llava-v1.6-mistral-7b-hf", "chat_template.json")) as f:
+            template = json.load(f)["chat_template"]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=16)
+    # The real pinpoints scaled from 336- to 56-pixel tiles.
+    pinpoints = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
+                             pad_token_id=32001, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=pinpoints, image_seq_length=16)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                 image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN,
+                                                 image_std=CLIP_STD)
+    tokenizer = AutoTokenizer.from_pretrained(real)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=template)
+    vision_prefix = "model.vision_tower."
+else:
+    raise SystemExit(f"unknown variant {variant}")
+
+Model = LlavaNextForConditionalGeneration if variant.startswith("next") else LlavaForConditionalGeneration
+model = Model(config).float().eval()
+model.save_pretrained(out)
+processor.save_pretrained(out)
+tokenizer.save_pretrained(out)
+
+
+def noise_image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# Both non-square: 56 wide x 84 high (tall) and 100 x 60 (wide), so anyres unpads columns for
+# one and rows for the other; CLIP crops / resizes both.
+img_a = noise_image(56, 84, 1)
+img_b = noise_image(100, 60, 2)
+img_a.save(os.path.join(out, "image_a.png"))
+img_b.save(os.path.join(out, "image_b.png"))
+
+samples = {
+    "text": [
+        {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "4."}]},
+    ],
+    "image": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]},
+    ],
+    "two_images": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "First?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "image"}, {"type": "text", "text": "this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+    ],
+}
+media = {"text": [], "image": [img_b], "two_images": [img_a, img_b]}
+track = [
+    "model.language_model.layers.0.self_attn.q_proj.weight",
+    "model.language_model.norm.weight",
+    "model.language_model.embed_tokens.weight",
+    "model.multi_modal_projector.linear_1.weight",
+    "model.multi_modal_projector.linear_2.bias",
+    vision_prefix + "encoder.layers.0.self_attn.q_proj.weight",
+    vision_prefix + "embeddings.patch_embedding.weight",
+] + (["model.image_newline"] if variant.startswith("next") else [])
+
+
+def hub_name(runtime):
+    """Runtime module path -> the real llava-hf Hub tensor name (what lmms-ft uses)."""
+    if runtime.startswith("model.language_model."):
+        return "language_model.model." + runtime[len("model.language_model."):]
+    if runtime.startswith("model.vision_tower."):
+        return "vision_tower.vision_model." + runtime[len("model.vision_tower."):]
+    if runtime.startswith("model.multi_modal_projector.") or runtime == "model.image_newline":
+        return runtime[len("model."):]
+    return runtime
+
+
+params = dict(model.named_parameters())
+tensors, meta = {}, {"variant": variant, "samples": {}}
+for name, messages in samples.items():
+    images = media[name]
+    text_in = processor.apply_chat_template(messages, tokenize=False)
+    batch = processor(text=[text_in], images=images or None, return_tensors="pt")
+    ids = batch["input_ids"]
+    # Every non-image token is labeled (the label rule is tested with the data pipeline).
+    labels = ids.clone()
+    labels[ids == config.image_token_id] = -100
+    model.zero_grad()
+    result = model(**batch, labels=labels)
+    result.loss.backward()
+    tensors[f"{name}.input_ids"] = ids.contiguous()
+    tensors[f"{name}.labels"] = labels.contiguous()
+    tensors[f"{name}.logits"] = result.logits.detach().contiguous()
+    if "pixel_values" in batch:
+        tensors[f"{name}.pixel_values"] = batch["pixel_values"].contiguous()
+    if "image_sizes" in batch:
+        tensors[f"{name}.image_sizes"] = batch["image_sizes"].contiguous()
+    for p in track:
+        if params[p].grad is not None:
+            tensors[f"{name}.grad.{hub_name(p)}"] = params[p].grad.detach().clone().contiguous()
+    # Placeholder tokens per image, read off the processor's expanded ids (runs of <image>).
+    runs, run = [], 0
+    for tok in ids[0].tolist() + [None]:
+        if tok == config.image_token_id:
+            run += 1
+        elif run:
+            runs.append(run)
+            run = 0
+    if len(runs) != len(images):  # adjacent images would merge; the samples avoid that
+        raise SystemExit(f"{name}: {len(runs)} placeholder runs for {len(images)} images")
+    meta["samples"][name] = {"loss": result.loss.item(), "text": text_in, "num_images": len(images),
+                             "image_sizes": [[im.height, im.width] for im in images],
+                             "tokens_per_image": runs}
+save_file(tensors, os.path.join(out, "reference.safetensors"))
+with open(os.path.join(out, "reference.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+    keys = sorted(f.keys())
+with torch.device("meta"):
+    meta_model = Model(config)
+print(json.dumps({"num_parameters": sum(p.numel() for p in meta_model.parameters()), "keys": keys}))
