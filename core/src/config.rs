@@ -163,10 +163,22 @@ impl TrainSection {
     /// the LLaVA and Qwen2-VL fine-tuning recipes do by default.
     pub fn component_modes(&self) -> [ComponentMode; 3] {
         let (v, p, l) = match self.mode {
-            Mode::Full => (ComponentMode::Frozen, ComponentMode::Full, ComponentMode::Full),
-            Mode::Lora | Mode::Qlora => (ComponentMode::Frozen, ComponentMode::Frozen, ComponentMode::Lora),
+            Mode::Full => (
+                ComponentMode::Frozen,
+                ComponentMode::Full,
+                ComponentMode::Full,
+            ),
+            Mode::Lora | Mode::Qlora => (
+                ComponentMode::Frozen,
+                ComponentMode::Frozen,
+                ComponentMode::Lora,
+            ),
         };
-        [self.vision.unwrap_or(v), self.projector.unwrap_or(p), self.llm.unwrap_or(l)]
+        [
+            self.vision.unwrap_or(v),
+            self.projector.unwrap_or(p),
+            self.llm.unwrap_or(l),
+        ]
     }
 }
 

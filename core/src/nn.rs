@@ -13,7 +13,9 @@ use tch::{Kind, Tensor};
 pub enum ParamInit {
     Zeros,
     /// `transformers`' `_init_weights`: N(0, std) for weights, zeros for biases.
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
 }
 
 impl ParamInit {
@@ -56,7 +58,9 @@ impl LoraAdapter {
         } else {
             x
         };
-        x.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scaling
+        x.linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scaling
     }
 
     /// `scaling · B A`, in fp32: what [`Linear::merge_lora`] adds to the base weight.
@@ -114,8 +118,9 @@ impl Linear {
     pub fn merge_lora(&mut self) {
         if let Some(lora) = self.lora.take() {
             let kind = self.weight.kind();
-            let merged = (self.weight.to_kind(Kind::Float) + lora.delta_weight().to_device(self.weight.device()))
-                .to_kind(kind);
+            let merged = (self.weight.to_kind(Kind::Float)
+                + lora.delta_weight().to_device(self.weight.device()))
+            .to_kind(kind);
             tch::no_grad(|| self.weight.shallow_clone().copy_(&merged));
         }
     }
@@ -170,7 +175,13 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -208,7 +219,11 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// Inverse frequencies `1 / base^(2i/dim)` for `i < dim/2`, in fp32 as `transformers` does.
 pub fn rope_inv_freq(dim: i64, base: f64, device: tch::Device) -> Tensor {
     let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Float, device)) / (dim as f64);
-    (Tensor::from(base).to_device(device).to_kind(Kind::Float).pow(&exponent)).reciprocal()
+    (Tensor::from(base)
+        .to_device(device)
+        .to_kind(Kind::Float)
+        .pow(&exponent))
+    .reciprocal()
 }
 
 /// Repeats key/value heads for grouped-query attention: `[B, kv, T, D]` → `[B, kv·n, T, D]`.
@@ -225,7 +240,14 @@ pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
 /// Attention through `scaled_dot_product_attention`, so CUDA can pick flash / memory-efficient
 /// kernels. `mask` is an additive float or boolean (true = attend) mask; with `causal` and no
 /// mask, no `T × T` mask is materialised.
-pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+) -> Tensor {
     Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal && mask.is_none(), scale, false)
 }
 
@@ -234,7 +256,10 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: b
 /// to the collator, which knows it on the host without a device sync.
 pub fn shifted_token_loss_sum(logits: &Tensor, labels: &Tensor, ignore: i64) -> Tensor {
     let (_, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
-    let shift_logits = logits.narrow(1, 0, t - 1).reshape([-1, v]).to_kind(Kind::Float);
+    let shift_logits = logits
+        .narrow(1, 0, t - 1)
+        .reshape([-1, v])
+        .to_kind(Kind::Float);
     let shift_labels = labels.narrow(1, 1, t - 1).reshape([-1]);
     shift_logits.cross_entropy_loss::<Tensor>(&shift_labels, None, tch::Reduction::Sum, ignore, 0.0)
 }

@@ -51,21 +51,40 @@ fn check(mode: Mode, accum: usize) {
     let out = tmp.path().join(tag);
     let printed = run_oracle(
         "train_qwen2_vl.py",
-        &[fx.dir.to_str().unwrap(), out.to_str().unwrap(), tag, &accum.to_string(), &STEPS.to_string()],
+        &[
+            fx.dir.to_str().unwrap(),
+            out.to_str().unwrap(),
+            tag,
+            &accum.to_string(),
+            &STEPS.to_string(),
+        ],
     );
     let oracle: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
 
     let mut model = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
     if mode == Mode::Lora {
-        load_adapter(&mut model, &out.join("init_adapter"), &Arc::new(AtomicBool::new(true))).unwrap();
+        load_adapter(
+            &mut model,
+            &out.join("init_adapter"),
+            &Arc::new(AtomicBool::new(true)),
+        )
+        .unwrap();
     }
     let options = TrainOptions::from_config(&config(mode), STEPS).unwrap();
     let mut trainer = Trainer::new(&mut model, options).unwrap();
-    assert_eq!(trainer.num_trainable(), oracle["trainable"].as_i64().unwrap(), "{tag}: trainable scalars");
+    assert_eq!(
+        trainer.num_trainable(),
+        oracle["trainable"].as_i64().unwrap(),
+        "{tag}: trainable scalars"
+    );
 
     for s in 0..STEPS as usize {
-        let micro: Vec<usize> = (0..accum).map(|j| (s * accum + j) % fx.batches.len()).collect();
-        let stats = trainer.train_step(&micro, |&i| model.forward(&fx.batches[i], true)).unwrap();
+        let micro: Vec<usize> = (0..accum)
+            .map(|j| (s * accum + j) % fx.batches.len())
+            .collect();
+        let stats = trainer
+            .train_step(&micro, |&i| model.forward(&fx.batches[i], true))
+            .unwrap();
         let (loss, lr, norm) = (
             oracle["loss"][s].as_f64().unwrap(),
             oracle["lr"][s].as_f64().unwrap(),
@@ -76,20 +95,54 @@ fn check(mode: Mode, accum: usize) {
             "{tag} accum {accum} step {}: loss {:.7} vs {loss:.7} (rel {rel:.1e}), grad norm {:.6} vs {norm:.6}",
             stats.step, stats.loss, stats.grad_norm
         );
-        assert!(rel <= 1e-4, "{tag} accum {accum} step {}: loss {} vs {loss}", stats.step, stats.loss);
-        assert!((stats.lr - lr).abs() <= 1e-12, "{tag} step {}: lr {} vs {lr}", stats.step, stats.lr);
-        assert!(((stats.grad_norm - norm) / norm).abs() <= 1e-3, "{tag} step {}: grad norm {} vs {norm}", stats.step, stats.grad_norm);
+        assert!(
+            rel <= 1e-4,
+            "{tag} accum {accum} step {}: loss {} vs {loss}",
+            stats.step,
+            stats.loss
+        );
+        assert!(
+            (stats.lr - lr).abs() <= 1e-12,
+            "{tag} step {}: lr {} vs {lr}",
+            stats.step,
+            stats.lr
+        );
+        assert!(
+            ((stats.grad_norm - norm) / norm).abs() <= 1e-3,
+            "{tag} step {}: grad norm {} vs {norm}",
+            stats.step,
+            stats.grad_norm
+        );
     }
 
     let theirs = read_safetensors(&out.join("final.safetensors")).unwrap();
-    let ours: BTreeMap<&str, _> = trainer.params.iter().map(|p| (p.name.as_str(), &p.tensor)).collect();
-    assert_eq!(ours.keys().copied().collect::<Vec<_>>(), theirs.keys().map(String::as_str).collect::<Vec<_>>(), "{tag}: trainable tensors");
+    let ours: BTreeMap<&str, _> = trainer
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), &p.tensor))
+        .collect();
+    assert_eq!(
+        ours.keys().copied().collect::<Vec<_>>(),
+        theirs.keys().map(String::as_str).collect::<Vec<_>>(),
+        "{tag}: trainable tensors"
+    );
     let worst = theirs
         .iter()
         .map(|(k, v)| (lmms_ft_core::testing::max_abs_diff(ours[k.as_str()], v), k))
-        .fold((0.0, None), |acc, (d, k)| if d > acc.0 { (d, Some(k)) } else { acc });
-    eprintln!("{tag} accum {accum}: final weights max diff {:.2e} ({:?})", worst.0, worst.1);
-    assert!(worst.0 <= 1e-4, "{tag}: final weights differ by {} at {:?}", worst.0, worst.1);
+        .fold(
+            (0.0, None),
+            |acc, (d, k)| if d > acc.0 { (d, Some(k)) } else { acc },
+        );
+    eprintln!(
+        "{tag} accum {accum}: final weights max diff {:.2e} ({:?})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= 1e-4,
+        "{tag}: final weights differ by {} at {:?}",
+        worst.0,
+        worst.1
+    );
 }
 
 #[test]

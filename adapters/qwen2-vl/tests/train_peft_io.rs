@@ -33,7 +33,9 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
     let spec = options.lora.clone().unwrap();
     let mut trainer = Trainer::new(&mut model, options).unwrap();
     for i in 0..3 {
-        trainer.train_step(&[i], |&i| model.forward(&fx.batches[i], true)).unwrap();
+        trainer
+            .train_step(&[i], |&i| model.forward(&fx.batches[i], true))
+            .unwrap();
     }
     trainer.set_training(false);
 
@@ -46,20 +48,35 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
         "base_model.model.model.language_model.layers.1.mlp.down_proj.lora_B.weight",
         "base_model.model.lm_head.weight",
     ] {
-        assert!(keys.contains_key(key), "adapter lacks {key}; has {:?}", keys.keys().take(5).collect::<Vec<_>>());
+        assert!(
+            keys.contains_key(key),
+            "adapter lacks {key}; has {:?}",
+            keys.keys().take(5).collect::<Vec<_>>()
+        );
     }
     let b = &keys["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"];
-    assert!(b.abs().max().double_value(&[]) > 0.0, "lora_B is still zero: the check would pass vacuously");
+    assert!(
+        b.abs().max().double_value(&[]) > 0.0,
+        "lora_B is still zero: the check would pass vacuously"
+    );
 
     let names = ["text", "image", "video"];
     let ours: BTreeMap<String, Tensor> = tch::no_grad(|| {
         names
             .iter()
             .zip([0, 1, 3])
-            .map(|(n, i)| (n.to_string(), model.forward(&fx.batches[i], false).unwrap().logits))
+            .map(|(n, i)| {
+                (
+                    n.to_string(),
+                    model.forward(&fx.batches[i], false).unwrap().logits,
+                )
+            })
             .collect()
     });
-    let blobs: BTreeMap<String, Blob> = ours.iter().map(|(k, v)| (k.clone(), Blob::from_tensor(v).unwrap())).collect();
+    let blobs: BTreeMap<String, Blob> = ours
+        .iter()
+        .map(|(k, v)| (k.clone(), Blob::from_tensor(v).unwrap()))
+        .collect();
     let ours_path = tmp.path().join("ours.safetensors");
     write_safetensors(&ours_path, &blobs).unwrap();
 
@@ -67,7 +84,10 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
     let mut base = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
     let n = merge_lora(&mut base, &fx.dir, &adapter, &merged, 30 << 20).unwrap();
     assert_eq!(n, 14, "2 layers × 7 linear layers merged");
-    assert!(merged.join("model.safetensors.index.json").is_file(), "merged checkpoint is not sharded");
+    assert!(
+        merged.join("model.safetensors.index.json").is_file(),
+        "merged checkpoint is not sharded"
+    );
     assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
     for (name, i) in names.iter().zip([0, 1, 3]) {
         let logits = tch::no_grad(|| base.forward(&fx.batches[i], false).unwrap().logits);
@@ -77,14 +97,28 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
 
     let printed = run_oracle(
         "train_peft_check.py",
-        &[fx.dir.to_str().unwrap(), adapter.to_str().unwrap(), merged.to_str().unwrap(), ours_path.to_str().unwrap()],
+        &[
+            fx.dir.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            merged.to_str().unwrap(),
+            ours_path.to_str().unwrap(),
+        ],
     );
     let result: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
     for name in names {
         let r = &result[name];
         eprintln!("{name}: {r}");
-        assert!(r["peft_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: peft logits differ: {r}");
-        assert!(r["merged_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: merged logits differ: {r}");
-        assert!(r["base_vs_ours"].as_f64().unwrap() > 1e-3, "{name}: the adapter changes nothing: {r}");
+        assert!(
+            r["peft_vs_ours"].as_f64().unwrap() <= 1e-4,
+            "{name}: peft logits differ: {r}"
+        );
+        assert!(
+            r["merged_vs_ours"].as_f64().unwrap() <= 1e-4,
+            "{name}: merged logits differ: {r}"
+        );
+        assert!(
+            r["base_vs_ours"].as_f64().unwrap() > 1e-3,
+            "{name}: the adapter changes nothing: {r}"
+        );
     }
 }

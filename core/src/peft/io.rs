@@ -74,9 +74,14 @@ impl View for &Blob {
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Blob>) -> Result<()> {
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        Some(meta),
+        &tmp,
+    )
+    .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// Reads every tensor of a safetensors file (to CPU).
@@ -88,7 +93,12 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 }
 
 /// Saves the model's adapters (and `modules_to_save` parameters) in PEFT layout.
-pub fn save_adapter(model: &mut dyn Trainable, spec: &LoraSpec, dir: &Path, base_model: Option<&str>) -> Result<()> {
+pub fn save_adapter(
+    model: &mut dyn Trainable,
+    spec: &LoraSpec,
+    dir: &Path,
+    base_model: Option<&str>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tensors = BTreeMap::new();
     let mut adapted = Vec::new();
@@ -163,7 +173,10 @@ fn target_list(adapted: &[String], all: &[String]) -> Vec<String> {
         .collect();
     short.sort();
     short.dedup();
-    let selected = all.iter().filter(|n| short.iter().any(|s| suffix_match(n, s))).count();
+    let selected = all
+        .iter()
+        .filter(|n| short.iter().any(|s| suffix_match(n, s)))
+        .count();
     if selected == adapted.len() {
         short
     } else {
@@ -176,13 +189,24 @@ fn target_list(adapted: &[String], all: &[String]) -> Vec<String> {
 /// Reads an adapter directory's `adapter_config.json` into a [`LoraSpec`].
 pub fn read_adapter_config(dir: &Path) -> Result<LoraSpec> {
     let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let peft_type = v.get("peft_type").and_then(|t| t.as_str()).unwrap_or("LORA");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let peft_type = v
+        .get("peft_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("LORA");
     if peft_type != "LORA" {
-        bail!("{}: peft_type {peft_type} is not supported (only LORA)", path.display());
+        bail!(
+            "{}: peft_type {peft_type} is not supported (only LORA)",
+            path.display()
+        );
     }
-    let r = v.get("r").and_then(|r| r.as_i64()).with_context(|| format!("{}: missing integer `r`", path.display()))?;
+    let r = v
+        .get("r")
+        .and_then(|r| r.as_i64())
+        .with_context(|| format!("{}: missing integer `r`", path.display()))?;
     let alpha = v
         .get("lora_alpha")
         .and_then(|a| a.as_f64())
@@ -192,15 +216,24 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSpec> {
     }
     let strings = |key: &str| -> Vec<String> {
         match v.get(key) {
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect(),
             _ => Vec::new(),
         }
     };
     Ok(LoraSpec {
         r,
         alpha,
-        dropout: v.get("lora_dropout").and_then(|d| d.as_f64()).unwrap_or(0.0),
-        use_rslora: v.get("use_rslora").and_then(|d| d.as_bool()).unwrap_or(false),
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|d| d.as_f64())
+            .unwrap_or(0.0),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(|d| d.as_bool())
+            .unwrap_or(false),
         targets: Targets::Suffixes(strings("target_modules")),
         modules_to_save: strings("modules_to_save"),
     })
@@ -209,7 +242,11 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraSpec> {
 /// Loads a PEFT adapter onto the model: attaches (or overwrites) an adapter on every linear
 /// the file names, and copies `modules_to_save` weights. Keys may use runtime or Hub module
 /// names; a key that names no module of the model is an error, not a warning.
-pub fn load_adapter(model: &mut dyn Trainable, dir: &Path, training: &Arc<AtomicBool>) -> Result<LoraSpec> {
+pub fn load_adapter(
+    model: &mut dyn Trainable,
+    dir: &Path,
+    training: &Arc<AtomicBool>,
+) -> Result<LoraSpec> {
     let spec = read_adapter_config(dir)?;
     let file = dir.join("adapter_model.safetensors");
     let tensors = read_safetensors(&file)?;
@@ -253,7 +290,12 @@ pub fn load_adapter(model: &mut dyn Trainable, dir: &Path, training: &Arc<Atomic
                 Some(var) => {
                     let dst = &vars[var];
                     if dst.size() != t.size() {
-                        bail!("{}: {key} has shape {:?}, the model's {var} is {:?}", file.display(), t.size(), dst.size());
+                        bail!(
+                            "{}: {key} has shape {:?}, the model's {var} is {:?}",
+                            file.display(),
+                            t.size(),
+                            dst.size()
+                        );
                     }
                     tch::no_grad(|| dst.shallow_clone().copy_(t));
                 }
@@ -274,9 +316,13 @@ pub fn load_adapter(model: &mut dyn Trainable, dir: &Path, training: &Arc<Atomic
     }
     let mut err = None;
     model.visit_linears(&mut |name, linear| {
-        let Some((a, b)) = pairs.get(name) else { return };
+        let Some((a, b)) = pairs.get(name) else {
+            return;
+        };
         let (Some(a), Some(b)) = (a, b) else {
-            err = Some(format!("{name}: the adapter has only one of lora_A / lora_B"));
+            err = Some(format!(
+                "{name}: the adapter has only one of lora_A / lora_B"
+            ));
             return;
         };
         let (out, inp) = (linear.out_features(), linear.in_features());
@@ -291,8 +337,12 @@ pub fn load_adapter(model: &mut dyn Trainable, dir: &Path, training: &Arc<Atomic
         }
         let device = linear.weight.device();
         linear.lora = Some(LoraAdapter {
-            a: a.to_kind(Kind::Float).to_device(device).set_requires_grad(true),
-            b: b.to_kind(Kind::Float).to_device(device).set_requires_grad(true),
+            a: a.to_kind(Kind::Float)
+                .to_device(device)
+                .set_requires_grad(true),
+            b: b.to_kind(Kind::Float)
+                .to_device(device)
+                .set_requires_grad(true),
             scaling: spec.scaling(),
             dropout: spec.dropout,
             training: training.clone(),
@@ -322,7 +372,10 @@ pub fn save_hf_weights(model: &dyn Trainable, dir: &Path, shard_bytes: usize) ->
         }
         size += n;
         total += n;
-        shards.last_mut().expect("one shard").insert(name.clone(), blob);
+        shards
+            .last_mut()
+            .expect("one shard")
+            .insert(name.clone(), blob);
     }
     if shards.len() == 1 {
         return write_safetensors(&dir.join("model.safetensors"), &shards[0]);
@@ -338,7 +391,8 @@ pub fn save_hf_weights(model: &dyn Trainable, dir: &Path, shard_bytes: usize) ->
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&index)?).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(&path, serde_json::to_string_pretty(&index)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Copies config, tokenizer, processor and template files (everything but weights and
@@ -347,10 +401,17 @@ pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json" || name.starts_with("adapter_");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let weights = name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+            || name.starts_with("adapter_");
         if path.is_file() && !weights {
-            std::fs::copy(&path, to.join(&name)).with_context(|| format!("copying {}", path.display()))?;
+            std::fs::copy(&path, to.join(&name))
+                .with_context(|| format!("copying {}", path.display()))?;
         }
     }
     Ok(())
@@ -362,7 +423,13 @@ pub const SHARD_BYTES: usize = 5 * 1024 * 1024 * 1024;
 /// `merge-lora`: loads the adapter in `adapter` onto `model` (already loaded from `base`),
 /// folds it into the base weights, and writes a self-contained Hugging Face directory
 /// `out` (config, tokenizer and processor files of `base`, merged weights).
-pub fn merge_lora(model: &mut dyn Trainable, base: &Path, adapter: &Path, out: &Path, shard_bytes: usize) -> Result<usize> {
+pub fn merge_lora(
+    model: &mut dyn Trainable,
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    shard_bytes: usize,
+) -> Result<usize> {
     load_adapter(model, adapter, &Arc::new(AtomicBool::new(false)))
         .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
     let merged = super::merge_all(model);

@@ -45,7 +45,9 @@ impl Targets {
     pub fn matches(&self, hub: &str, runtime: &str) -> bool {
         match self {
             Targets::AllLinear => !is_output_head(hub),
-            Targets::Suffixes(list) => list.iter().any(|t| suffix_match(hub, t) || suffix_match(runtime, t)),
+            Targets::Suffixes(list) => list
+                .iter()
+                .any(|t| suffix_match(hub, t) || suffix_match(runtime, t)),
             Targets::Regex(re) => re.is_match(runtime),
         }
     }
@@ -126,7 +128,12 @@ pub fn new_adapter(linear: &Linear, spec: &LoraSpec, training: &Arc<AtomicBool>)
 
 /// Whether a linear layer gets an adapter: its part is in `lora` mode and it matches the
 /// targets.
-pub fn is_target(model: &dyn Trainable, hub: &str, spec: &LoraSpec, modes: &[ComponentMode; 3]) -> bool {
+pub fn is_target(
+    model: &dyn Trainable,
+    hub: &str,
+    spec: &LoraSpec,
+    modes: &[ComponentMode; 3],
+) -> bool {
     let mode = modes[component_index(model.component(hub))];
     mode == ComponentMode::Lora && spec.targets.matches(hub, &model.runtime_name(hub))
 }

@@ -28,9 +28,17 @@ pub fn list(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
         return Ok(found);
     };
     for entry in entries {
-        let path = entry.with_context(|| format!("listing {}", out.display()))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<u64>().ok()) {
+        let path = entry
+            .with_context(|| format!("listing {}", out.display()))?
+            .path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if path.join(STATE_FILE).is_file() {
                 found.push((step, path));
             }
@@ -58,7 +66,8 @@ impl Trainer {
         let final_dir = out.join(format!("checkpoint-{}", self.step));
         let tmp = out.join(format!("checkpoint-{}.tmp", self.step));
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("removing stale {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut tensors = BTreeMap::new();
@@ -66,14 +75,24 @@ impl Trainer {
         for (p, st) in self.params.iter().zip(&self.optimizer.states) {
             tensors.insert(format!("param.{}", p.name), Blob::from_tensor(&p.tensor)?);
             if let Some(st) = st {
-                tensors.insert(format!("exp_avg.{}", p.name), Blob::from_tensor(&st.exp_avg)?);
-                tensors.insert(format!("exp_avg_sq.{}", p.name), Blob::from_tensor(&st.exp_avg_sq)?);
+                tensors.insert(
+                    format!("exp_avg.{}", p.name),
+                    Blob::from_tensor(&st.exp_avg)?,
+                );
+                tensors.insert(
+                    format!("exp_avg_sq.{}", p.name),
+                    Blob::from_tensor(&st.exp_avg_sq)?,
+                );
                 adam_steps.insert(p.name.clone(), json!(st.step));
             }
         }
         write_safetensors(&tmp.join(TENSORS_FILE), &tensors)?;
         if let Some(spec) = &self.options.lora {
-            if self.params.iter().any(|p| p.name.ends_with(".lora_A.weight")) {
+            if self
+                .params
+                .iter()
+                .any(|p| p.name.ends_with(".lora_A.weight"))
+            {
                 save_adapter(model, spec, &tmp, None)?;
             }
         }
@@ -87,7 +106,8 @@ impl Trainer {
         std::fs::write(&state_path, serde_json::to_string_pretty(&state)?)
             .with_context(|| format!("writing {}", state_path.display()))?;
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+            std::fs::remove_dir_all(&final_dir)
+                .with_context(|| format!("replacing {}", final_dir.display()))?;
         }
         std::fs::rename(&tmp, &final_dir)
             .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
@@ -95,7 +115,8 @@ impl Trainer {
             let all = list(out)?;
             let excess = all.len().saturating_sub(keep.max(1));
             for (_, old) in all.into_iter().take(excess) {
-                std::fs::remove_dir_all(&old).with_context(|| format!("removing old {}", old.display()))?;
+                std::fs::remove_dir_all(&old)
+                    .with_context(|| format!("removing old {}", old.display()))?;
             }
         }
         Ok(final_dir)
@@ -105,10 +126,13 @@ impl Trainer {
     /// trainer with the same trainable parameters; returns the stored `extra`.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<serde_json::Value> {
         let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
-        let state: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", state_path.display()))?;
-        let step = state["step"].as_u64().with_context(|| format!("{}: no `step`", state_path.display()))?;
+        let text = std::fs::read_to_string(&state_path)
+            .with_context(|| format!("reading {}", state_path.display()))?;
+        let state: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", state_path.display()))?;
+        let step = state["step"]
+            .as_u64()
+            .with_context(|| format!("{}: no `step`", state_path.display()))?;
         let tensors = read_safetensors(&dir.join(TENSORS_FILE))?;
         let get = |key: &str| -> Option<&Tensor> { tensors.get(key) };
         for (p, st) in self.params.iter().zip(self.optimizer.states.iter_mut()) {
@@ -120,7 +144,13 @@ impl Trainer {
                 );
             };
             if value.size() != p.tensor.size() {
-                bail!("{}: {} has shape {:?}, expected {:?}", dir.display(), p.name, value.size(), p.tensor.size());
+                bail!(
+                    "{}: {} has shape {:?}, expected {:?}",
+                    dir.display(),
+                    p.name,
+                    value.size(),
+                    p.tensor.size()
+                );
             }
             tch::no_grad(|| p.tensor.shallow_clone().copy_(value));
             *st = match (

@@ -25,7 +25,10 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsLog { file, last: Instant::now() })
+        Ok(MetricsLog {
+            file,
+            last: Instant::now(),
+        })
     }
 
     /// Appends a step; tokens/s counts label tokens over the wall time since the last line.

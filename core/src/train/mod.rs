@@ -49,7 +49,9 @@ impl TrainOptions {
         let needs_lora = modes.contains(&ComponentMode::Lora) || !c.lora.modules_to_save.is_empty();
         Ok(TrainOptions {
             modes,
-            lora: needs_lora.then(|| LoraSpec::from_config(&c.lora)).transpose()?,
+            lora: needs_lora
+                .then(|| LoraSpec::from_config(&c.lora))
+                .transpose()?,
             lrs: [
                 t.vision_lr.unwrap_or(t.learning_rate),
                 t.projector_lr.unwrap_or(t.learning_rate),
@@ -131,12 +133,19 @@ impl Trainer {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, var) in vars {
             let g = group(model, &name);
-            let saved = options.lora.as_ref().is_some_and(|s| s.saves_module_of(&name));
+            let saved = options
+                .lora
+                .as_ref()
+                .is_some_and(|s| s.saves_module_of(&name));
             let train = modes[g] == ComponentMode::Full || saved;
             let var = var.set_requires_grad(train);
             if train {
                 // Norms and biases (the 1-D parameters) take no weight decay.
-                let weight_decay = if var.dim() < 2 { 0.0 } else { options.weight_decay };
+                let weight_decay = if var.dim() < 2 {
+                    0.0
+                } else {
+                    options.weight_decay
+                };
                 params.push(Param {
                     name,
                     tensor: var,
@@ -173,13 +182,20 @@ impl Trainer {
     /// Back-propagates the summed loss of one micro-batch and adds its gradients (in fp32)
     /// to the step's accumulators. Returns the micro-batch's summed loss.
     pub fn backward(&mut self, out: &ModelOutput) -> Result<f64> {
-        let loss = out.loss_sum.as_ref().context("the batch has no labels, so there is no loss to train on")?;
+        let loss = out
+            .loss_sum
+            .as_ref()
+            .context("the batch has no labels, so there is no loss to train on")?;
         let value = loss.double_value(&[]);
         if !value.is_finite() {
-            bail!("loss is {value} at step {}; stopping (the last checkpoint is intact)", self.step + 1);
+            bail!(
+                "loss is {value} at step {}; stopping (the last checkpoint is intact)",
+                self.step + 1
+            );
         }
         let inputs: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
-        let grads = Tensor::f_run_backward(&[loss], &inputs, false, false).context("backward pass")?;
+        let grads =
+            Tensor::f_run_backward(&[loss], &inputs, false, false).context("backward pass")?;
         for (acc, g) in self.grads.iter_mut().zip(grads) {
             if !g.defined() {
                 continue;
@@ -199,7 +215,10 @@ impl Trainer {
     /// micro-batch), clips, and applies AdamW at the scheduled learning rate.
     pub fn optimizer_step(&mut self, label_tokens: i64) -> Result<StepStats> {
         if label_tokens <= 0 {
-            bail!("step {} has no label tokens; every sample of the batch is fully masked", self.step + 1);
+            bail!(
+                "step {} has no label tokens; every sample of the batch is fully masked",
+                self.step + 1
+            );
         }
         let scale = 1.0 / label_tokens as f64;
         for g in self.grads.iter_mut().flatten() {
@@ -207,7 +226,10 @@ impl Trainer {
         }
         let grad_norm = clip_grad_norm(&mut self.grads, self.options.max_grad_norm);
         if !grad_norm.is_finite() {
-            bail!("gradient norm is {grad_norm} at step {}; stopping (the last checkpoint is intact)", self.step + 1);
+            bail!(
+                "gradient norm is {grad_norm} at step {}; stopping (the last checkpoint is intact)",
+                self.step + 1
+            );
         }
         let factor = self.options.schedule.factor(self.step);
         self.optimizer.step(&self.params, &self.grads, factor);

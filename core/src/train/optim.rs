@@ -58,7 +58,11 @@ impl AdamW {
                 st.step += 1;
                 let lr = p.lr * factor;
                 let fp32 = p.tensor.kind() == Kind::Float;
-                let mut w = if fp32 { p.tensor.shallow_clone() } else { p.tensor.to_kind(Kind::Float) };
+                let mut w = if fp32 {
+                    p.tensor.shallow_clone()
+                } else {
+                    p.tensor.to_kind(Kind::Float)
+                };
                 let _ = w.g_mul_scalar_(1.0 - lr * p.weight_decay);
                 let _ = st.exp_avg.lerp_(g, 1.0 - self.beta1);
                 let _ = st.exp_avg_sq.g_mul_scalar_(self.beta2);

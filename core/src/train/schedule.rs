@@ -26,7 +26,11 @@ impl Schedule {
 
     /// Multiplier of the base learning rate at optimiser step `step`.
     pub fn factor(&self, step: u64) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return s / w.max(1.0);
         }

@@ -34,7 +34,14 @@ pub fn fixture() -> &'static Fixture {
     FX.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("qwen2_vl");
-        run_oracle("qwen2_vl_fixture.py", &[dir.to_str().unwrap(), "qwen2_vl", hf_configs().to_str().unwrap()]);
+        run_oracle(
+            "qwen2_vl_fixture.py",
+            &[
+                dir.to_str().unwrap(),
+                "qwen2_vl",
+                hf_configs().to_str().unwrap(),
+            ],
+        );
         let mut fx = load(dir);
         fx._tmp = Some(tmp);
         fx
@@ -47,14 +54,22 @@ pub fn load(dir: PathBuf) -> Fixture {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let config = Qwen2VlConfig::from_hf_json(&json).unwrap();
     let reference: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(dir.join("reference.safetensors")).unwrap().into_iter().collect();
+        Tensor::read_safetensors(dir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let batches = ["text", "image", "two_images", "video"]
         .iter()
         .map(|name| {
             let get = |k: &str| reference.get(&format!("{name}.{k}"));
             let labels = get("labels").unwrap();
             let rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
-            let media = |p: Option<&Tensor>, g: Vec<[i64; 3]>| p.map(|p| Media { pixels: p.shallow_clone(), grids: g });
+            let media = |p: Option<&Tensor>, g: Vec<[i64; 3]>| {
+                p.map(|p| Media {
+                    pixels: p.shallow_clone(),
+                    grids: g,
+                })
+            };
             Batch {
                 input_ids: get("input_ids").unwrap().shallow_clone(),
                 labels: Some(labels.shallow_clone()),
@@ -65,5 +80,10 @@ pub fn load(dir: PathBuf) -> Fixture {
             }
         })
         .collect();
-    Fixture { _tmp: None, dir, config, batches }
+    Fixture {
+        _tmp: None,
+        dir,
+        config,
+        batches,
+    }
 }
