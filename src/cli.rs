@@ -6,9 +6,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use figment::value::Value;
 use lmms_ft_core::config::{Config, ConfigError, Sources};
-use lmms_ft_core::hub::{self, CacheEnv, ResolveError};
+use lmms_ft_core::hub::ResolveError;
 use lmms_ft_core::logging::LogFormat;
 use lmms_ft_core::registry::{self, RegistryError};
+
+use crate::commands;
 use lmms_ft_core::runtime;
 
 #[derive(Parser, Debug)]
@@ -171,46 +173,18 @@ pub fn run(cli: Cli) -> Result<()> {
             tracing::info!(device = %report.device, "libtorch self-check passed");
             Ok(())
         }
-        Command::Train(args) | Command::ValidateData(args) => open_model(&args),
-        Command::Evaluate { config, .. } | Command::Generate { config, .. } => open_model(&config),
+        Command::Evaluate { config, json } => commands::evaluate(&config.load()?, json.as_deref()),
+        Command::ValidateData(args) => commands::validate_data(&args.load()?),
+        Command::Train(args) | Command::Generate { config: args, .. } => {
+            let cfg = args.load()?;
+            let (dir, family) = commands::resolve_model(&cfg)?;
+            tracing::info!(dir = %dir.display(), family = family.name, "resolved model");
+            anyhow::bail!("this command is not available yet in this build")
+        }
         Command::MergeLora { .. } => anyhow::bail!(
             "merge-lora is not available yet: it needs LoRA training, which is not implemented in this build"
         ),
     }
-}
-
-/// Resolves config → model id → directory → family implementation. Until a family is
-/// implemented this ends in a clear `NotImplemented` error, after checking everything else.
-fn open_model(args: &ConfigArgs) -> Result<()> {
-    let cfg = args.load()?;
-    let dir = match (&cfg.model.id, &cfg.model.path) {
-        (Some(id), path) => {
-            let entry = registry::resolve_model(id)?;
-            registry::implementation(entry)?;
-            let dir =
-                hub::resolve_model_dir(entry.hub_id, path.as_deref(), &CacheEnv::from_process())?;
-            tracing::info!(model = entry.id, dir = %dir.display(), "resolved model");
-            dir
-        }
-        (None, Some(path)) => path.clone(),
-        (None, None) => anyhow::bail!(
-            "no model given: pass --model ID or --model-path DIR (or set model.id in the config)"
-        ),
-    };
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", config_path.display()))?;
-    let family = registry::family_for_config(&json)?;
-    family
-        .implementation
-        .ok_or_else(|| RegistryError::NotImplemented {
-            id: dir.display().to_string(),
-            family: family.name.to_string(),
-            status: family.status,
-        })?;
-    anyhow::bail!("this command is not available yet in this build")
 }
 
 fn list_models(json: bool) -> Result<()> {

@@ -2,6 +2,7 @@
 //! the registry; the commands themselves only talk to the core.
 
 mod cli;
+mod commands;
 
 // Linking the adapters is what registers them (inventory collects at link time).
 use lmms_ft_llava as _;

@@ -175,8 +175,17 @@ fn list_models_json_has_every_id_from_its_adapter_crate() {
         // Provenance: the entry was submitted through inventory by the adapter crate,
         // not written into the core (core's own test proves it registers nothing).
         assert_eq!(row["registered_by"], *krate, "{id}");
-        // Nothing is implemented yet; the table must say so truthfully.
-        assert_eq!(row["status"], "planned", "{id}");
+        // The table says truthfully which families are implemented.
+        let implemented = matches!(*family, "qwen2-vl" | "qwen2.5-vl");
+        assert_eq!(
+            row["status"],
+            if implemented {
+                "implemented"
+            } else {
+                "planned"
+            },
+            "{id}"
+        );
     }
 }
 
@@ -206,20 +215,29 @@ fn assert_clean_error(o: &Output) -> String {
 }
 
 #[test]
-fn alias_resolves_then_reports_unimplemented_family() {
-    let err = assert_clean_error(&lmms_ft(&["train", "--model", "qwen2-vl-7b"]));
+fn aliases_resolve_to_the_cache_or_report_unimplemented_families() {
+    // An implemented family's alias resolves to its Hub repo and then looks in the cache.
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
+        .args(["evaluate", "--model", "qwen2-vl-7b", "--data", "x.json"])
+        .env("HF_HOME", empty.path())
+        .output()
+        .unwrap();
+    let err = assert_clean_error(&out);
     assert!(
-        err.contains("qwen2-vl-7b-instruct"),
-        "alias resolved: {err}"
+        err.contains("Qwen/Qwen2-VL-7B-Instruct") && err.contains("--model-path"),
+        "{err}"
     );
-    assert!(err.contains("not implemented"), "{err}");
-    // Hub ids resolve too, case-insensitively.
+    // A planned family says so; Hub ids resolve too, case-insensitively.
     let err = assert_clean_error(&lmms_ft(&[
         "evaluate",
         "--model",
         "llava-hf/LLaVA-1.5-7b-hf",
     ]));
-    assert!(err.contains("llava-1.5-7b"), "{err}");
+    assert!(
+        err.contains("llava-1.5-7b") && err.contains("not implemented"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -69,6 +69,21 @@ pub struct DataSection {
     pub on_bad_sample: OnBadSample,
     /// Label every token, not only assistant replies.
     pub train_on_prompt: bool,
+    /// Pixel budget per image (families that resize dynamically, e.g. Qwen2-VL); unset keeps
+    /// the model's preprocessor config.
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    /// Pixel budget per video frame.
+    pub video_min_pixels: Option<u64>,
+    pub video_max_pixels: Option<u64>,
+    /// Sample this many frames uniformly; when unset, sample `video_fps` frames per second
+    /// within `[video_min_frames, video_max_frames]`.
+    pub video_num_frames: Option<usize>,
+    pub video_fps: f64,
+    pub video_min_frames: usize,
+    pub video_max_frames: usize,
+    /// Images whose header declares more pixels than this are refused (decompression bombs).
+    pub max_image_pixels: u64,
 }
 
 impl Default for DataSection {
@@ -82,6 +97,15 @@ impl Default for DataSection {
             overlength: Overlength::Drop,
             on_bad_sample: OnBadSample::Error,
             train_on_prompt: false,
+            min_pixels: None,
+            max_pixels: None,
+            video_min_pixels: None,
+            video_max_pixels: None,
+            video_num_frames: None,
+            video_fps: 2.0,
+            video_min_frames: 4,
+            video_max_frames: 768,
+            max_image_pixels: crate::data::media::DEFAULT_MAX_IMAGE_PIXELS,
         }
     }
 }

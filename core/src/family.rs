@@ -206,8 +206,13 @@ pub trait Family: Send + Sync + 'static {
             .with_context(|| format!("interpreting {}", path.display()))
     }
 
-    /// Builds the processor from the model directory's preprocessor / processor config.
-    fn processor(config: &Self::Config, dir: &Path) -> Result<Self::Processor>;
+    /// Builds the processor from the model directory's preprocessor / processor config,
+    /// with the user's overrides (pixel budgets) applied.
+    fn processor(
+        config: &Self::Config,
+        dir: &Path,
+        opts: &ProcessorOptions,
+    ) -> Result<Self::Processor>;
 
     /// Builds the chat template from the directory's tokenizer and template files.
     fn template(config: &Self::Config, dir: &Path) -> Result<Self::Template>;
@@ -223,11 +228,32 @@ pub trait Family: Send + Sync + 'static {
     fn load(config: &Self::Config, dir: &Path, device: Device, kind: Kind) -> Result<Self::Model>;
 }
 
+/// User overrides of a processor's settings; `None` keeps the model's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessorOptions {
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    pub video_min_pixels: Option<u64>,
+    pub video_max_pixels: Option<u64>,
+}
+
+impl ProcessorOptions {
+    pub fn from_config(data: &crate::config::DataSection) -> Self {
+        ProcessorOptions {
+            min_pixels: data.min_pixels,
+            max_pixels: data.max_pixels,
+            video_min_pixels: data.video_min_pixels,
+            video_max_pixels: data.video_max_pixels,
+        }
+    }
+}
+
 /// How to open a model for [`DynFamily::open`].
 #[derive(Debug, Clone, Copy)]
 pub struct OpenOptions {
     pub device: Device,
     pub kind: Kind,
+    pub processor: ProcessorOptions,
 }
 
 /// A conversation with its media already decoded.
@@ -236,9 +262,18 @@ pub struct PreparedConversation {
     pub media: DecodedMedia,
 }
 
+/// The data side of a model (processor and template, no weights): what `validate-data`
+/// needs to measure samples with the real tokenizer and media token counts.
+pub trait DataPipeline: Send + Sync {
+    /// Tokens of a conversation after media expansion.
+    fn encoded_length(&self, conv: &PreparedConversation) -> Result<usize>;
+}
+
 /// An opened model with its processor, template and collator: what the trainer, `evaluate`
 /// and `generate` use, without knowing the family.
 pub trait Pipeline {
+    /// Its processor and template, usable from other threads.
+    fn data(&self) -> &dyn DataPipeline;
     /// Encodes, collates and runs a batch of conversations.
     fn forward(&self, batch: &[PreparedConversation], train: bool) -> Result<ModelOutput>;
     fn var_store(&self) -> &nn::VarStore;
@@ -249,6 +284,7 @@ pub trait Pipeline {
 /// Object-safe face of a [`Family`], stored in the registry.
 pub trait DynFamily: Send + Sync {
     fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>>;
+    fn open_data(&self, dir: &Path, opts: &ProcessorOptions) -> Result<Box<dyn DataPipeline>>;
     /// Parameter count for a `config.json`, without building the model.
     fn num_parameters(&self, config: &serde_json::Value) -> Result<u64>;
     /// The model alone (no processor or template), for weight-only tools such as
@@ -263,22 +299,56 @@ impl<F> Erased<F> {
     pub const NEW: Self = Erased(PhantomData);
 }
 
-struct Opened<F: Family> {
+/// Processor + template of a family: turns a prepared conversation into a typed sample.
+struct Encoder<F: Family> {
     processor: F::Processor,
     template: F::Template,
+}
+
+impl<F: Family> Encoder<F> {
+    fn new(config: &F::Config, dir: &Path, opts: &ProcessorOptions) -> Result<Self> {
+        Ok(Encoder {
+            processor: F::processor(config, dir, opts)?,
+            template: F::template(config, dir)?,
+        })
+    }
+
+    fn encode(
+        &self,
+        item: &PreparedConversation,
+    ) -> Result<(EncodedText, <F::Processor as Processor>::Media)> {
+        let (media, tokens) = self
+            .processor
+            .process(&item.media.images, &item.media.videos)?;
+        Ok((
+            self.template.encode(&item.conversation, &tokens, false)?,
+            media,
+        ))
+    }
+}
+
+impl<F: Family> DataPipeline for Encoder<F> {
+    fn encoded_length(&self, conv: &PreparedConversation) -> Result<usize> {
+        Ok(self.encode(conv)?.0.input_ids.len())
+    }
+}
+
+struct Opened<F: Family> {
+    encoder: Encoder<F>,
     collator: F::Collator,
     model: F::Model,
     device: Device,
 }
 
 impl<F: Family> Pipeline for Opened<F> {
+    fn data(&self) -> &dyn DataPipeline {
+        &self.encoder
+    }
+
     fn forward(&self, batch: &[PreparedConversation], train: bool) -> Result<ModelOutput> {
         let mut samples = Vec::with_capacity(batch.len());
         for item in batch {
-            let (media, tokens) = self
-                .processor
-                .process(&item.media.images, &item.media.videos)?;
-            let text = self.template.encode(&item.conversation, &tokens, false)?;
+            let (text, media) = self.encoder.encode(item)?;
             samples.push(F::sample(text, media));
         }
         let batch = self.collator.collate(samples, self.device)?;
@@ -298,12 +368,16 @@ impl<F: Family> DynFamily for Erased<F> {
     fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>> {
         let config = F::config(dir)?;
         Ok(Box::new(Opened::<F> {
-            processor: F::processor(&config, dir)?,
-            template: F::template(&config, dir)?,
+            encoder: Encoder::new(&config, dir, &opts.processor)?,
             collator: F::collator(&config),
             model: F::load(&config, dir, opts.device, opts.kind)?,
             device: opts.device,
         }))
+    }
+
+    fn open_data(&self, dir: &Path, opts: &ProcessorOptions) -> Result<Box<dyn DataPipeline>> {
+        let config = F::config(dir)?;
+        Ok(Box::new(Encoder::<F>::new(&config, dir, opts)?))
     }
 
     fn num_parameters(&self, config: &serde_json::Value) -> Result<u64> {

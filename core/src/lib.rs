@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod family;
 pub mod hub;
 pub mod logging;

@@ -19,8 +19,8 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if index.is_file() {
         let text = std::fs::read_to_string(&index)
             .with_context(|| format!("reading {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -85,8 +85,8 @@ pub fn load_into(vs: &VarStore, dir: &Path, opts: &LoadOptions) -> Result<()> {
     let mut filled: HashSet<String> = HashSet::new();
     let mut unexpected: Vec<String> = Vec::new();
     for file in checkpoint_files(dir)? {
-        let handle = std::fs::File::open(&file)
-            .with_context(|| format!("opening {}", file.display()))?;
+        let handle =
+            std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
         // SAFETY: the mapping is read-only and lives until every view built on it is dropped
         // at the end of this loop iteration.
         let mmap = unsafe { memmap2::Mmap::map(&handle) }
@@ -108,7 +108,8 @@ pub fn load_into(vs: &VarStore, dir: &Path, opts: &LoadOptions) -> Result<()> {
                     var.size()
                 );
             }
-            let kind = kind_of(view.dtype()).with_context(|| format!("{}: {name}", file.display()))?;
+            let kind =
+                kind_of(view.dtype()).with_context(|| format!("{}: {name}", file.display()))?;
             let src = tensor_view(view.data(), &shape, kind);
             tch::no_grad(|| var.shallow_clone().copy_(&src));
             filled.insert(name);

@@ -135,7 +135,7 @@ impl Family for Toy {
     type Batch = (Tensor, Tensor);
     type Collator = Pad;
     type Model = ToyModel;
-    fn processor(_: &ToyConfig, _: &Path) -> Result<NoMedia> {
+    fn processor(_: &ToyConfig, _: &Path, _: &ProcessorOptions) -> Result<NoMedia> {
         Ok(NoMedia)
     }
     fn template(_: &ToyConfig, _: &Path) -> Result<Bytes> {
@@ -213,6 +213,7 @@ fn erased_family_runs_end_to_end_and_matches_independent_loss() {
             OpenOptions {
                 device: Device::Cpu,
                 kind: Kind::Float,
+                processor: ProcessorOptions::default(),
             },
         )
         .unwrap();
@@ -275,6 +276,7 @@ fn loading_a_checkpoint_of_another_shape_is_an_error() {
         OpenOptions {
             device: Device::Cpu,
             kind: Kind::Float,
+            processor: ProcessorOptions::default(),
         },
     );
     assert!(err.is_err());

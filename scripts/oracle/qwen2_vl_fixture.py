@@ -85,7 +85,7 @@ img_b = noise_image(100, 60, 2)
 img_a.save(os.path.join(out, "image_a.png"))
 img_b.save(os.path.join(out, "image_b.png"))
 video = np.stack([np.asarray(noise_image(56, 56, 10 + i)) for i in range(4)])
-np.save(os.path.join(out, "video.npy"), video)
+video.tofile(os.path.join(out, "video.rgb"))  # 4 frames of 56x56 RGB8, raw
 
 samples = {
     "text": [
@@ -128,8 +128,40 @@ for name, messages in samples.items():
         kwargs["videos_kwargs"] = {"do_sample_frames": False, "fps": 2.0}
     batch = processor(text=[text_in], images=images or None, videos=videos or None, return_tensors="pt", **kwargs)
     ids = batch["input_ids"]
-    # Labels for the model-level check: every non-media token (the label rule is tested with
-    # the data pipeline); media tokens are -100 as in any rule.
+    # The label rule, applied independently of lmms-ft: assistant contents plus the
+    # <|im_end|> right after each, located by character offsets in the expanded text.
+    expanded = text_in
+    for token, grids in (("<|image_pad|>", batch.get("image_grid_thw")), ("<|video_pad|>", batch.get("video_grid_thw"))):
+        if grids is None:
+            continue
+        pieces = expanded.split(token)
+        counts = [int(g.prod()) // 4 for g in grids]
+        expanded = pieces[0] + "".join("\0" * n + p for n, p in zip(counts, pieces[1:]))
+        expanded = expanded.replace("\0", token)
+    enc = tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=False)
+    assert enc["input_ids"] == batch["input_ids"][0].tolist(), "expanded text does not tokenize like the processor"
+    spans, cursor = [], 0
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        content = "".join(part["text"] for part in m["content"])
+        start = expanded.index("<|im_start|>assistant\n" + content, cursor) + len("<|im_start|>assistant\n")
+        spans.append((start, start + len(content)))
+        cursor = start + len(content)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rule = [-100] * len(enc["input_ids"])
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if any(a < e and b > s_ for s_, e in spans):
+            rule[i] = enc["input_ids"][i]
+    for s_, e in spans:
+        after = next(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a >= e)
+        assert enc["input_ids"][after] == im_end
+        rule[after] = im_end
+    rule_labels = torch.tensor([rule])
+    with torch.no_grad():
+        rule_loss = float(model(**batch, labels=rule_labels).loss)
+    tensors[f"{name}.rule_labels"] = rule_labels
+    # Labels for the model-level check: every non-media token; media tokens are -100.
     labels = ids.clone()
     labels[(ids == config.image_token_id) | (ids == config.video_token_id)] = -100
     model.zero_grad()
@@ -151,7 +183,7 @@ for name, messages in samples.items():
     for p in track:
         if params[p].grad is not None:
             tensors[f"{name}.grad.{hub_name[p]}"] = params[p].grad.detach().clone().contiguous()
-    meta["samples"][name] = {"loss": float(result.loss), "text": text_in,
+    meta["samples"][name] = {"loss": float(result.loss), "rule_loss": rule_loss, "text": text_in, "messages": messages,
                              "num_images": len(images), "num_videos": len(videos)}
 save_file(tensors, os.path.join(out, "reference.safetensors"))
 with open(os.path.join(out, "reference.json"), "w") as f:

@@ -2,7 +2,9 @@
 //! KV heads → residual → RMSNorm → SwiGLU MLP → residual. Parameter names follow the Hub
 //! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
 
-use lmms_ft_core::nn::{apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm};
+use lmms_ft_core::nn::{
+    apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm,
+};
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -83,8 +85,10 @@ impl Attention {
         let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = sdpa(&q, &k, &v, mask, true, scale);
-        self.o_proj
-            .forward(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
+        self.o_proj.forward(
+            &out.transpose(1, 2)
+                .reshape([b, t, self.heads * self.head_dim]),
+        )
     }
 }
 
@@ -97,9 +101,27 @@ pub struct Mlp {
 impl Mlp {
     fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
         Mlp {
-            gate_proj: Linear::new(&(p / "gate_proj"), c.hidden_size, c.intermediate_size, false, init),
-            up_proj: Linear::new(&(p / "up_proj"), c.hidden_size, c.intermediate_size, false, init),
-            down_proj: Linear::new(&(p / "down_proj"), c.intermediate_size, c.hidden_size, false, init),
+            gate_proj: Linear::new(
+                &(p / "gate_proj"),
+                c.hidden_size,
+                c.intermediate_size,
+                false,
+                init,
+            ),
+            up_proj: Linear::new(
+                &(p / "up_proj"),
+                c.hidden_size,
+                c.intermediate_size,
+                false,
+                init,
+            ),
+            down_proj: Linear::new(
+                &(p / "down_proj"),
+                c.intermediate_size,
+                c.hidden_size,
+                false,
+                init,
+            ),
         }
     }
 
@@ -121,7 +143,11 @@ impl DecoderLayer {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
             self_attn: Attention::new(&(p / "self_attn"), c, init),
-            post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), c.hidden_size, c.rms_norm_eps),
+            post_attention_layernorm: RmsNorm::new(
+                &(p / "post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            ),
             mlp: Mlp::new(&(p / "mlp"), c, init),
         }
     }
@@ -149,7 +175,12 @@ impl Decoder {
     /// `model` is the path of `embed_tokens` / `layers` / `norm`; `lm_head` is the head's.
     pub fn new(model: &Path, lm_head: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
         Decoder {
-            embed_tokens: Embedding::new(&(model / "embed_tokens"), c.vocab_size, c.hidden_size, init),
+            embed_tokens: Embedding::new(
+                &(model / "embed_tokens"),
+                c.vocab_size,
+                c.hidden_size,
+                init,
+            ),
             layers: (0..c.num_layers)
                 .map(|i| DecoderLayer::new(&(model / "layers" / i), c, init))
                 .collect(),
@@ -185,7 +216,13 @@ impl Decoder {
     }
 
     /// Runs the layers and the final norm on `[B, T, H]` embeddings.
-    pub fn hidden_states(&self, embeds: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    pub fn hidden_states(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let mut h = embeds.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, cos, sin, mask);

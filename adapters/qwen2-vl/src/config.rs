@@ -192,7 +192,11 @@ impl HfConfig for Qwen2VlConfig {
             },
         };
         if vision.embed_dim % vision.num_heads != 0 {
-            bail!("vision width {} is not divisible by num_heads {}", vision.embed_dim, vision.num_heads);
+            bail!(
+                "vision width {} is not divisible by num_heads {}",
+                vision.embed_dim,
+                vision.num_heads
+            );
         }
         Ok(Qwen2VlConfig {
             variant,
@@ -216,12 +220,16 @@ impl VisionConfig {
         let e = self.embed_dim as u64;
         let m = self.mlp_dim as u64;
         let patch = e
-            * (self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size) as u64;
+            * (self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size)
+                as u64;
         let (norms, mlp) = match variant {
             // Two LayerNorms (weight + bias); fc1 / fc2 with bias.
             Variant::Qwen2Vl => (4 * e, linear_params(e, m, true) + linear_params(m, e, true)),
             // Two RMSNorms (weight only); gate / up / down with bias.
-            Variant::Qwen25Vl => (2 * e, 2 * linear_params(e, m, true) + linear_params(m, e, true)),
+            Variant::Qwen25Vl => (
+                2 * e,
+                2 * linear_params(e, m, true) + linear_params(m, e, true),
+            ),
         };
         let block = norms + linear_params(e, 3 * e, true) + linear_params(e, e, true) + mlp;
         let merged = e * (self.spatial_merge_size * self.spatial_merge_size) as u64;
@@ -229,7 +237,9 @@ impl VisionConfig {
             Variant::Qwen2Vl => 2 * e,
             Variant::Qwen25Vl => e,
         };
-        let merger = ln_q + linear_params(merged, merged, true) + linear_params(merged, self.out_dim as u64, true);
+        let merger = ln_q
+            + linear_params(merged, merged, true)
+            + linear_params(merged, self.out_dim as u64, true);
         patch + self.depth as u64 * block + merger
     }
 }

@@ -60,7 +60,12 @@ impl Qwen2VlModel {
     }
 
     /// Loads a checkpoint directory into a model of `kind` on `device`.
-    pub fn load(config: &Qwen2VlConfig, dir: &Path, device: Device, kind: Kind) -> Result<Qwen2VlModel> {
+    pub fn load(
+        config: &Qwen2VlConfig,
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Qwen2VlModel> {
         let mut model = Qwen2VlModel::new(config, device, ParamInit::Zeros);
         model.vs.set_kind(kind);
         let tied = config.text.tie_word_embeddings;
@@ -83,7 +88,10 @@ impl Qwen2VlModel {
             (&batch.videos, self.config.video_token_id),
         ] {
             if let Some(media) = media {
-                let feats = self.visual.forward(&media.pixels, &media.grids).to_kind(embeds.kind());
+                let feats = self
+                    .visual
+                    .forward(&media.pixels, &media.grids)
+                    .to_kind(embeds.kind());
                 let mask = batch.input_ids.eq(token).unsqueeze(-1).expand_as(&embeds);
                 embeds = embeds.masked_scatter(&mask, &feats);
             }

@@ -27,7 +27,11 @@ pub fn position_ids(
     image_grids: &mut impl Iterator<Item = [i64; 3]>,
     video_grids: &mut impl Iterator<Item = ([i64; 3], f64)>,
 ) -> anyhow::Result<[Vec<i64>; 3]> {
-    let mut out: [Vec<i64>; 3] = [Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len())];
+    let mut out: [Vec<i64>; 3] = [
+        Vec::with_capacity(ids.len()),
+        Vec::with_capacity(ids.len()),
+        Vec::with_capacity(ids.len()),
+    ];
     let kind = |id: i64| {
         if id == spec.image_token_id {
             1

@@ -83,11 +83,20 @@ impl VisionTower {
         let e = c.embed_dim;
         let init_w = match init {
             ParamInit::Zeros => Init::Const(0.0),
-            ParamInit::Normal { std } => Init::Randn { mean: 0.0, stdev: std },
+            ParamInit::Normal { std } => Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
         };
         let patch_embed = (p / "patch_embed" / "proj").var(
             "weight",
-            &[e, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size],
+            &[
+                e,
+                c.in_channels,
+                c.temporal_patch_size,
+                c.patch_size,
+                c.patch_size,
+            ],
             init_w,
         );
         let blocks = (0..c.depth)
@@ -99,9 +108,21 @@ impl VisionTower {
                         fc2: Linear::new(&(&b / "mlp" / "fc2"), c.mlp_dim, e, true, init),
                     },
                     Variant::Qwen25Vl => Mlp::Gated {
-                        gate_proj: Linear::new(&(&b / "mlp" / "gate_proj"), e, c.mlp_dim, true, init),
+                        gate_proj: Linear::new(
+                            &(&b / "mlp" / "gate_proj"),
+                            e,
+                            c.mlp_dim,
+                            true,
+                            init,
+                        ),
                         up_proj: Linear::new(&(&b / "mlp" / "up_proj"), e, c.mlp_dim, true, init),
-                        down_proj: Linear::new(&(&b / "mlp" / "down_proj"), c.mlp_dim, e, true, init),
+                        down_proj: Linear::new(
+                            &(&b / "mlp" / "down_proj"),
+                            c.mlp_dim,
+                            e,
+                            true,
+                            init,
+                        ),
                     },
                 };
                 Block {
@@ -288,7 +309,11 @@ impl VisionTower {
         let heads = c.num_heads;
         let hd = e / heads;
         let h = b.norm1.forward(x);
-        let qkv = b.qkv.forward(&h).view([s, 3, heads, hd]).permute([1, 0, 2, 3]);
+        let qkv = b
+            .qkv
+            .forward(&h)
+            .view([s, 3, heads, hd])
+            .permute([1, 0, 2, 3]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         // Rotary in fp32, as transformers does, then back to the compute dtype.
         let (cs, sn) = (cos.unsqueeze(-2), sin.unsqueeze(-2));
@@ -298,7 +323,15 @@ impl VisionTower {
         let (q, k, v) = (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1));
         let scale = (hd as f64).powf(-0.5);
         let attn = if segments.len() == 1 {
-            sdpa(&q.unsqueeze(0), &k.unsqueeze(0), &v.unsqueeze(0), None, false, scale).squeeze_dim(0)
+            sdpa(
+                &q.unsqueeze(0),
+                &k.unsqueeze(0),
+                &v.unsqueeze(0),
+                None,
+                false,
+                scale,
+            )
+            .squeeze_dim(0)
         } else {
             let split = |t: &Tensor| t.split_with_sizes(segments, 1);
             let outs: Vec<Tensor> = split(&q)
@@ -306,7 +339,15 @@ impl VisionTower {
                 .zip(split(&k).iter())
                 .zip(split(&v).iter())
                 .map(|((q, k), v)| {
-                    sdpa(&q.unsqueeze(0), &k.unsqueeze(0), &v.unsqueeze(0), None, false, scale).squeeze_dim(0)
+                    sdpa(
+                        &q.unsqueeze(0),
+                        &k.unsqueeze(0),
+                        &v.unsqueeze(0),
+                        None,
+                        false,
+                        scale,
+                    )
+                    .squeeze_dim(0)
                 })
                 .collect();
             Tensor::cat(&outs, 1)
@@ -319,7 +360,9 @@ impl VisionTower {
                 gate_proj,
                 up_proj,
                 down_proj,
-            } => down_proj.forward(&(activation(&c.hidden_act, &gate_proj.forward(&h)) * up_proj.forward(&h))),
+            } => down_proj.forward(
+                &(activation(&c.hidden_act, &gate_proj.forward(&h)) * up_proj.forward(&h)),
+            ),
         };
         x + mlp
     }

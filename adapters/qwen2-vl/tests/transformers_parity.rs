@@ -4,10 +4,17 @@
 //! a one-image, a two-image multi-turn (with system prompt) and a video sample.
 
 use std::collections::HashMap;
-use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use std::path::Path;
+
+use lmms_ft_core::data::media::{load_image, ImageLimits};
+use lmms_ft_core::data::{Conversation, Part, RgbImage, Role, Turn, VideoClip};
+use lmms_ft_core::family::{
+    ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
+};
 use lmms_ft_core::nn::count_shifted_labels;
 use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
+use lmms_ft_qwen2_vl::family::Qwen2Vl;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
 use lmms_ft_qwen2_vl::rope::{position_ids, RopeSpec};
 use tch::{Device, Kind, Tensor};
@@ -23,27 +30,46 @@ fn check_variant(variant: &str) {
     let out = dir.path().join(variant);
     let printed = run_oracle(
         "qwen2_vl_fixture.py",
-        &[out.to_str().unwrap(), variant, hf_configs().to_str().unwrap()],
+        &[
+            out.to_str().unwrap(),
+            variant,
+            hf_configs().to_str().unwrap(),
+        ],
     );
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     let config = Qwen2VlConfig::from_hf_json(&json).unwrap();
-    assert_eq!(config.variant, if variant == "qwen2_vl" { Variant::Qwen2Vl } else { Variant::Qwen25Vl });
+    assert_eq!(
+        config.variant,
+        if variant == "qwen2_vl" {
+            Variant::Qwen2Vl
+        } else {
+            Variant::Qwen25Vl
+        }
+    );
     // Parameter count from the config alone equals transformers' count on the meta device.
-    let expected_params: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
-    assert_eq!(config.num_parameters(), expected_params["num_parameters"].as_u64().unwrap());
+    let expected_params: serde_json::Value =
+        serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        config.num_parameters(),
+        expected_params["num_parameters"].as_u64().unwrap()
+    );
 
     let model = Qwen2VlModel::load(&config, &out, Device::Cpu, Kind::Float).unwrap();
-    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(out.join("reference.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("reference.json")).unwrap())
+            .unwrap();
     let spec = RopeSpec {
         image_token_id: config.image_token_id,
         video_token_id: config.video_token_id,
         spatial_merge_size: config.vision.spatial_merge_size,
-        tokens_per_second: (config.variant == Variant::Qwen25Vl).then_some(config.vision.tokens_per_second),
+        tokens_per_second: (config.variant == Variant::Qwen25Vl)
+            .then_some(config.vision.tokens_per_second),
     };
     for name in ["text", "image", "two_images", "video"] {
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
@@ -62,12 +88,19 @@ fn check_variant(variant: &str) {
         )
         .unwrap();
         let pos_t = Tensor::from_slice(&pos.concat()).view([3, 1, -1]);
-        assert_eq!(max_abs_diff(&pos_t, get("position_ids").unwrap()), 0.0, "{variant}/{name}: position ids");
+        assert_eq!(
+            max_abs_diff(&pos_t, get("position_ids").unwrap()),
+            0.0,
+            "{variant}/{name}: position ids"
+        );
 
         let labels = get("labels").unwrap();
         let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
         let media = |pixels: Option<&Tensor>, grids: Vec<[i64; 3]>| {
-            pixels.map(|p| Media { pixels: p.shallow_clone(), grids })
+            pixels.map(|p| Media {
+                pixels: p.shallow_clone(),
+                grids,
+            })
         };
         let batch = Batch {
             input_ids: ids_t.shallow_clone(),
@@ -82,25 +115,176 @@ fn check_variant(variant: &str) {
         }
         let out = model.forward(&batch, true).unwrap();
         let logit_diff = max_abs_diff(&out.logits, get("logits").unwrap());
-        assert!(logit_diff <= 1e-4, "{variant}/{name}: logits differ by {logit_diff}");
+        assert!(
+            logit_diff <= 1e-4,
+            "{variant}/{name}: logits differ by {logit_diff}"
+        );
         let loss = out.mean_loss().unwrap();
         let ours = loss.double_value(&[]);
         let theirs = meta["samples"][name]["loss"].as_f64().unwrap();
-        assert!(((ours - theirs) / theirs).abs() <= 1e-5, "{variant}/{name}: loss {ours} vs {theirs}");
+        assert!(
+            ((ours - theirs) / theirs).abs() <= 1e-5,
+            "{variant}/{name}: loss {ours} vs {theirs}"
+        );
         loss.backward();
         let vars = model.var_store().variables();
         let mut compared = 0;
         for (key, expected) in &reference {
             if let Some(param) = key.strip_prefix(&format!("{name}.grad.")) {
                 let d = max_abs_diff(&vars[param].grad(), expected);
-                assert!(d <= 1e-4, "{variant}/{name}: grad of {param} differs by {d}");
+                assert!(
+                    d <= 1e-4,
+                    "{variant}/{name}: grad of {param} differs by {d}"
+                );
                 compared += 1;
             }
         }
         let media_sample = name != "text";
-        assert!(compared >= if media_sample { 4 } else { 2 }, "{variant}/{name}: only {compared} gradients compared");
-        eprintln!("{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {theirs:.6}");
+        assert!(
+            compared >= if media_sample { 4 } else { 2 },
+            "{variant}/{name}: only {compared} gradients compared"
+        );
+        eprintln!(
+            "{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {theirs:.6}"
+        );
     }
+    check_pipeline(&out, &config, &reference, &meta);
+}
+
+/// The data path: the Hub chat template, our processor and collator turn the same
+/// conversations and media into the same ids, labels (the label rule, computed by the oracle
+/// from character offsets), patches, grids and positions, and the same loss.
+fn check_pipeline(
+    dir: &Path,
+    config: &Qwen2VlConfig,
+    reference: &HashMap<String, Tensor>,
+    meta: &serde_json::Value,
+) {
+    let template = Qwen2Vl::template(config, dir).unwrap();
+    let processor = Qwen2Vl::processor(config, dir, &Default::default()).unwrap();
+    let collator = Qwen2Vl::collator(config);
+    let model = Qwen2VlModel::load(config, dir, Device::Cpu, Kind::Float).unwrap();
+    let limits = ImageLimits::default();
+    let image_a = load_image(&dir.join("image_a.png"), &limits).unwrap();
+    let image_b = load_image(&dir.join("image_b.png"), &limits).unwrap();
+    let raw = std::fs::read(dir.join("video.rgb")).unwrap();
+    let frames: Vec<RgbImage> = raw
+        .chunks(56 * 56 * 3)
+        .map(|c| RgbImage::from_raw(56, 56, c.to_vec()).unwrap())
+        .collect();
+    // transformers assumes 24 fps for raw frames given without metadata.
+    let clip = VideoClip {
+        frames,
+        sampled_fps: 24.0,
+    };
+    for name in ["text", "image", "two_images", "video"] {
+        let get = |k: &str| reference.get(&format!("{name}.{k}"));
+        let conv = conversation(&meta["samples"][name]["messages"]);
+        let (images, videos) = match name {
+            "image" => (vec![image_a.clone()], vec![]),
+            "two_images" => (vec![image_a.clone(), image_b.clone()], vec![]),
+            "video" => (vec![], vec![clip.clone()]),
+            _ => (vec![], vec![]),
+        };
+        let (media, tokens) = processor.process(&images, &videos).unwrap();
+        let text = template.encode(&conv, &tokens, false).unwrap();
+        let ids: Vec<i64> = Vec::try_from(get("input_ids").unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(text.input_ids, ids, "{name}: input ids");
+        let rule: Vec<i64> = Vec::try_from(get("rule_labels").unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(text.labels, rule, "{name}: labels");
+        assert_eq!(
+            media.image_grids,
+            grids(get("image_grid_thw")),
+            "{name}: image grids"
+        );
+        assert_eq!(
+            media.video_grids,
+            grids(get("video_grid_thw")),
+            "{name}: video grids"
+        );
+        if let Some(expected) = get("pixel_values") {
+            let ours = Tensor::from_slice(&media.image_patches).view([-1, expected.size()[1]]);
+            // Compare before normalisation: (x − mean) / std back to [0, 1] pixel units.
+            let std = Tensor::from_slice(&processor.std)
+                .view([3, 1])
+                .repeat([1, expected.size()[1] / 3])
+                .view([1, -1]);
+            let diff = ((&ours - expected) * std).abs();
+            let first = grids(get("image_grid_thw"))[0];
+            let n_first = first[0] * first[1] * first[2];
+            // image_a (84×56) needs no resize: exact. image_b (100×60) is resized: ≤ 2/255.
+            let exact = diff.narrow(0, 0, n_first).max().double_value(&[]);
+            assert!(
+                exact <= 1e-6,
+                "{name}: unresized pixel values differ by {exact}"
+            );
+            let all = diff.max().double_value(&[]);
+            assert!(
+                all <= 2.0 / 255.0 + 1e-6,
+                "{name}: resized pixel values differ by {all}"
+            );
+        }
+        if let Some(expected) = get("pixel_values_videos") {
+            let ours = Tensor::from_slice(&media.video_patches).view([-1, expected.size()[1]]);
+            let d = max_abs_diff(&ours, expected);
+            assert!(d <= 1e-5, "{name}: video pixel values differ by {d}");
+        }
+        let batch = collator
+            .collate(vec![Qwen2Vl::sample(text, media)], Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&batch.position_ids, get("position_ids").unwrap()),
+            0.0,
+            "{name}: positions"
+        );
+        let out = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+        let loss = out.mean_loss().unwrap().double_value(&[]);
+        let expected = meta["samples"][name]["rule_loss"].as_f64().unwrap();
+        assert!(
+            ((loss - expected) / expected).abs() <= 1e-5,
+            "{name}: loss {loss} vs {expected}"
+        );
+        eprintln!(
+            "pipeline {name}: ids, labels, media, positions equal; loss {loss:.6} vs {expected:.6}"
+        );
+    }
+}
+
+/// The oracle's chat messages as a conversation.
+fn conversation(messages: &serde_json::Value) -> Conversation {
+    let (mut images, mut videos) = (0, 0);
+    let turns = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                _ => Role::Assistant,
+            };
+            let parts = m["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p["type"].as_str().unwrap() {
+                    "image" => {
+                        images += 1;
+                        Part::Image { index: images - 1 }
+                    }
+                    "video" => {
+                        videos += 1;
+                        Part::Video { index: videos - 1 }
+                    }
+                    _ => Part::Text {
+                        text: p["text"].as_str().unwrap().to_string(),
+                    },
+                })
+                .collect();
+            Turn { role, parts }
+        })
+        .collect();
+    Conversation { turns }
 }
 
 #[test]

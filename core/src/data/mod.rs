@@ -8,6 +8,7 @@ mod conversation;
 pub mod dataset;
 pub mod loader;
 pub mod media;
+pub mod prepare;
 pub mod template;
 pub mod validate;
 pub mod video;

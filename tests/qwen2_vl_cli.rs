@@ -1,0 +1,207 @@
+//! `lmms-ft evaluate` and `validate-data` end to end on a tiny Qwen2.5-VL checkpoint saved by
+//! transformers: per-sample losses under the label rule equal the oracle's, and a dataset
+//! seeded with defects is reported record by record.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use lmms_ft_core::testing::{hf_configs, run_oracle};
+use tch::Tensor;
+
+/// The oracle's chat messages as a LLaVA-format record with `<image>` placeholders.
+fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json::Value {
+    let mut record = serde_json::json!({ "conversations": [] });
+    for m in messages.as_array().unwrap() {
+        let text: String = m["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| match p["type"].as_str().unwrap() {
+                "image" => "<image>".to_string(),
+                _ => p["text"].as_str().unwrap().to_string(),
+            })
+            .collect();
+        match m["role"].as_str().unwrap() {
+            "system" => record["system_prompt"] = text.into(),
+            role => record["conversations"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"from": if role == "user" { "human" } else { "gpt" }, "value": text})),
+        }
+    }
+    if !images.is_empty() {
+        record["image"] = serde_json::json!(images);
+    }
+    record
+}
+
+/// The fixture checkpoint, made once per test binary.
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        run_oracle(
+            "qwen2_vl_fixture.py",
+            &[
+                dir.to_str().unwrap(),
+                "qwen2_5_vl",
+                hf_configs().to_str().unwrap(),
+            ],
+        );
+        (tmp, dir)
+    })
+    .1
+}
+
+fn lmms_ft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn evaluate_matches_transformers_per_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let samples = [
+        ("text", vec![]),
+        ("image", vec!["image_a.png"]),
+        ("two_images", vec!["image_a.png", "image_b.png"]),
+    ];
+    let records: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|(name, images)| llava_record(&meta["samples"][name]["messages"], images))
+        .collect();
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, serde_json::to_string_pretty(&records).unwrap()).unwrap();
+    let out = tmp.path().join("eval.json");
+    let run = lmms_ft(&[
+        "evaluate",
+        "--model-path",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--image-folder",
+        dir.to_str().unwrap(),
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let (mut weighted, mut tokens) = (0.0, 0i64);
+    for (i, (name, _)) in samples.iter().enumerate() {
+        let row = &report["samples"][i];
+        assert_eq!(row["index"], i);
+        let expected = meta["samples"][name]["rule_loss"].as_f64().unwrap();
+        let loss = row["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - expected) / expected).abs() <= 1e-5,
+            "{name}: {loss} vs {expected}"
+        );
+        // Labeled positions after the causal shift, counted from the oracle's labels.
+        let labels: Vec<i64> =
+            Vec::try_from(reference[&format!("{name}.rule_labels")].flatten(0, -1)).unwrap();
+        let n = labels.iter().skip(1).filter(|&&l| l != -100).count() as i64;
+        assert_eq!(row["num_label_tokens"], n, "{name}");
+        weighted += expected * n as f64;
+        tokens += n;
+    }
+    let mean = report["mean_loss"].as_f64().unwrap();
+    assert!(
+        (mean - weighted / tokens as f64).abs() <= 1e-5 * mean,
+        "mean {mean}"
+    );
+}
+
+#[test]
+fn validate_data_reports_every_defect_with_its_location() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture();
+    std::fs::copy(dir.join("image_a.png"), tmp.path().join("ok.png")).unwrap();
+    std::fs::write(
+        tmp.path().join("broken.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
+    let long: String = (0..300).map(|i| format!("w{i} ")).collect();
+    let lines = [
+        r#"{"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Noise."}], "image": "ok.png"}"#.to_string(),
+        r#"{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]"#.to_string(),
+        r#"{"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "?"}], "image": "missing.png"}"#.to_string(),
+        r#"{"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "?"}], "image": "broken.png"}"#.to_string(),
+        r#"{"conversations": [{"from": "human", "value": "<image><image>\nBoth?"}, {"from": "gpt", "value": "?"}], "image": "ok.png"}"#.to_string(),
+        r#"{"conversations": [{"from": "gpt", "value": "I start."}, {"from": "human", "value": "Odd."}]}"#.to_string(),
+        r#"{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "Empty question."}]}"#.to_string(),
+        format!(r#"{{"conversations": [{{"from": "human", "value": "{long}"}}, {{"from": "gpt", "value": "Long."}}]}}"#),
+    ];
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let args = |file: &Path| {
+        vec![
+            "validate-data".to_string(),
+            "--model-path".into(),
+            dir.to_str().unwrap().into(),
+            "--data".into(),
+            file.to_str().unwrap().into(),
+            "--set".into(),
+            "data.max_length=200".into(),
+        ]
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
+        .args(args(&data))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    // One problem per defective line, each located at its line (1-based).
+    for (line, words) in [
+        (2, "json"),
+        (3, "missing.png"),
+        (4, "broken.png"),
+        (5, "placeholder"),
+        (6, "role"),
+        (7, "empty"),
+        (8, "200"),
+    ] {
+        let hit = report
+            .lines()
+            .any(|l| l.contains(&format!("data.jsonl:{line}")) && l.to_lowercase().contains(words));
+        assert!(hit, "line {line} ({words}) not reported:\n{report}");
+    }
+    assert!(
+        !report
+            .lines()
+            .any(|l| l.contains("data.jsonl:1 ") || l.contains("data.jsonl:1:")),
+        "{report}"
+    );
+
+    let clean = tmp.path().join("clean.jsonl");
+    std::fs::write(&clean, &lines[0]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
+        .args(args(&clean))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
