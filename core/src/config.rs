@@ -159,6 +159,51 @@ pub struct TrainSection {
     pub save_steps: u64,
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<u64>,
+    /// How each part trains; unset parts follow `mode` (see [`TrainSection::component_modes`]).
+    pub vision: Option<ComponentMode>,
+    pub projector: Option<ComponentMode>,
+    pub llm: Option<ComponentMode>,
+    /// Learning rates of the vision tower and projector (ms-swift's `vit_lr` / `aligner_lr`,
+    /// LLaVA's `mm_projector_lr`); default `learning_rate`.
+    pub vision_lr: Option<f64>,
+    pub projector_lr: Option<f64>,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+}
+
+/// How one part of the model trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentMode {
+    Frozen,
+    Full,
+    Lora,
+}
+
+impl TrainSection {
+    /// (vision, projector, llm) modes. `mode = "full"` trains projector and LLM fully with
+    /// the vision tower frozen; `lora` / `qlora` put LoRA on the LLM and freeze the rest, as
+    /// the LLaVA and Qwen2-VL fine-tuning recipes do by default.
+    pub fn component_modes(&self) -> [ComponentMode; 3] {
+        let (v, p, l) = match self.mode {
+            Mode::Full => (
+                ComponentMode::Frozen,
+                ComponentMode::Full,
+                ComponentMode::Full,
+            ),
+            Mode::Lora | Mode::Qlora => (
+                ComponentMode::Frozen,
+                ComponentMode::Frozen,
+                ComponentMode::Lora,
+            ),
+        };
+        [
+            self.vision.unwrap_or(v),
+            self.projector.unwrap_or(p),
+            self.llm.unwrap_or(l),
+        ]
+    }
 }
 
 impl Default for TrainSection {
@@ -183,6 +228,14 @@ impl Default for TrainSection {
             save_steps: 500,
             save_total_limit: None,
             eval_steps: None,
+            vision: None,
+            projector: None,
+            llm: None,
+            vision_lr: None,
+            projector_lr: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
         }
     }
 }
@@ -193,9 +246,10 @@ pub struct LoraSection {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Module-name suffixes or one regex; empty means every linear layer of the LLM except
-    /// `lm_head` (PEFT's `all-linear`).
-    pub target_modules: Vec<String>,
+    /// As in PEFT: a list of module-name suffixes, or one string that is a regex the whole
+    /// module name must match. The empty list means every linear layer of the LLM except
+    /// `lm_head`.
+    pub target_modules: TargetModules,
     pub use_rslora: bool,
     pub modules_to_save: Vec<String>,
 }
@@ -206,11 +260,20 @@ impl Default for LoraSection {
             r: 8,
             alpha: 16.0,
             dropout: 0.05,
-            target_modules: Vec::new(),
+            target_modules: TargetModules::Names(Vec::new()),
             use_rslora: false,
             modules_to_save: Vec::new(),
         }
     }
+}
+
+/// PEFT's `target_modules`: a list matches names equal to or ending in `.` + an entry; a
+/// single string is a regex matched against the whole (runtime) module name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Regex(String),
+    Names(Vec<String>),
 }
 
 /// A configuration error, worded for the user: which key, which layer, what was wrong.

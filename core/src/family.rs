@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
+use crate::nn::Linear;
 
 /// Label value for positions that do not contribute to the loss (as in `transformers`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -125,6 +126,63 @@ pub trait Model: Send {
 
     /// The parameters, named exactly as in the Hub checkpoint (`model.layers.0...`).
     fn var_store(&self) -> &nn::VarStore;
+
+    /// Calls `f` with the Hub module name (`model.layers.0.self_attn.q_proj`) of every
+    /// [`Linear`] layer, so the trainer can attach LoRA adapters or merge them. A family that
+    /// keeps the default exposes none, and asking it for LoRA is an error, not a silent no-op.
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let _ = f;
+    }
+
+    /// Which part of the model a parameter or module (Hub name) belongs to; the trainer
+    /// freezes, fully trains or adapts each part and gives it its own learning rate.
+    fn component(&self, name: &str) -> Component {
+        let _ = name;
+        Component::Llm
+    }
+
+    /// The module path `transformers` 5 uses at run time for a Hub name; PEFT adapters are
+    /// keyed by it (Qwen2-VL: `model.layers.0` → `model.language_model.layers.0`), while
+    /// checkpoints keep Hub names.
+    fn runtime_name(&self, hub_name: &str) -> String {
+        hub_name.to_string()
+    }
+}
+
+/// The parts of a multimodal model that train separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// Vision encoder blocks and patch embedding.
+    Vision,
+    /// Projector / merger between the vision tower and the LLM.
+    Projector,
+    /// The language model, embeddings and `lm_head` included.
+    Llm,
+}
+
+/// The object-safe part of [`Model`] the trainer needs: parameters, linear layers, parts and
+/// names, without the family's batch type.
+pub trait Trainable {
+    fn var_store(&self) -> &nn::VarStore;
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear));
+    fn component(&self, name: &str) -> Component;
+    fn runtime_name(&self, hub_name: &str) -> String;
+}
+
+impl<M: Model> Trainable for M {
+    fn var_store(&self) -> &nn::VarStore {
+        Model::var_store(self)
+    }
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        Model::visit_linears(self, f)
+    }
+    fn component(&self, name: &str) -> Component {
+        Model::component(self, name)
+    }
+    fn runtime_name(&self, hub_name: &str) -> String {
+        Model::runtime_name(self, hub_name)
+    }
 }
 
 /// A model family: the typed bundle an adapter crate implements once.
@@ -135,7 +193,7 @@ pub trait Family: Send + Sync + 'static {
     type Sample: Send;
     type Batch;
     type Collator: Collator<Sample = Self::Sample, Batch = Self::Batch>;
-    type Model: Model<Batch = Self::Batch>;
+    type Model: Model<Batch = Self::Batch> + 'static;
 
     /// Reads `config.json` from a model directory.
     fn config(dir: &Path) -> Result<Self::Config> {
@@ -219,6 +277,8 @@ pub trait Pipeline {
     /// Encodes, collates and runs a batch of conversations.
     fn forward(&self, batch: &[PreparedConversation], train: bool) -> Result<ModelOutput>;
     fn var_store(&self) -> &nn::VarStore;
+    /// The model, for the trainer to attach adapters, freeze parts and save.
+    fn trainable(&mut self) -> &mut dyn Trainable;
 }
 
 /// Object-safe face of a [`Family`], stored in the registry.
@@ -227,6 +287,9 @@ pub trait DynFamily: Send + Sync {
     fn open_data(&self, dir: &Path, opts: &ProcessorOptions) -> Result<Box<dyn DataPipeline>>;
     /// Parameter count for a `config.json`, without building the model.
     fn num_parameters(&self, config: &serde_json::Value) -> Result<u64>;
+    /// The model alone (no processor or template), for weight-only tools such as
+    /// `merge-lora`.
+    fn load_model(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Trainable>>;
 }
 
 /// Derives [`DynFamily`] for a `Family`. Adapters register `&Erased::<MyFamily>::NEW`.
@@ -293,7 +356,11 @@ impl<F: Family> Pipeline for Opened<F> {
     }
 
     fn var_store(&self) -> &nn::VarStore {
-        self.model.var_store()
+        Model::var_store(&self.model)
+    }
+
+    fn trainable(&mut self) -> &mut dyn Trainable {
+        &mut self.model
     }
 }
 
@@ -315,5 +382,10 @@ impl<F: Family> DynFamily for Erased<F> {
 
     fn num_parameters(&self, config: &serde_json::Value) -> Result<u64> {
         Ok(F::Config::from_hf_json(config)?.num_parameters())
+    }
+
+    fn load_model(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Trainable>> {
+        let config = F::config(dir)?;
+        Ok(Box::new(F::load(&config, dir, opts.device, opts.kind)?))
     }
 }

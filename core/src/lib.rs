@@ -11,9 +11,11 @@ pub mod family;
 pub mod hub;
 pub mod logging;
 pub mod nn;
+pub mod peft;
 pub mod registry;
 pub mod runtime;
 pub mod testing;
+pub mod train;
 pub mod weights;
 
 // Re-exported so the registration macros work in adapter crates without extra dependencies.

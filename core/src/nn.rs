@@ -1,6 +1,9 @@
 //! Layers shared by every family, with parameters named as in Hub checkpoints and numerics
 //! that follow `transformers` (RMSNorm in fp32, rotary embeddings, SDPA attention).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -27,11 +30,55 @@ impl ParamInit {
     }
 }
 
-/// `y = x Wᵀ + b` with `W: [out, in]`, named `weight` / `bias` like `torch.nn.Linear`.
+/// A low-rank update `ΔW = scaling · B A` beside a frozen base weight (PEFT's LoRA layer).
+///
+/// `a` / `b` stay fp32 whatever the base dtype, so small updates are not lost to bf16
+/// rounding; the product is cast back to the activation dtype before it joins the base path.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `lora_A`: `[r, in]`.
+    pub a: Tensor,
+    /// `lora_B`: `[out, r]`.
+    pub b: Tensor,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scaling: f64,
+    pub dropout: f64,
+    /// Shared by every adapter of a model; dropout only applies while it is set, which is
+    /// how evaluation inside a training run turns dropout off without a `train` argument on
+    /// every layer.
+    pub training: Arc<AtomicBool>,
+}
+
+impl LoraAdapter {
+    fn delta(&self, x: &Tensor) -> Tensor {
+        let train = self.training.load(Ordering::Relaxed);
+        let x = x.to_kind(self.a.kind());
+        let x = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x
+        };
+        x.linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None)
+            * self.scaling
+    }
+
+    /// `scaling · B A`, in fp32: what [`Linear::merge_lora`] adds to the base weight.
+    pub fn delta_weight(&self) -> Tensor {
+        self.b.matmul(&self.a) * self.scaling
+    }
+}
+
+/// `y = x Wᵀ + b` with `W: [out, in]`, named `weight` / `bias` like `torch.nn.Linear`, plus an
+/// optional LoRA adapter the trainer attaches after loading.
+///
+/// The base path goes through [`Linear::base_forward`] alone, so a quantised base weight
+/// (QLoRA's NF4) can replace the dense `weight` there without touching the adapter.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -39,11 +86,43 @@ impl Linear {
         Linear {
             weight: p.var("weight", &[output, input], init.weight()),
             bias: bias.then(|| p.var("bias", &[output], Init::Const(0.0))),
+            lora: None,
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    pub fn base_forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let base = self.base_forward(x);
+        match &self.lora {
+            None => base,
+            Some(lora) => {
+                let kind = base.kind();
+                base + lora.delta(x).to_kind(kind)
+            }
+        }
+    }
+
+    /// Folds the adapter into the base weight (in fp32, then back to the weight's dtype) and
+    /// removes it, as PEFT's `merge_and_unload`.
+    pub fn merge_lora(&mut self) {
+        if let Some(lora) = self.lora.take() {
+            let kind = self.weight.kind();
+            let merged = (self.weight.to_kind(Kind::Float)
+                + lora.delta_weight().to_device(self.weight.device()))
+            .to_kind(kind);
+            tch::no_grad(|| self.weight.shallow_clone().copy_(&merged));
+        }
     }
 }
 

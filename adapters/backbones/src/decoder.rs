@@ -191,6 +191,26 @@ impl Decoder {
         }
     }
 
+    /// Visits every linear layer with its Hub name; `model` / `lm_head` are the prefixes the
+    /// decoder was built under (`model`, `lm_head` for most families).
+    pub fn visit_linears(&mut self, model: &str, lm_head: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("{model}.layers.{i}");
+            let a = &mut layer.self_attn;
+            f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
+            f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
+            f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+            f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj);
+            let m = &mut layer.mlp;
+            f(&format!("{p}.mlp.gate_proj"), &mut m.gate_proj);
+            f(&format!("{p}.mlp.up_proj"), &mut m.up_proj);
+            f(&format!("{p}.mlp.down_proj"), &mut m.down_proj);
+        }
+        if let Some(head) = &mut self.lm_head {
+            f(lm_head, head);
+        }
+    }
+
     pub fn embed(&self, ids: &Tensor) -> Tensor {
         self.embed_tokens.forward(ids)
     }

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
-use lmms_ft_core::family::{Model, ModelOutput, IGNORE_INDEX};
-use lmms_ft_core::nn::{shifted_token_loss_sum, ParamInit};
+use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::nn::{shifted_token_loss_sum, Linear, ParamInit};
 use lmms_ft_core::weights::{load_into, LoadOptions};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -138,5 +138,32 @@ impl Model for Qwen2VlModel {
 
     fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        self.visual.visit_linears("visual", f);
+        self.decoder.visit_linears("model", "lm_head", f);
+    }
+
+    fn component(&self, name: &str) -> Component {
+        if name.starts_with("visual.merger") {
+            Component::Projector
+        } else if name.starts_with("visual") {
+            Component::Vision
+        } else {
+            Component::Llm
+        }
+    }
+
+    /// transformers 5 nests the text model under `model.language_model` and the vision tower
+    /// under `model.visual`; `lm_head` stays at the top.
+    fn runtime_name(&self, hub_name: &str) -> String {
+        if let Some(rest) = hub_name.strip_prefix("visual") {
+            format!("model.visual{rest}")
+        } else if let Some(rest) = hub_name.strip_prefix("model.") {
+            format!("model.language_model.{rest}")
+        } else {
+            hub_name.to_string()
+        }
     }
 }

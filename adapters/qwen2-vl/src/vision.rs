@@ -147,6 +147,32 @@ impl VisionTower {
         }
     }
 
+    /// Visits every linear layer with its Hub name under `prefix` (`visual`).
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("{prefix}.blocks.{i}");
+            f(&format!("{p}.attn.qkv"), &mut b.qkv);
+            f(&format!("{p}.attn.proj"), &mut b.proj);
+            match &mut b.mlp {
+                Mlp::Plain { fc1, fc2 } => {
+                    f(&format!("{p}.mlp.fc1"), fc1);
+                    f(&format!("{p}.mlp.fc2"), fc2);
+                }
+                Mlp::Gated {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                } => {
+                    f(&format!("{p}.mlp.gate_proj"), gate_proj);
+                    f(&format!("{p}.mlp.up_proj"), up_proj);
+                    f(&format!("{p}.mlp.down_proj"), down_proj);
+                }
+            }
+        }
+        f(&format!("{prefix}.merger.mlp.0"), &mut self.merger_fc1);
+        f(&format!("{prefix}.merger.mlp.2"), &mut self.merger_fc2);
+    }
+
     fn layout(&self, grids: &[[i64; 3]]) -> Layout {
         let m = self.config.spatial_merge_size;
         let mut positions = Vec::new();

@@ -1,0 +1,124 @@
+//! A LoRA adapter trained by lmms-ft (3 steps, so `lora_B` is non-zero; `lm_head` in
+//! `modules_to_save`) is saved in PEFT layout, loaded by `peft.PeftModel.from_pretrained` on
+//! the `transformers` model, and must give lmms-ft's logits (≤ 1e-4) while differing from the
+//! base model; peft's "missing / unexpected adapter keys" warnings fail the oracle. The
+//! merged checkpoint (`merge_lora`, forced into several shards) must load in `transformers`
+//! with the same logits, and give them in lmms-ft too.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use lmms_ft_core::config::{Config, Scheduler};
+use lmms_ft_core::family::Model;
+use lmms_ft_core::peft::io::{merge_lora, read_safetensors, save_adapter, write_safetensors, Blob};
+use lmms_ft_core::testing::{max_abs_diff, run_oracle};
+use lmms_ft_core::train::{TrainOptions, Trainer};
+use lmms_ft_qwen2_vl::model::Qwen2VlModel;
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
+    let fx = common::fixture();
+    let mut model = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
+    let mut c = Config::default();
+    c.train.learning_rate = 1e-2;
+    c.train.warmup_ratio = 0.0;
+    c.train.scheduler = Scheduler::Constant;
+    c.lora.r = 4;
+    c.lora.alpha = 8.0;
+    c.lora.dropout = 0.1;
+    c.lora.modules_to_save = vec!["lm_head".into()];
+    let options = TrainOptions::from_config(&c, 3).unwrap();
+    let spec = options.lora.clone().unwrap();
+    let mut trainer = Trainer::new(&mut model, options).unwrap();
+    for i in 0..3 {
+        trainer
+            .train_step(&[i], |&i| model.forward(&fx.batches[i], true))
+            .unwrap();
+    }
+    trainer.set_training(false);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (adapter, merged) = (tmp.path().join("adapter"), tmp.path().join("merged"));
+    save_adapter(&mut model, &spec, &adapter, None).unwrap();
+    let keys = read_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
+    for key in [
+        "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.language_model.layers.1.mlp.down_proj.lora_B.weight",
+        "base_model.model.lm_head.weight",
+    ] {
+        assert!(
+            keys.contains_key(key),
+            "adapter lacks {key}; has {:?}",
+            keys.keys().take(5).collect::<Vec<_>>()
+        );
+    }
+    let b = &keys["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"];
+    assert!(
+        b.abs().max().double_value(&[]) > 0.0,
+        "lora_B is still zero: the check would pass vacuously"
+    );
+
+    let names = ["text", "image", "video"];
+    let ours: BTreeMap<String, Tensor> = tch::no_grad(|| {
+        names
+            .iter()
+            .zip([0, 1, 3])
+            .map(|(n, i)| {
+                (
+                    n.to_string(),
+                    model.forward(&fx.batches[i], false).unwrap().logits,
+                )
+            })
+            .collect()
+    });
+    let blobs: BTreeMap<String, Blob> = ours
+        .iter()
+        .map(|(k, v)| (k.clone(), Blob::from_tensor(v).unwrap()))
+        .collect();
+    let ours_path = tmp.path().join("ours.safetensors");
+    write_safetensors(&ours_path, &blobs).unwrap();
+
+    // Merge onto a fresh base model; 30 MB shards split the 78 MB checkpoint.
+    let mut base = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
+    let n = merge_lora(&mut base, &fx.dir, &adapter, &merged, 30 << 20).unwrap();
+    assert_eq!(n, 14, "2 layers × 7 linear layers merged");
+    assert!(
+        merged.join("model.safetensors.index.json").is_file(),
+        "merged checkpoint is not sharded"
+    );
+    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
+    for (name, i) in names.iter().zip([0, 1, 3]) {
+        let logits = tch::no_grad(|| base.forward(&fx.batches[i], false).unwrap().logits);
+        let d = max_abs_diff(&logits, &ours[*name]);
+        assert!(d <= 1e-4, "{name}: merged model in lmms-ft differs by {d}");
+    }
+
+    let printed = run_oracle(
+        "train_peft_check.py",
+        &[
+            fx.dir.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            merged.to_str().unwrap(),
+            ours_path.to_str().unwrap(),
+        ],
+    );
+    let result: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    for name in names {
+        let r = &result[name];
+        eprintln!("{name}: {r}");
+        assert!(
+            r["peft_vs_ours"].as_f64().unwrap() <= 1e-4,
+            "{name}: peft logits differ: {r}"
+        );
+        assert!(
+            r["merged_vs_ours"].as_f64().unwrap() <= 1e-4,
+            "{name}: merged logits differ: {r}"
+        );
+        assert!(
+            r["base_vs_ours"].as_f64().unwrap() > 1e-3,
+            "{name}: the adapter changes nothing: {r}"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The training engine: which parameters train (per part: frozen, full or LoRA), AdamW with
+//! per-part learning rates, warm-up + decay schedules, gradient accumulation normalised by
+//! the label tokens of the whole accumulated batch, clipping, seeded steps, checkpoints and
+//! exact resume.
+//!
+//! The engine sees the model only as [`Trainable`] and a micro-batch only through a forward
+//! closure returning [`ModelOutput`], so it serves every family (and tests that build
+//! batches by hand) without knowing their types.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
+
+use crate::config::{ComponentMode, Config};
+use crate::family::{ModelOutput, Trainable};
+use crate::peft::{self, component_index, LoraSpec};
+pub use optim::{clip_grad_norm, AdamW, Param};
+pub use schedule::Schedule;
+
+/// Everything the engine needs to know, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// `[vision, projector, llm]`.
+    pub modes: [ComponentMode; 3],
+    /// Required when a part is in `lora` mode; its `modules_to_save` apply in any mode.
+    pub lora: Option<LoraSpec>,
+    /// Peak learning rate per part, `[vision, projector, llm]`.
+    pub lrs: [f64; 3],
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub seed: u64,
+}
+
+impl TrainOptions {
+    pub fn from_config(c: &Config, total_steps: u64) -> Result<TrainOptions> {
+        let t = &c.train;
+        let modes = t.component_modes();
+        let needs_lora = modes.contains(&ComponentMode::Lora) || !c.lora.modules_to_save.is_empty();
+        Ok(TrainOptions {
+            modes,
+            lora: needs_lora
+                .then(|| LoraSpec::from_config(&c.lora))
+                .transpose()?,
+            lrs: [
+                t.vision_lr.unwrap_or(t.learning_rate),
+                t.projector_lr.unwrap_or(t.learning_rate),
+                t.learning_rate,
+            ],
+            weight_decay: t.weight_decay,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            max_grad_norm: t.max_grad_norm,
+            schedule: Schedule::with_ratio(t.scheduler, t.warmup_ratio, total_steps),
+            seed: t.seed,
+        })
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// 1-based number of the step just taken.
+    pub step: u64,
+    /// Mean token loss over every label token of the accumulated batch.
+    pub loss: f64,
+    /// Learning rate of the LLM group during the step.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub label_tokens: i64,
+}
+
+pub struct Trainer {
+    pub options: TrainOptions,
+    pub params: Vec<Param>,
+    grads: Vec<Option<Tensor>>,
+    loss_sum: f64,
+    pub optimizer: AdamW,
+    /// Optimiser steps taken so far.
+    pub step: u64,
+    training: Arc<AtomicBool>,
+}
+
+impl Trainer {
+    /// Freezes and unfreezes the model's parts, attaches LoRA adapters where a part is in
+    /// `lora` mode (keeping adapters already loaded, e.g. from an adapter directory), and
+    /// collects the trainable parameters with their groups. Seeds torch with `seed` first so
+    /// fresh adapters are reproducible.
+    pub fn new(model: &mut dyn Trainable, options: TrainOptions) -> Result<Trainer> {
+        tch::manual_seed(options.seed as i64);
+        let training = Arc::new(AtomicBool::new(true));
+        let modes = options.modes;
+        if modes.contains(&ComponentMode::Lora) {
+            let spec = options
+                .lora
+                .as_ref()
+                .context("a part is in lora mode but no LoRA settings were given")?;
+            peft::attach(model, spec, &modes, &training)?;
+        }
+        let group = |model: &dyn Trainable, name: &str| component_index(model.component(name));
+        let mut params = Vec::new();
+        let mut lora_items = Vec::new();
+        model.visit_linears(&mut |name, linear| {
+            if let Some(l) = &mut linear.lora {
+                l.training = training.clone();
+                lora_items.push((name.to_string(), l.a.shallow_clone(), l.b.shallow_clone()));
+            }
+        });
+        for (name, a, b) in lora_items {
+            let g = group(model, &name);
+            for (which, t) in [("lora_A", a), ("lora_B", b)] {
+                params.push(Param {
+                    name: format!("{name}.{which}.weight"),
+                    tensor: t,
+                    lr: options.lrs[g],
+                    weight_decay: options.weight_decay,
+                });
+            }
+        }
+        let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars {
+            let g = group(model, &name);
+            let saved = options
+                .lora
+                .as_ref()
+                .is_some_and(|s| s.saves_module_of(&name));
+            let train = modes[g] == ComponentMode::Full || saved;
+            let var = var.set_requires_grad(train);
+            if train {
+                // Norms and biases (the 1-D parameters) take no weight decay.
+                let weight_decay = if var.dim() < 2 {
+                    0.0
+                } else {
+                    options.weight_decay
+                };
+                params.push(Param {
+                    name,
+                    tensor: var,
+                    lr: options.lrs[g],
+                    weight_decay,
+                });
+            }
+        }
+        if params.is_empty() {
+            bail!("nothing to train: every part of the model is frozen");
+        }
+        let n = params.len();
+        Ok(Trainer {
+            optimizer: AdamW::new(n, options.beta1, options.beta2, options.eps),
+            grads: (0..n).map(|_| None).collect(),
+            loss_sum: 0.0,
+            options,
+            params,
+            step: 0,
+            training,
+        })
+    }
+
+    /// Turns LoRA dropout on (training) or off (evaluation).
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> i64 {
+        self.params.iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// Back-propagates the summed loss of one micro-batch and adds its gradients (in fp32)
+    /// to the step's accumulators. Returns the micro-batch's summed loss.
+    pub fn backward(&mut self, out: &ModelOutput) -> Result<f64> {
+        let loss = out
+            .loss_sum
+            .as_ref()
+            .context("the batch has no labels, so there is no loss to train on")?;
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            bail!(
+                "loss is {value} at step {}; stopping (the last checkpoint is intact)",
+                self.step + 1
+            );
+        }
+        let inputs: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
+        let grads =
+            Tensor::f_run_backward(&[loss], &inputs, false, false).context("backward pass")?;
+        for (acc, g) in self.grads.iter_mut().zip(grads) {
+            if !g.defined() {
+                continue;
+            }
+            let g = g.to_kind(Kind::Float);
+            *acc = Some(match acc.take() {
+                Some(a) => a + g,
+                None => g,
+            });
+        }
+        self.loss_sum += value;
+        Ok(value)
+    }
+
+    /// Ends an accumulated step: divides the gradients by `label_tokens` (the label tokens of
+    /// every micro-batch together, so long and short samples weigh per token, not per
+    /// micro-batch), clips, and applies AdamW at the scheduled learning rate.
+    pub fn optimizer_step(&mut self, label_tokens: i64) -> Result<StepStats> {
+        if label_tokens <= 0 {
+            bail!(
+                "step {} has no label tokens; every sample of the batch is fully masked",
+                self.step + 1
+            );
+        }
+        let scale = 1.0 / label_tokens as f64;
+        for g in self.grads.iter_mut().flatten() {
+            let _ = g.g_mul_scalar_(scale);
+        }
+        let grad_norm = clip_grad_norm(&mut self.grads, self.options.max_grad_norm);
+        if !grad_norm.is_finite() {
+            bail!(
+                "gradient norm is {grad_norm} at step {}; stopping (the last checkpoint is intact)",
+                self.step + 1
+            );
+        }
+        let factor = self.options.schedule.factor(self.step);
+        self.optimizer.step(&self.params, &self.grads, factor);
+        for g in self.grads.iter_mut() {
+            *g = None;
+        }
+        let loss = self.loss_sum / label_tokens as f64;
+        self.loss_sum = 0.0;
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            lr: self.options.lrs[2] * factor,
+            grad_norm,
+            label_tokens,
+        })
+    }
+
+    /// One optimiser step over `micro_batches` (gradient accumulation). Torch's generator is
+    /// seeded from `seed` and the step number first, so dropout is the same in a resumed run
+    /// without saving generator state.
+    pub fn train_step<B>(
+        &mut self,
+        micro_batches: &[B],
+        mut forward: impl FnMut(&B) -> Result<ModelOutput>,
+    ) -> Result<StepStats> {
+        tch::manual_seed(self.options.seed.wrapping_add(1 + self.step) as i64);
+        self.set_training(true);
+        let mut tokens = 0;
+        for mb in micro_batches {
+            let out = forward(mb)?;
+            tokens += out.num_label_tokens;
+            self.backward(&out)?;
+        }
+        self.optimizer_step(tokens)
+    }
+}
