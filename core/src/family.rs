@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
+use crate::generate::{generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker};
 use crate::nn::Linear;
 
 /// Label value for positions that do not contribute to the loss (as in `transformers`).
@@ -83,6 +84,17 @@ pub trait ChatTemplate: Send + Sync {
     /// prefix of what [`ChatTemplate::encode`] produces for the same conversation followed by
     /// an assistant turn, so inference sees what training saw.
     fn encode_prompt(&self, conv: &Conversation, media: &MediaTokens) -> Result<Vec<i64>>;
+
+    /// Text of generated ids, without special tokens.
+    fn decode(&self, _ids: &[i64]) -> Result<String> {
+        anyhow::bail!("this chat template cannot decode token ids")
+    }
+
+    /// Ids that end an assistant reply: the end-of-turn token(s) the template writes after
+    /// assistant content, and the tokenizer's end-of-sequence token.
+    fn stop_token_ids(&self) -> Vec<i64> {
+        Vec::new()
+    }
 }
 
 /// Builds a device batch from samples.
@@ -126,6 +138,17 @@ pub trait Model: Send {
 
     /// The parameters, named exactly as in the Hub checkpoint (`model.layers.0...`).
     fn var_store(&self) -> &nn::VarStore;
+
+    /// Runs a one-row prompt batch, filling a key/value cache. Returns the logits of the last
+    /// position (`[vocab]`) and the state [`Model::decode_step`] continues from.
+    fn prefill(&self, _batch: &Self::Batch) -> Result<(Tensor, DecodeState)> {
+        anyhow::bail!("this model does not support generation")
+    }
+
+    /// Feeds one generated token; returns the logits for the next one (`[vocab]`).
+    fn decode_step(&self, _state: &mut DecodeState, _token: i64) -> Result<Tensor> {
+        anyhow::bail!("this model does not support generation")
+    }
 
     /// Calls `f` with the Hub module name (`model.layers.0.self_attn.q_proj`) of every
     /// [`Linear`] layer, so the trainer can attach LoRA adapters or merge them. A family that
@@ -279,6 +302,8 @@ pub trait Pipeline {
     fn var_store(&self) -> &nn::VarStore;
     /// The model, for the trainer to attach adapters, freeze parts and save.
     fn trainable(&mut self) -> &mut dyn Trainable;
+    /// Generates an assistant reply to a conversation (its last turn from the user).
+    fn generate(&self, conv: &PreparedConversation, opts: &GenerateOptions) -> Result<Generated>;
 }
 
 /// Object-safe face of a [`Family`], stored in the registry.
@@ -338,6 +363,8 @@ struct Opened<F: Family> {
     collator: F::Collator,
     model: F::Model,
     device: Device,
+    /// Template end-of-turn / end-of-sequence ids plus `generation_config.json`'s.
+    stop_ids: Vec<i64>,
 }
 
 impl<F: Family> Pipeline for Opened<F> {
@@ -362,16 +389,57 @@ impl<F: Family> Pipeline for Opened<F> {
     fn trainable(&mut self) -> &mut dyn Trainable {
         &mut self.model
     }
+
+    fn generate(&self, conv: &PreparedConversation, opts: &GenerateOptions) -> Result<Generated> {
+        let (media, tokens) = self
+            .encoder
+            .processor
+            .process(&conv.media.images, &conv.media.videos)?;
+        let input_ids = self.encoder.template.encode_prompt(&conv.conversation, &tokens)?;
+        let labels = vec![IGNORE_INDEX; input_ids.len()];
+        let batch = self
+            .collator
+            .collate(vec![F::sample(EncodedText { input_ids, labels }, media)], self.device)?;
+        tch::no_grad(|| {
+            let (mut logits, mut state) = self.model.prefill(&batch)?;
+            let mut picker = TokenPicker::new(*opts);
+            let mut token_ids = Vec::new();
+            let mut stopped = false;
+            while token_ids.len() < opts.max_new_tokens {
+                let next = picker.pick(&logits)?;
+                if self.stop_ids.contains(&next) {
+                    stopped = true;
+                    break;
+                }
+                token_ids.push(next);
+                if token_ids.len() < opts.max_new_tokens {
+                    logits = self.model.decode_step(&mut state, next)?;
+                }
+            }
+            let text = self.encoder.template.decode(&token_ids)?;
+            Ok(Generated {
+                token_ids,
+                text,
+                stopped,
+            })
+        })
+    }
 }
 
 impl<F: Family> DynFamily for Erased<F> {
     fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>> {
         let config = F::config(dir)?;
+        let encoder = Encoder::<F>::new(&config, dir, &opts.processor)?;
+        let mut stop_ids = encoder.template.stop_token_ids();
+        stop_ids.extend(generation_config_eos(dir));
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
         Ok(Box::new(Opened::<F> {
-            encoder: Encoder::new(&config, dir, &opts.processor)?,
+            encoder,
             collator: F::collator(&config),
             model: F::load(&config, dir, opts.device, opts.kind)?,
             device: opts.device,
+            stop_ids,
         }))
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod family;
+pub mod generate;
 pub mod hub;
 pub mod logging;
 pub mod nn;

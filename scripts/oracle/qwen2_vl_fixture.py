@@ -187,6 +187,18 @@ for name, messages in samples.items():
             tensors[f"{name}.grad.{hub_name[p]}"] = params[p].grad.detach().clone().contiguous()
     meta["samples"][name] = {"loss": float(result.loss), "rule_loss": rule_loss, "text": text_in, "messages": messages,
                              "num_images": len(images), "num_videos": len(videos)}
+# Greedy generation from the prompt (conversation without its final answer).
+for name in ("text", "image", "video"):
+    messages = samples[name][:-1]
+    images, videos = media[name]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {"videos_kwargs": {"do_sample_frames": False}} if videos else {}
+    batch = processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt", **kwargs)
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=8, do_sample=False,
+                                   return_dict_in_generate=True, output_logits=True)
+    tensors[f"{name}.generated"] = generated.sequences[0, batch["input_ids"].shape[1]:].contiguous()
+    tensors[f"{name}.generated_logits"] = torch.cat(generated.logits, dim=0).contiguous()
 save_file(tensors, os.path.join(out, "reference.safetensors"))
 with open(os.path.join(out, "reference.json"), "w") as f:
     json.dump(meta, f, indent=1)

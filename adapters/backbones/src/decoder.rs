@@ -5,6 +5,7 @@
 use lmms_ft_core::nn::{
     apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm,
 };
+use lmms_ft_core::generate::KvCache;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -71,8 +72,16 @@ impl Attention {
     }
 
     /// `x: [B, T, H]`, `cos`/`sin`: `[B, T, D]`. Causal; a right-padded batch needs no mask
-    /// because real tokens never attend to the padding after them.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    /// because real tokens never attend to the padding after them. With `cache`, keys and
+    /// values of earlier positions are prepended and the new ones appended to it.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("[B, T, H]");
         let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
         let q = split(self.q_proj.forward(x), self.heads);
@@ -80,11 +89,33 @@ impl Attention {
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
         let q = apply_rotary(&q, &cos, &sin);
-        let k = apply_rotary(&k, &cos, &sin);
+        let mut k = apply_rotary(&k, &cos, &sin);
+        let mut v = v;
+        let mut past_len = 0;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                past_len = pk.size()[2];
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
         let n_rep = self.heads / self.kv_heads;
         let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = sdpa(&q, &k, &v, mask, true, scale);
+        // One new token attends to everything cached; several new tokens after a cache need
+        // a causal mask offset by the cached length.
+        let offset_mask;
+        let (mask, causal) = match (mask, past_len, t) {
+            (Some(m), _, _) => (Some(m), true),
+            (None, 0, _) => (None, true),
+            (None, _, 1) => (None, false),
+            (None, past, _) => {
+                offset_mask = Tensor::ones([t, past + t], (tch::Kind::Bool, x.device())).tril(past);
+                (Some(&offset_mask), false)
+            }
+        };
+        let out = sdpa(&q, &k, &v, mask, causal, scale);
         self.o_proj.forward(
             &out.transpose(1, 2)
                 .reshape([b, t, self.heads * self.head_dim]),
@@ -152,10 +183,17 @@ impl DecoderLayer {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let h = x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x), cos, sin, mask);
+            .forward(&self.input_layernorm.forward(x), cos, sin, mask, cache);
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
         h + out
     }
@@ -225,7 +263,18 @@ impl Decoder {
     ) -> Tensor {
         let mut h = embeds.shallow_clone();
         for layer in &self.layers {
-            h = layer.forward(&h, cos, sin, mask);
+            h = layer.forward(&h, cos, sin, mask, None);
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Like [`Decoder::hidden_states`] for generation: keys and values are read from and
+    /// appended to `cache` (one slot per layer), so each new token costs one position.
+    pub fn hidden_states_cached(&self, embeds: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut KvCache) -> Tensor {
+        cache.layers.resize_with(self.layers.len(), || None);
+        let mut h = embeds.shallow_clone();
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(&h, cos, sin, None, Some(slot));
         }
         self.norm.forward(&h)
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
+use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
 use lmms_ft_core::nn::{shifted_token_loss_sum, Linear, ParamInit};
 use lmms_ft_core::weights::{load_into, LoadOptions};
@@ -102,21 +103,31 @@ impl Qwen2VlModel {
     /// Final hidden states `[B, T, H]`.
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
         let embeds = self.embeddings(batch)?;
+        let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
+        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+    }
+
+    fn rotary(&self, positions: &Tensor, embeds: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = &self.config.text;
         ensure!(
-            batch.position_ids.size() == [3, embeds.size()[0], embeds.size()[1]],
+            positions.size() == [3, embeds.size()[0], embeds.size()[1]],
             "position ids {:?} do not match the batch",
-            batch.position_ids.size()
+            positions.size()
         );
-        let (cos, sin) = mrope_cos_sin(
-            &batch.position_ids,
+        Ok(mrope_cos_sin(
+            positions,
             self.config.mrope_section,
             t.head_dim,
             t.rope_theta,
             embeds.kind(),
             embeds.device(),
-        );
-        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+        ))
+    }
+
+    /// Logits `[vocab]` of the last position of row 0.
+    fn last_logits(&self, hidden: &Tensor) -> Tensor {
+        let t = hidden.size()[1];
+        self.decoder.logits(&hidden.get(0).get(t - 1))
     }
 }
 
@@ -138,6 +149,29 @@ impl Model for Qwen2VlModel {
 
     fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    fn prefill(&self, batch: &Batch) -> Result<(Tensor, DecodeState)> {
+        ensure!(batch.input_ids.size()[0] == 1, "generation takes one prompt at a time");
+        let embeds = self.embeddings(batch)?;
+        let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
+        let mut state = DecodeState::default();
+        let hidden = self.decoder.hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
+        // Text after the prompt continues from its largest position on all three axes, as
+        // transformers' rope_deltas do.
+        state.next_position = batch.position_ids.max().int64_value(&[]) + 1;
+        Ok((self.last_logits(&hidden), state))
+    }
+
+    fn decode_step(&self, state: &mut DecodeState, token: i64) -> Result<Tensor> {
+        let device = self.vs.device();
+        let ids = Tensor::from_slice(&[token]).view([1, 1]).to_device(device);
+        let embeds = self.decoder.embed(&ids);
+        let positions = Tensor::from_slice(&[state.next_position; 3]).view([3, 1, 1]).to_device(device);
+        let (cos, sin) = self.rotary(&positions, &embeds)?;
+        let hidden = self.decoder.hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
+        state.next_position += 1;
+        Ok(self.last_logits(&hidden))
     }
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {

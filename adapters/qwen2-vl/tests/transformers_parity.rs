@@ -360,3 +360,69 @@ fn sharded_bf16_and_wrong_checkpoint() {
     let err = Qwen2VlModel::load(&config, &q25, Device::Cpu, Kind::Float).err().expect("must fail").to_string();
     assert!(err.contains("another model"), "{err}");
 }
+
+/// Greedy generation with the KV cache gives transformers' `generate(do_sample=False)` tokens
+/// for a text, an image and a video prompt, and the logits of every step match (so the cache
+/// and the positions after the prompt are right, not just the argmax).
+#[test]
+fn greedy_generation_matches_transformers() {
+    use lmms_ft_core::family::{DynFamily, Erased, OpenOptions, PreparedConversation};
+    use lmms_ft_core::generate::GenerateOptions;
+    let tmp = tempfile::tempdir().unwrap();
+    // Untied embeddings: a tied random model just echoes its last input token.
+    let dir = tmp.path().join("qwen2_vl");
+    run_oracle("qwen2_vl_fixture.py", &[dir.to_str().unwrap(), "qwen2_vl", hf_configs().to_str().unwrap()]);
+    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let family: &dyn DynFamily = &Erased::<Qwen2Vl>::NEW;
+    let pipeline = family
+        .open(&dir, OpenOptions { device: Device::Cpu, kind: Kind::Float, processor: Default::default() })
+        .unwrap();
+    let image = load_image(&dir.join("image_a.png"), &ImageLimits::default()).unwrap();
+    let raw = std::fs::read(dir.join("video.rgb")).unwrap();
+    let frames: Vec<RgbImage> = raw.chunks(56 * 56 * 3).map(|c| RgbImage::from_raw(56, 56, c.to_vec()).unwrap()).collect();
+    for name in ["text", "image", "video"] {
+        let mut media = lmms_ft_core::data::DecodedMedia::default();
+        match name {
+            "image" => media.images.push(image.clone()),
+            "video" => media.videos.push(VideoClip { frames: frames.clone(), sampled_fps: 24.0 }),
+            _ => {}
+        }
+        let prepared = PreparedConversation { conversation: conversation(&meta["samples"][name]["messages"]), media };
+        let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+        let out = pipeline.generate(&prepared, &opts).unwrap();
+        let expected: Vec<i64> = Vec::try_from(&reference[&format!("{name}.generated")]).unwrap();
+        // transformers keeps the stop token in its output; we report it as `stopped`.
+        let mut ours = out.token_ids.clone();
+        if out.stopped {
+            ours.push(*expected.last().unwrap());
+        }
+        assert_eq!(ours, expected, "{name}: generated tokens");
+        eprintln!("{name}: generated {expected:?} ({:?})", out.text);
+
+        // Step by step through the typed model: prefill, then one cached token at a time.
+        let config = Qwen2Vl::config(&dir).unwrap();
+        let model = Qwen2VlModel::load(&config, &dir, Device::Cpu, Kind::Float).unwrap();
+        let template = Qwen2Vl::template(&config, &dir).unwrap();
+        let processor = Qwen2Vl::processor(&config, &dir, &Default::default()).unwrap();
+        let (media, tokens) = processor.process(&prepared.media.images, &prepared.media.videos).unwrap();
+        let ids = template.encode_prompt(&prepared.conversation, &tokens).unwrap();
+        let labels = vec![IGNORE_INDEX; ids.len()];
+        let batch = Qwen2Vl::collator(&config)
+            .collate(vec![Qwen2Vl::sample(lmms_ft_core::family::EncodedText { input_ids: ids, labels }, media)], Device::Cpu)
+            .unwrap();
+        let steps = &reference[&format!("{name}.generated_logits")];
+        tch::no_grad(|| {
+            let (mut logits, mut state) = model.prefill(&batch).unwrap();
+            for (i, &token) in expected.iter().enumerate() {
+                let d = max_abs_diff(&logits, &steps.get(i as i64));
+                assert!(d <= 1e-4, "{name}: step {i} logits differ by {d}");
+                logits = model.decode_step(&mut state, token).unwrap();
+            }
+        });
+    }
+}

@@ -370,4 +370,43 @@ impl ChatTemplate for HfChatTemplate {
         }
         Ok(self.encode_text(&prompt, true, &media, false)?.input_ids)
     }
+
+    fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tokenizer
+            .decode(&ids, true)
+            .map_err(|e| anyhow!("decoding generated tokens: {e}"))
+    }
+
+    /// The end-of-turn tokens the label rule finds after an assistant reply in a probe
+    /// conversation, plus the tokenizer's `eos_token`.
+    fn stop_token_ids(&self) -> Vec<i64> {
+        let probe = Conversation {
+            turns: vec![
+                crate::data::Turn::text(Role::User, "Hi"),
+                crate::data::Turn::text(Role::Assistant, "Hello"),
+            ],
+        };
+        let mut ids: Vec<i64> = self
+            .encode_text(&probe, false, &MediaTokens::default(), false)
+            .map(|enc| {
+                enc.labels
+                    .iter()
+                    .filter(|&&l| l != IGNORE_INDEX && self.added.contains(&(l as u32)))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(id) = self
+            .renderer
+            .special_tokens()
+            .get("eos_token")
+            .and_then(|t| self.tokenizer.token_to_id(t))
+        {
+            ids.push(id as i64);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
