@@ -72,6 +72,23 @@ pub enum Command {
         video: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
+        /// System prompt (the template's default when omitted).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print a JSON object (text, token ids, whether a stop token ended it).
+        #[arg(long)]
+        json: bool,
     },
     /// Merge a LoRA adapter into its base model.
     MergeLora {
@@ -175,7 +192,38 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Evaluate { config, json } => commands::evaluate(&config.load()?, json.as_deref()),
         Command::ValidateData(args) => commands::validate_data(&args.load()?),
-        Command::Train(args) | Command::Generate { config: args, .. } => {
+        Command::Generate {
+            config,
+            adapter,
+            image,
+            video,
+            prompt,
+            system,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            json,
+        } => commands::generate(
+            &config.load()?,
+            &commands::GenerateRequest {
+                adapter,
+                images: image,
+                video,
+                prompt,
+                system,
+                options: lmms_ft_core::generate::GenerateOptions {
+                    max_new_tokens,
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                json,
+            },
+        ),
+        Command::Train(args) => {
             let cfg = args.load()?;
             let (dir, family) = commands::resolve_model(&cfg)?;
             tracing::info!(dir = %dir.display(), family = family.name, "resolved model");

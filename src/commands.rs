@@ -9,7 +9,14 @@ use lmms_ft_core::data::prepare::{dataset_options, prepare, MediaOptions};
 use lmms_ft_core::data::validate::{validate_dataset, Checks, MediaCheck};
 use lmms_ft_core::data::video::load_video;
 use lmms_ft_core::eval::evaluate as run_evaluation;
-use lmms_ft_core::family::{OpenOptions, ProcessorOptions};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use lmms_ft_core::data::media::load_image;
+use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
+use lmms_ft_core::family::{OpenOptions, PreparedConversation, ProcessorOptions};
+use lmms_ft_core::generate::GenerateOptions;
+use lmms_ft_core::peft::io::load_adapter;
 use lmms_ft_core::hub::{self, CacheEnv};
 use lmms_ft_core::registry::{self, FamilyEntry, RegistryError};
 use lmms_ft_core::runtime;
@@ -138,5 +145,70 @@ pub fn validate_data(cfg: &Config) -> Result<()> {
         report.problems.len(),
         path.display()
     );
+    Ok(())
+}
+
+/// What `lmms-ft generate` was asked.
+pub struct GenerateRequest {
+    pub adapter: Option<PathBuf>,
+    pub images: Vec<PathBuf>,
+    pub video: Option<PathBuf>,
+    pub prompt: String,
+    pub system: Option<String>,
+    pub options: GenerateOptions,
+    pub json: bool,
+}
+
+/// One user turn (images, then video, then the prompt, as the dataset convention puts media
+/// first), rendered with the same template as training, generated until an end-of-turn token.
+pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
+    let (dir, family) = resolve_model(cfg)?;
+    let (device, kind) = device_and_kind(cfg)?;
+    let implementation = family.implementation.expect("resolve_model checks it");
+    let mut pipeline = implementation.open(
+        &dir,
+        OpenOptions {
+            device,
+            kind,
+            processor: ProcessorOptions::from_config(&cfg.data),
+        },
+    )?;
+    if let Some(adapter) = &req.adapter {
+        let training = Arc::new(AtomicBool::new(false));
+        load_adapter(pipeline.trainable(), adapter, &training)
+            .with_context(|| format!("loading adapter {}", adapter.display()))?;
+    }
+    let media_opts = MediaOptions::from_config(&cfg.data);
+    let mut media = DecodedMedia::default();
+    let mut parts = Vec::new();
+    for (i, path) in req.images.iter().enumerate() {
+        media.images.push(load_image(path, &media_opts.image_limits)?);
+        parts.push(Part::Image { index: i });
+    }
+    if let Some(path) = &req.video {
+        media.videos.push(load_video(path, &media_opts.video)?);
+        parts.push(Part::Video { index: 0 });
+    }
+    parts.push(Part::Text {
+        text: req.prompt.clone(),
+    });
+    let mut turns = Vec::new();
+    if let Some(system) = &req.system {
+        turns.push(Turn::text(Role::System, system.clone()));
+    }
+    turns.push(Turn {
+        role: Role::User,
+        parts,
+    });
+    let prepared = PreparedConversation {
+        conversation: Conversation { turns },
+        media,
+    };
+    let out = pipeline.generate(&prepared, &req.options)?;
+    if req.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", out.text);
+    }
     Ok(())
 }
