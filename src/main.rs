@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod demo;
 
 // Linking the adapters is what registers them (inventory collects at link time).
 use lmms_ft_llava as _;
