@@ -28,7 +28,7 @@ use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::{AddedToken, Tokenizer};
 
-const SIDE: u32 = 84;
+const SIDE: u32 = 112;
 const COLORS: [(&str, [u8; 3]); 4] = [
     ("red", [220, 30, 30]),
     ("green", [30, 170, 40]),
@@ -72,7 +72,7 @@ struct Shape {
 fn draw(rng: &mut ChaCha8Rng) -> Shape {
     let (color, rgb) = *COLORS.choose(rng).expect("non-empty");
     let shape = *SHAPES.choose(rng).expect("non-empty");
-    let r = rng.random_range(16..26) as f32;
+    let r = rng.random_range(22..34) as f32;
     let cx = rng.random_range(r as u32 + 4..SIDE - r as u32 - 4) as f32;
     let cy = rng.random_range(r as u32 + 4..SIDE - r as u32 - 4) as f32;
     let image = RgbImage::from_fn(SIDE, SIDE, |x, y| {
@@ -168,7 +168,7 @@ fn write_model(dir: &Path, seed: u64) -> Result<()> {
         "image_token_id": id("<|image_pad|>"), "video_token_id": id("<|video_pad|>"),
         "vision_start_token_id": id("<|vision_start|>"), "vision_end_token_id": id("<|vision_end|>"),
         "bos_token_id": id("<|endoftext|>"), "eos_token_id": id("<|im_end|>"),
-        "vision_config": {"depth": 2, "embed_dim": 64, "hidden_size": 96, "num_heads": 4,
+        "vision_config": {"depth": 3, "embed_dim": 96, "hidden_size": 96, "num_heads": 4,
                           "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
                           "temporal_patch_size": 2, "in_channels": 3, "hidden_act": "quick_gelu"}
     });
@@ -230,7 +230,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let options = TrainOptions {
         modes: [ComponentMode::Full; 3],
         lora: None,
-        lrs: [1e-3; 3],
+        lrs: [2e-3; 3],
         weight_decay: 0.0,
         beta1: 0.9,
         beta2: 0.999,
