@@ -5,6 +5,7 @@
 //! variable (converting dtype and device on the way), so a 7B checkpoint never sits in
 //! anonymous memory twice: the only resident copy is the model's own.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,20 @@ impl Default for LoadOptions<'_> {
 /// a shape mismatch or a missing / unexpected tensor is an error naming it, which is how a
 /// checkpoint of another model is caught.
 pub fn load_into(vs: &VarStore, dir: &Path, opts: &LoadOptions) -> Result<()> {
+    load_into_renamed(vs, dir, opts, &|name| Cow::Borrowed(name))
+}
+
+/// [`load_into`] for families whose checkpoints come in several naming layouts (LLaVA: the
+/// Hub's `language_model.model.*`, transformers 5's `model.language_model.*`): `rename` maps
+/// each checkpoint name to the variable name, and `opts.ignore_unexpected` sees the renamed
+/// name. Two checkpoint tensors landing on one variable is an error, since one would silently
+/// overwrite the other.
+pub fn load_into_renamed(
+    vs: &VarStore,
+    dir: &Path,
+    opts: &LoadOptions,
+    rename: &dyn Fn(&str) -> Cow<'_, str>,
+) -> Result<()> {
     let vars: HashMap<String, Tensor> = vs.variables();
     let mut filled: HashSet<String> = HashSet::new();
     let mut unexpected: Vec<String> = Vec::new();
@@ -94,12 +109,19 @@ pub fn load_into(vs: &VarStore, dir: &Path, opts: &LoadOptions) -> Result<()> {
         let st = SafeTensors::deserialize(&mmap)
             .with_context(|| format!("{} is not a valid safetensors file", file.display()))?;
         for (name, view) in st.tensors() {
-            let Some(var) = vars.get(&name) else {
-                if !(opts.ignore_unexpected)(&name) {
+            let target = rename(&name).into_owned();
+            let Some(var) = vars.get(&target) else {
+                if !(opts.ignore_unexpected)(&target) {
                     unexpected.push(name);
                 }
                 continue;
             };
+            if filled.contains(&target) {
+                bail!(
+                    "{}: tensor {name} fills {target}, which another checkpoint tensor already filled",
+                    file.display()
+                );
+            }
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if var.size() != shape {
                 bail!(
@@ -112,7 +134,7 @@ pub fn load_into(vs: &VarStore, dir: &Path, opts: &LoadOptions) -> Result<()> {
                 kind_of(view.dtype()).with_context(|| format!("{}: {name}", file.display()))?;
             let src = tensor_view(view.data(), &shape, kind);
             tch::no_grad(|| var.shallow_clone().copy_(&src));
-            filled.insert(name);
+            filled.insert(target);
         }
     }
     let mut missing: Vec<&String> = vars.keys().filter(|k| !filled.contains(*k)).collect();

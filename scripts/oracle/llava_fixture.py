@@ -46,6 +46,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -65,11 +66,19 @@ if variant in ("llava", "llava_multi"):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=56, patch_size=14, projection_dim=16)
     layer = -2 if variant == "llava" else [-3, -1]
+    # "llava" expands images to a square with the mean colour (LlavaImageProcessor's do_pad);
+    # "llava_multi" keeps the llava-hf CLIP center crop, which lmms-ft applies when config.json
+    # says image_aspect_ratio = "square" (the original LLaVA's key).
+    extra = {} if variant == "llava" else {"image_aspect_ratio": "square"}
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
                          pad_token_id=32001, vision_feature_layer=layer, vision_feature_select_strategy="default",
-                         image_seq_length=16)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                                            image_mean=CLIP_MEAN, image_std=CLIP_STD)
+                         image_seq_length=16, **extra)
+    if variant == "llava":
+        image_processor = LlavaImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                 image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=True)
+    else:
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                image_mean=CLIP_MEAN, image_std=CLIP_STD)
     tokenizer = AutoTokenizer.from_pretrained(real)
     with open(os.path.join(real, "chat_template.json")) as f:
         template = json.load(f)["chat_template"]
@@ -130,8 +139,11 @@ else:
 Model = LlavaNextForConditionalGeneration if variant.startswith("next") else LlavaForConditionalGeneration
 model = Model(config).float().eval()
 model.save_pretrained(out)
-processor.save_pretrained(out)
 tokenizer.save_pretrained(out)
+processor.save_pretrained(out)
+# The tokenizer brings its own folder's template; the directory must hold the processor's.
+with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+    f.write(template)
 
 
 def noise_image(w, h, seed):
@@ -185,6 +197,66 @@ def hub_name(runtime):
     return runtime
 
 
+# The training template lmms-ft uses for Vicuna-style checkpoints (Llama text, llava-1.5 Hub
+# template); the others train on their Hub template.
+vicuna = variant in ("llava", "llava_multi", "next_vicuna")
+with open(os.path.join(os.path.dirname(__file__), "../../adapters/llava/src/vicuna_training.jinja")) as f:
+    VICUNA_TRAINING = f.read()
+answer_prefix = {"interleave": "<|im_start|>assistant\n\n"}.get(variant, "[/INST]" if variant == "next_mistral" else "ASSISTANT: ")
+generation_prompt = {"interleave": "<|im_start|>assistant\n"}.get(variant, answer_prefix)
+end_of_turn = "<|im_end|>" if variant == "interleave" else "</s>"
+
+
+def label_rule(messages, images, runs):
+    """The label rule, applied independently of lmms-ft: assistant contents plus the
+    end-of-turn token right after each, located by character offsets in the text with every
+    <image> expanded; the ids are what the processor makes of the training-template text."""
+    kwargs = {"chat_template": VICUNA_TRAINING} if vicuna else {}
+    text_in = processor.apply_chat_template(messages, tokenize=False, **kwargs)
+    batch = processor(text=[text_in], images=images or None, return_tensors="pt")
+    pieces = text_in.split("<image>")
+    expanded = pieces[0] + "".join("<image>" * n + p for n, p in zip(runs, pieces[1:]))
+    spans, splits, cursor = [], [], 0
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        content = "".join(part["text"] for part in m["content"])
+        at = expanded.index(answer_prefix + content, cursor)
+        start = at + len(answer_prefix)
+        spans.append((start, start + len(content)))
+        splits.append(at + len(generation_prompt))
+        cursor = start + len(content)
+    if variant == "interleave":
+        # The project's rule (core/src/data/template.rs): the generation prompt ends in "\n"
+        # and the answer starts with "\n"; tokenised whole they merge into "\n\n", so the
+        # answer is tokenised separately, as inference sees it after the prompt.
+        ids, offsets, prev = [], [], 0
+        for b in splits + [len(expanded)]:
+            piece = tokenizer(expanded[prev:b], return_offsets_mapping=True, add_special_tokens=False)
+            ids += piece["input_ids"]
+            offsets += [(a + prev, e + prev) for a, e in piece["offset_mapping"]]
+            prev = b
+        enc = {"input_ids": ids, "offset_mapping": offsets}
+        assert tokenizer.decode(ids) == expanded
+        batch["input_ids"] = torch.tensor([ids])
+    else:
+        enc = tokenizer(expanded, return_offsets_mapping=True)
+        assert enc["input_ids"] == batch["input_ids"][0].tolist(), "expanded text does not tokenize like the processor"
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+    rule = [-100] * len(enc["input_ids"])
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(a < e and b > s_ for s_, e in spans):
+            rule[i] = enc["input_ids"][i]
+    for s_, e in spans:
+        after = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a >= e and b > a)
+        assert enc["input_ids"][after] == eot, (enc["input_ids"][after], eot)
+        rule[after] = eot
+    labels = torch.tensor([rule])
+    with torch.no_grad():
+        loss = float(model(**batch, labels=labels).loss)
+    return labels, loss, batch["input_ids"].contiguous()
+
+
 params = dict(model.named_parameters())
 tensors, meta = {}, {"variant": variant, "samples": {}}
 for name, messages in samples.items():
@@ -218,7 +290,11 @@ for name, messages in samples.items():
             run = 0
     if len(runs) != len(images):  # adjacent images would merge; the samples avoid that
         raise SystemExit(f"{name}: {len(runs)} placeholder runs for {len(images)} images")
+    rule_labels, rule_loss, train_ids = label_rule(messages, images, runs)
+    tensors[f"{name}.rule_input_ids"] = train_ids
+    tensors[f"{name}.rule_labels"] = rule_labels
     meta["samples"][name] = {"loss": result.loss.item(), "text": text_in, "num_images": len(images),
+                             "messages": messages, "rule_loss": rule_loss,
                              "image_sizes": [[im.height, im.width] for im in images],
                              "tokens_per_image": runs}
 save_file(tensors, os.path.join(out, "reference.safetensors"))

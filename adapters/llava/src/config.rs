@@ -87,6 +87,9 @@ pub struct LlavaConfig {
     pub projector_bias: bool,
     /// `(height, width)` resolutions anyres may pick (LLaVA-NeXT only).
     pub image_grid_pinpoints: Vec<[i64; 2]>,
+    /// The original LLaVA's `image_aspect_ratio` (`"pad"`, `"square"`, `"anyres"`), when
+    /// `config.json` carries it; the processor reads it (see `processor`).
+    pub image_aspect_ratio: Option<String>,
 }
 
 /// `LlavaConfig`'s vision tower when `vision_config` is absent: CLIP ViT-L/14-336.
@@ -186,6 +189,10 @@ impl HfConfig for LlavaConfig {
             projector_act: Activation::parse(string(root, "projector_hidden_act", "gelu")?)?,
             projector_bias: boolean(root, "multimodal_projector_bias", true)?,
             image_grid_pinpoints,
+            image_aspect_ratio: root
+                .get("image_aspect_ratio")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         };
         if config.image_token_id < 0 || config.image_token_id >= config.text.decoder.vocab_size {
             bail!(

@@ -1,18 +1,20 @@
 //! The LLaVA family: LLaVA-1.5, LLaVA-NeXT (1.6), LLaVA-NeXT-Video, LLaVA-Interleave and
-//! LLaVA-OneVision. Registered as planned: the model code lands with the LLaVA adapter issue.
-//! Interleave checkpoints are `model_type = "llava"` with a Qwen2 text model, so they share
-//! the `llava` family with 1.5.
+//! LLaVA-OneVision. Interleave checkpoints are `model_type = "llava"` with a Qwen2 text model,
+//! so they share the `llava` family with 1.5.
 //!
-//! Done so far: config parsing (`config`), the models of `llava` and `llava_next`
-//! (`model`), anyres geometry (`anyres`) and multi-layout checkpoint loading (`weights`).
-//! The processor, template and `Family` wiring are not written yet, so the families stay
-//! registered as planned.
+//! Implemented: `llava` and `llava-next`: config parsing ([`config`]), models ([`model`]),
+//! anyres geometry ([`anyres`]), multi-layout checkpoint loading ([`weights`]), the image
+//! processors ([`processor`]) and the [`family::Llava`] bundle with its templates and
+//! collator. `llava-next-video` and `llava-onevision` stay registered as planned.
 
 pub mod anyres;
 pub mod config;
+pub mod family;
 pub mod model;
+pub mod processor;
 pub mod weights;
 
+use lmms_ft_core::family::Erased;
 use lmms_ft_core::registry::{Status, TrainMode};
 use lmms_ft_core::{register_family, register_models};
 
@@ -23,8 +25,8 @@ register_family! {
     architectures: &["LlavaForConditionalGeneration"],
     model_types: &["llava"],
     modes: MODES,
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Llava>::NEW),
 }
 
 register_family! {
@@ -32,8 +34,8 @@ register_family! {
     architectures: &["LlavaNextForConditionalGeneration"],
     model_types: &["llava_next"],
     modes: MODES,
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Llava>::NEW),
 }
 
 register_family! {

@@ -5,16 +5,14 @@
 //! (`model.language_model.*`, `model.vision_tower.*`, `lm_head.weight`). Every name is mapped
 //! to the Hub layout the model's variables use, then copied from the memory-mapped shard.
 //!
-//! This is the core's `weights::load_into` plus a renaming step; it lives here because the
-//! core loader matches names exactly.
+//! Loading itself is the core's [`load_into_renamed`] with [`canonical_name`] as the hook.
 
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use lmms_ft_core::weights::{checkpoint_files, kind_of};
-use safetensors::SafeTensors;
-use tch::{nn::VarStore, Tensor};
+use anyhow::Result;
+use lmms_ft_core::weights::{load_into_renamed, LoadOptions};
+use tch::nn::VarStore;
 
 /// Maps any accepted checkpoint name to the Hub layout.
 pub fn canonical_name(name: &str) -> String {
@@ -43,77 +41,14 @@ pub fn canonical_name(name: &str) -> String {
 /// Missing, unexpected (unless `ignore` says so, by canonical name), duplicated or
 /// mis-shaped tensors are errors that name the tensor and the file.
 pub fn load_llava(vs: &VarStore, dir: &Path, ignore: &dyn Fn(&str) -> bool) -> Result<()> {
-    let vars: HashMap<String, Tensor> = vs.variables();
-    let mut filled: HashSet<String> = HashSet::new();
-    let mut unexpected: Vec<String> = Vec::new();
-    for file in checkpoint_files(dir)? {
-        let handle =
-            std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-        // SAFETY: read-only mapping, dropped at the end of this iteration after every view
-        // built on it.
-        let mmap = unsafe { memmap2::Mmap::map(&handle) }
-            .with_context(|| format!("mapping {}", file.display()))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .with_context(|| format!("{} is not a valid safetensors file", file.display()))?;
-        for (name, view) in st.tensors() {
-            let canonical = canonical_name(&name);
-            let Some(var) = vars.get(&canonical) else {
-                if !ignore(&canonical) {
-                    unexpected.push(name);
-                }
-                continue;
-            };
-            if !filled.insert(canonical.clone()) {
-                bail!(
-                    "{}: tensor {name} fills {canonical}, which another tensor already filled",
-                    file.display()
-                );
-            }
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            if var.size() != shape {
-                bail!(
-                    "{}: tensor {name} has shape {shape:?} but the model built from config.json expects {:?}",
-                    file.display(),
-                    var.size()
-                );
-            }
-            let kind =
-                kind_of(view.dtype()).with_context(|| format!("{}: {name}", file.display()))?;
-            let src = tensor_view(view.data(), &shape, kind);
-            tch::no_grad(|| var.shallow_clone().copy_(&src));
-        }
-    }
-    let mut missing: Vec<&String> = vars.keys().filter(|k| !filled.contains(*k)).collect();
-    missing.sort();
-    if !missing.is_empty() {
-        bail!(
-            "checkpoint in {} lacks {} tensor(s) the model needs, e.g. {}; is it a checkpoint of another model?",
-            dir.display(),
-            missing.len(),
-            missing.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    if !unexpected.is_empty() {
-        unexpected.sort();
-        bail!(
-            "checkpoint in {} has {} tensor(s) the model does not, e.g. {}; is it a checkpoint of another model?",
-            dir.display(),
-            unexpected.len(),
-            unexpected.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok(())
-}
-
-/// A CPU tensor viewing `data` without copying; the caller drops it before `data`.
-fn tensor_view(data: &[u8], shape: &[i64], kind: tch::Kind) -> Tensor {
-    let mut strides = vec![1i64; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    // SAFETY: safetensors validated that `data` holds prod(shape) elements of `kind`, and the
-    // view does not outlive the borrow.
-    unsafe { Tensor::from_blob(data.as_ptr(), shape, &strides, kind, tch::Device::Cpu) }
+    load_into_renamed(
+        vs,
+        dir,
+        &LoadOptions {
+            ignore_unexpected: ignore,
+        },
+        &|name| Cow::Owned(canonical_name(name)),
+    )
 }
 
 #[cfg(test)]

@@ -6,14 +6,27 @@
 //! a one-image (non-square, resized) and a two-image two-turn sample. Also checks the
 //! parameter count computed from the saved config alone against transformers' count on the
 //! meta device.
+//!
+//! Then the data path (`check_pipeline`): our template (the Vicuna training template for the
+//! Llama variants, the Hub one otherwise), processor and collator, built from the fixture
+//! directory, turn the same conversations and images into the ids transformers' processor
+//! makes of the same template text, the labels of the label rule (computed by the oracle from
+//! character offsets), transformers' pixel values (≤ 2/255 before normalisation, exact for a
+//! tile that needs no resize) and the same loss.
 
 use std::collections::HashMap;
+use std::path::Path;
 
-use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use lmms_ft_core::data::media::{load_image, ImageLimits};
+use lmms_ft_core::data::{Conversation, Part, Role, Turn};
+use lmms_ft_core::family::{
+    ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
+};
 use lmms_ft_core::nn::count_shifted_labels;
 use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
 use lmms_ft_llava::anyres::{next_image_tokens, Tiling};
 use lmms_ft_llava::config::{Architecture, LlavaConfig};
+use lmms_ft_llava::family::Llava;
 use lmms_ft_llava::model::{Batch, LlavaModel};
 use tch::{Device, Kind, Tensor};
 
@@ -140,6 +153,136 @@ fn check_variant(variant: &str) {
         );
         eprintln!("{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {expected:.6}, {compared} grads");
     }
+    check_pipeline(variant, &out, &config, &reference, &meta);
+}
+
+fn check_pipeline(
+    variant: &str,
+    dir: &Path,
+    config: &LlavaConfig,
+    reference: &HashMap<String, Tensor>,
+    meta: &serde_json::Value,
+) {
+    let template = Llava::template(config, dir).unwrap();
+    let vicuna = matches!(variant, "llava" | "llava_multi" | "next_vicuna");
+    assert_eq!(
+        template.training_template, vicuna,
+        "{variant}: template choice"
+    );
+    let processor = Llava::processor(config, dir, &Default::default()).unwrap();
+    assert_eq!(
+        processor.transform.pad_to_square.is_some(),
+        variant == "llava",
+        "{variant}: pad-to-square choice"
+    );
+    let collator = Llava::collator(config);
+    let model = LlavaModel::load(config, dir, Device::Cpu, Kind::Float).unwrap();
+    let limits = ImageLimits::default();
+    let image_a = load_image(&dir.join("image_a.png"), &limits).unwrap();
+    let image_b = load_image(&dir.join("image_b.png"), &limits).unwrap();
+    let std = Tensor::from_slice(&processor.transform.normalize.unwrap().1).view([1, 3, 1, 1]);
+    for name in ["text", "image", "two_images"] {
+        let get = |k: &str| reference.get(&format!("{name}.{k}"));
+        let sample = &meta["samples"][name];
+        let conv = conversation(&sample["messages"]);
+        let images = match name {
+            "image" => vec![image_b.clone()],
+            "two_images" => vec![image_a.clone(), image_b.clone()],
+            _ => vec![],
+        };
+        let (media, tokens) = processor.process(&images, &[]).unwrap();
+        let text = template.encode(&conv, &tokens, false).unwrap();
+        let ids: Vec<i64> = Vec::try_from(get("rule_input_ids").unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(text.input_ids, ids, "{variant}/{name}: input ids");
+        let rule: Vec<i64> = Vec::try_from(get("rule_labels").unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(text.labels, rule, "{variant}/{name}: labels");
+        let prompt = template.encode_prompt(&conv, &tokens).unwrap();
+        assert!(
+            text.input_ids.starts_with(&prompt) && prompt.len() < text.input_ids.len(),
+            "{variant}/{name}: the generation prompt is not a prefix of the training ids"
+        );
+        if let Some(theirs) = get("pixel_values") {
+            let s = config.vision.image_size();
+            let ours = Tensor::from_slice(&media.pixels).view([-1, 3, s, s]);
+            // NeXT pads every image to the most tiles; keep each image's own tiles.
+            let theirs = if theirs.dim() == 5 {
+                let per: Vec<Tensor> = media
+                    .image_sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &size)| {
+                        let t = Tiling::new(size, &config.image_grid_pinpoints, s).unwrap();
+                        theirs.get(i as i64).narrow(0, 0, t.num_tiles())
+                    })
+                    .collect();
+                Tensor::cat(&per, 0)
+            } else {
+                theirs.shallow_clone()
+            };
+            assert_eq!(ours.size(), theirs.size(), "{variant}/{name}: tiles");
+            // Compare before normalisation, in [0, 1] pixel units.
+            let diff = ((&ours - &theirs) * &std).abs();
+            let all = diff.max().double_value(&[]);
+            assert!(
+                all <= 2.0 / 255.0 + 1e-6,
+                "{variant}/{name}: pixel values differ by {all}"
+            );
+            if variant == "llava_multi" && name == "two_images" {
+                // image_a is 56 wide: its shortest edge needs no resize, only the crop.
+                let exact = diff.get(0).max().double_value(&[]);
+                assert!(
+                    exact <= 1e-6,
+                    "{variant}: unresized tile differs by {exact}"
+                );
+            }
+        }
+        let batch = collator
+            .collate(vec![Llava::sample(text, media)], Device::Cpu)
+            .unwrap();
+        let out = tch::no_grad(|| model.forward(&batch, false)).unwrap();
+        let loss = out.mean_loss().unwrap().double_value(&[]);
+        let expected = sample["rule_loss"].as_f64().unwrap();
+        assert!(
+            ((loss - expected) / expected).abs() <= 1e-5,
+            "{variant}/{name}: loss {loss} vs {expected}"
+        );
+        eprintln!(
+            "pipeline {variant}/{name}: ids, labels, pixels equal; loss {loss:.6} vs {expected:.6}"
+        );
+    }
+}
+
+/// The oracle's chat messages as a conversation.
+fn conversation(messages: &serde_json::Value) -> Conversation {
+    let mut images = 0;
+    let turns = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                _ => Role::Assistant,
+            };
+            let parts = m["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p["type"].as_str().unwrap() {
+                    "image" => {
+                        images += 1;
+                        Part::Image { index: images - 1 }
+                    }
+                    _ => Part::Text {
+                        text: p["text"].as_str().unwrap().to_string(),
+                    },
+                })
+                .collect();
+            Turn { role, parts }
+        })
+        .collect();
+    Conversation { turns }
 }
 
 #[test]

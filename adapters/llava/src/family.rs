@@ -1,0 +1,226 @@
+//! The typed bundle the core drives for `llava` (1.5, Interleave) and `llava_next`
+//! checkpoints: config, image processor, chat template, collator and model.
+//!
+//! # Templates
+//!
+//! The directory's Hub template is used with `<image>` as the placeholder, except for the
+//! Vicuna-style checkpoints (llava-1.5, llava-1.6-vicuna: a Llama text model whose Hub
+//! template writes `USER: … ASSISTANT: …`). Their Hub template ends an answer with a space
+//! and no end-of-turn token, so a model trained on it never learns to stop (lmms-finetune
+//! works around this by labeling the very last token as a stop). They get
+//! [`VICUNA_TRAINING_TEMPLATE`] instead: the same text, but each answer ends with `</s>`
+//! (which the label rule then labels), as in the original LLaVA's `conv_vicuna_v1`. Its
+//! generation prompt (`ASSISTANT:`) equals the Hub one, so inference prompts do not change.
+//!
+//! # BOS
+//!
+//! The Hub templates do not write `<s>`, but `transformers`' processors tokenise with the
+//! tokenizer's special tokens, so Llama / Mistral checkpoints always saw a leading BOS (the
+//! original LLaVA too). [`LlavaTemplate`] prepends whatever the tokenizer's post-processor
+//! puts before a text (nothing for Qwen2), unlabeled, unless the template wrote it already.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Result};
+use lmms_ft_backbones::text_config::TextModelType;
+use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
+use lmms_ft_core::data::template::{
+    discover_template, ContentMode, HfChatTemplate, MediaPlaceholders,
+};
+use lmms_ft_core::data::Conversation;
+use lmms_ft_core::family::{
+    ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
+};
+use lmms_ft_core::nn::count_shifted_labels;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::LlavaConfig;
+use crate::model::{Batch, LlavaModel};
+use crate::processor::{LlavaMedia, LlavaProcessor};
+
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// Training template of the Vicuna-style checkpoints (see the module doc).
+pub const VICUNA_TRAINING_TEMPLATE: &str = include_str!("vicuna_training.jinja");
+
+/// Whether a checkpoint is Vicuna-style: Llama text and a Hub template in the
+/// `USER: / ASSISTANT:` format that writes no end-of-turn token.
+pub fn is_vicuna_style(config: &LlavaConfig, hub_template: &str) -> bool {
+    config.text.model_type == TextModelType::Llama
+        && hub_template.contains("ASSISTANT:")
+        && !hub_template.contains("</s>")
+        && !hub_template.contains("eos_token")
+}
+
+/// A Hub (or training) template plus the tokenizer's leading special tokens.
+pub struct LlavaTemplate {
+    inner: HfChatTemplate,
+    prefix: Vec<i64>,
+    /// Whether the Vicuna training template replaced the Hub one.
+    pub training_template: bool,
+}
+
+impl LlavaTemplate {
+    pub fn from_dir(config: &LlavaConfig, dir: &Path) -> Result<LlavaTemplate> {
+        let placeholders = MediaPlaceholders::new(IMAGE_PLACEHOLDER, None);
+        let hub = discover_template(dir)?;
+        let training_template = is_vicuna_style(config, &hub.source);
+        let inner = if training_template {
+            HfChatTemplate::with_training_template(
+                dir,
+                VICUNA_TRAINING_TEMPLATE,
+                placeholders,
+                ContentMode::Parts,
+            )?
+        } else {
+            HfChatTemplate::from_dir(dir, placeholders, ContentMode::Parts)?
+        };
+        let tok = inner.tokenizer();
+        let encode = |special: bool| {
+            tok.encode("a", special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| anyhow!("probing the tokenizer's special tokens: {e}"))
+        };
+        let (with, without) = (encode(true)?, encode(false)?);
+        let prefix = match with.windows(without.len()).position(|w| w == without) {
+            Some(at) => with[..at].iter().map(|&i| i as i64).collect(),
+            None => bail!("the tokenizer's post-processor changes the text's own tokens"),
+        };
+        Ok(LlavaTemplate {
+            inner,
+            prefix,
+            training_template,
+        })
+    }
+
+    pub fn inner(&self) -> &HfChatTemplate {
+        &self.inner
+    }
+
+    fn with_prefix(&self, mut ids: Vec<i64>, labels: Option<&mut Vec<i64>>) -> Vec<i64> {
+        if self.prefix.is_empty() || ids.starts_with(&self.prefix) {
+            return ids;
+        }
+        if let Some(labels) = labels {
+            labels.splice(0..0, std::iter::repeat_n(IGNORE_INDEX, self.prefix.len()));
+        }
+        ids.splice(0..0, self.prefix.iter().copied());
+        ids
+    }
+}
+
+impl ChatTemplate for LlavaTemplate {
+    fn encode(
+        &self,
+        conv: &Conversation,
+        media: &MediaTokens,
+        label_all: bool,
+    ) -> Result<EncodedText> {
+        let mut text = self.inner.encode(conv, media, label_all)?;
+        let ids = std::mem::take(&mut text.input_ids);
+        text.input_ids = self.with_prefix(ids, Some(&mut text.labels));
+        Ok(text)
+    }
+
+    fn encode_prompt(&self, conv: &Conversation, media: &MediaTokens) -> Result<Vec<i64>> {
+        Ok(self.with_prefix(self.inner.encode_prompt(conv, media)?, None))
+    }
+}
+
+/// One encoded sample.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub text: EncodedText,
+    pub media: LlavaMedia,
+}
+
+pub struct LlavaCollator {
+    tile: i64,
+    pad_id: i64,
+}
+
+impl LlavaCollator {
+    pub fn new(config: &LlavaConfig) -> Self {
+        LlavaCollator {
+            tile: config.vision.image_size(),
+            // Padding sits after every real token under causal attention and carries no
+            // label; it only must not be the image token.
+            pad_id: if config.image_token_id == 0 { 1 } else { 0 },
+        }
+    }
+}
+
+impl Collator for LlavaCollator {
+    type Sample = Sample;
+    type Batch = Batch;
+
+    fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
+        ensure!(!samples.is_empty(), "cannot collate an empty batch");
+        let texts: Vec<EncodedText> = samples.iter().map(|s| s.text.clone()).collect();
+        let labels: Vec<Vec<i64>> = texts.iter().map(|t| t.labels.clone()).collect();
+        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?;
+        let mut pixels = Vec::new();
+        let mut image_sizes = Vec::new();
+        let mut tiles = 0;
+        for s in samples {
+            pixels.extend(s.media.pixels);
+            image_sizes.extend(s.media.image_sizes);
+            tiles += s.media.num_tiles;
+        }
+        let pixel_values = (tiles > 0).then(|| {
+            Tensor::from_slice(&pixels)
+                .view([tiles as i64, 3, self.tile, self.tile])
+                .to_device(device)
+        });
+        Ok(Batch {
+            input_ids: padded.input_ids.to_device(device),
+            labels: Some(padded.labels.to_device(device)),
+            pixel_values,
+            image_sizes,
+            num_label_tokens: count_shifted_labels(&labels, IGNORE_INDEX),
+        })
+    }
+}
+
+/// LLaVA-1.5, Interleave and LLaVA-NeXT share every piece; the architecture comes from
+/// `config.json`.
+pub struct Llava;
+
+impl Family for Llava {
+    type Config = LlavaConfig;
+    type Processor = LlavaProcessor;
+    type Template = LlavaTemplate;
+    type Sample = Sample;
+    type Batch = Batch;
+    type Collator = LlavaCollator;
+    type Model = LlavaModel;
+
+    /// Pixel budgets do not apply: LLaVA tiles have the tower's fixed size, so a budget the
+    /// user set would be silently ignored; it is refused instead.
+    fn processor(
+        config: &LlavaConfig,
+        dir: &Path,
+        opts: &ProcessorOptions,
+    ) -> Result<LlavaProcessor> {
+        if *opts != ProcessorOptions::default() {
+            bail!("data.min_pixels / max_pixels / video_min_pixels / video_max_pixels do not apply to LLaVA, whose images become fixed-size tiles; remove them");
+        }
+        LlavaProcessor::from_dir(config, dir)
+    }
+
+    fn template(config: &LlavaConfig, dir: &Path) -> Result<LlavaTemplate> {
+        LlavaTemplate::from_dir(config, dir)
+    }
+
+    fn sample(text: EncodedText, media: LlavaMedia) -> Sample {
+        Sample { text, media }
+    }
+
+    fn collator(config: &LlavaConfig) -> LlavaCollator {
+        LlavaCollator::new(config)
+    }
+
+    fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Result<LlavaModel> {
+        LlavaModel::load(config, dir, device, kind)
+    }
+}
