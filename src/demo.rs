@@ -72,9 +72,11 @@ struct Shape {
 fn draw(rng: &mut ChaCha8Rng) -> Shape {
     let (color, rgb) = *COLORS.choose(rng).expect("non-empty");
     let shape = *SHAPES.choose(rng).expect("non-empty");
-    let r = rng.random_range(22..34) as f32;
-    let cx = rng.random_range(r as u32 + 4..SIDE - r as u32 - 4) as f32;
-    let cy = rng.random_range(r as u32 + 4..SIDE - r as u32 - 4) as f32;
+    // Near the centre with a little jitter in place and size: enough variety that the model
+    // cannot memorise pixels, little enough that a tiny model learns shapes in minutes.
+    let r = rng.random_range(34..42) as f32;
+    let cx = (SIDE / 2) as f32 + rng.random_range(-4.0..4.0);
+    let cy = (SIDE / 2) as f32 + rng.random_range(-4.0..4.0);
     let image = RgbImage::from_fn(SIDE, SIDE, |x, y| {
         let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
         let inside = match shape {

@@ -75,13 +75,13 @@ register_models!(
             "llava-interleave-qwen-0.5b",
             "llava-hf/llava-interleave-qwen-0.5b-hf",
             ["llava-interleave-0.5b"],
-            true
+            false
         ),
         (
             "llava-interleave-qwen-7b",
             "llava-hf/llava-interleave-qwen-7b-hf",
             ["llava-interleave-7b"],
-            true
+            false
         ),
     ]
 );
