@@ -95,14 +95,14 @@ fn draw(rng: &mut ChaCha8Rng) -> Shape {
     let shape = *SHAPES.choose(rng).expect("non-empty");
     // Near the centre with a little jitter in place and size: enough variety that the model
     // cannot memorise pixels, little enough that a tiny model learns shapes in minutes.
-    let r = rng.random_range(34..42) as f32;
-    let cx = (SIDE / 2) as f32 + rng.random_range(-4.0..4.0);
-    let cy = (SIDE / 2) as f32 + rng.random_range(-4.0..4.0);
+    let r = rng.random_range(42..50) as f32;
+    let cx = (SIDE / 2) as f32 + rng.random_range(-3.0..3.0);
+    let cy = (SIDE / 2) as f32 + rng.random_range(-3.0..3.0);
     let image = RgbImage::from_fn(SIDE, SIDE, |x, y| {
         let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
         let inside = match shape {
             "circle" => dx * dx + dy * dy <= r * r,
-            "square" => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+            "square" => dx.abs() <= r * 0.9 && dy.abs() <= r * 0.9,
             // Upward triangle: below the apex, above the base, within the widening sides.
             _ => dy >= -r && dy <= r * 0.8 && dx.abs() <= (dy + r) * 0.6,
         };

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
-use lmms_ft_core::data::{Conversation, Part, RgbImage, Role, Turn, VideoClip};
+use lmms_ft_core::data::{RgbImage, VideoClip};
 use lmms_ft_core::family::{
     ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
 };
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
 use lmms_ft_qwen2_vl::family::Qwen2Vl;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
@@ -179,7 +179,7 @@ fn check_pipeline(
     };
     for name in ["text", "image", "two_images", "video"] {
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
-        let conv = conversation(&meta["samples"][name]["messages"]);
+        let conv = conversation_from_messages(&meta["samples"][name]["messages"]);
         let (images, videos) = match name {
             "image" => (vec![image_a.clone()], vec![]),
             "two_images" => (vec![image_a.clone(), image_b.clone()], vec![]),
@@ -248,43 +248,6 @@ fn check_pipeline(
             "pipeline {name}: ids, labels, media, positions equal; loss {loss:.6} vs {expected:.6}"
         );
     }
-}
-
-/// The oracle's chat messages as a conversation.
-fn conversation(messages: &serde_json::Value) -> Conversation {
-    let (mut images, mut videos) = (0, 0);
-    let turns = messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            let role = match m["role"].as_str().unwrap() {
-                "system" => Role::System,
-                "user" => Role::User,
-                _ => Role::Assistant,
-            };
-            let parts = m["content"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| match p["type"].as_str().unwrap() {
-                    "image" => {
-                        images += 1;
-                        Part::Image { index: images - 1 }
-                    }
-                    "video" => {
-                        videos += 1;
-                        Part::Video { index: videos - 1 }
-                    }
-                    _ => Part::Text {
-                        text: p["text"].as_str().unwrap().to_string(),
-                    },
-                })
-                .collect();
-            Turn { role, parts }
-        })
-        .collect();
-    Conversation { turns }
 }
 
 #[test]
@@ -453,7 +416,7 @@ fn greedy_generation_matches_transformers() {
             _ => {}
         }
         let prepared = PreparedConversation {
-            conversation: conversation(&meta["samples"][name]["messages"]),
+            conversation: conversation_from_messages(&meta["samples"][name]["messages"]),
             media,
         };
         let opts = GenerateOptions {
