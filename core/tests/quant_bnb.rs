@@ -300,7 +300,7 @@ fn check_nested_codes(
 /// NF4 on Gaussian weights keeps the relative Frobenius error near 0.1).
 #[test]
 fn error_statistics() {
-    let _ = lmms_ft_core::tch::manual_seed(7);
+    lmms_ft_core::tch::manual_seed(7);
     let w = Tensor::randn([1024, 1024], (Kind::Float, lmms_ft_core::tch::Device::Cpu)) * 0.02;
     println!("weight 1024x1024 ~ N(0, 0.02^2), block size 64:");
     println!("type  dtype  nested  mean|err|   max|err|    rel.Frobenius  bytes/param");
