@@ -351,6 +351,17 @@ fn rejects_bad_input() {
     let x = Tensor::zeros([2, 63], (Kind::Float, lmms_ft_core::tch::Device::Cpu));
     assert!(linear_4bit(&x, &packed, &state, None).is_err());
     assert!("nf5".parse::<QuantType>().is_err());
+    let bad_shape = QuantState4bit {
+        absmax: Absmax4bit::Plain(Tensor::zeros(
+            [4],
+            (Kind::Float, lmms_ft_core::tch::Device::Cpu),
+        )),
+        shape: vec![-4, -64],
+        dtype: Kind::Float,
+        blocksize: 64,
+        quant_type: QuantType::Nf4,
+    };
+    assert!(dequantize_4bit(&packed, &bad_shape).is_err());
     // An all-zero weight quantises to zeros and comes back as zeros.
     let deq = dequantize_4bit(&packed, &state).expect("dequantize");
     assert_eq!(deq.abs().sum(Kind::Double).double_value(&[]), 0.0);

@@ -54,6 +54,12 @@ pub fn quantize_blockwise(x: &Tensor, code: &Tensor, blocksize: i64) -> Result<(
     if n == 0 {
         bail!("blockwise quantisation of an empty tensor");
     }
+    if code.dim() != 1 || code.size()[0] < 2 || code.size()[0] > 256 {
+        bail!(
+            "blockwise quantisation needs a 1-D code of 2..=256 entries, got {:?}",
+            code.size()
+        );
+    }
     let code = code.to_device(flat.device()).to_kind(Kind::Float);
     let (absmax, scaled) = block_absmax_and_scale(&flat, blocksize, Scaling::Divide);
     let k = code.size()[0];

@@ -158,7 +158,16 @@ pub fn dequantize_4bit_as(packed: &Tensor, state: &QuantState4bit, kind: Kind) -
             state.blocksize
         );
     }
+    if state.shape.iter().any(|&d| d < 0) {
+        bail!(
+            "4-bit dequantisation: negative dimension in shape {:?}",
+            state.shape
+        );
+    }
     let n: i64 = state.shape.iter().product();
+    if n == 0 {
+        bail!("4-bit dequantisation: empty shape {:?}", state.shape);
+    }
     let bytes = ceil_div(n, 2);
     if packed.numel() as i64 != bytes {
         bail!(
