@@ -41,10 +41,11 @@ pub fn dynamic_code() -> Tensor {
 /// entry of the sorted `code`; returns `(codes u8 of x's shape, absmax f32 per block)`.
 ///
 /// Each value is divided by its block's absmax and rounded to the nearest code entry, a value
-/// exactly half-way going to the lower entry. bnb's CPU C kernel finds the entry with an
-/// approximate binary search and picks the farther neighbour for values within about 1.5e-5
-/// of a half-way point; this function is the exact-nearest rule (bnb's reference Python
-/// kernel), so codes can differ from bnb-on-CPU by one step at such near-ties.
+/// exactly half-way going to the lower entry (bnb's reference kernel's rule). bnb 0.50.2's
+/// CPU C kernel is not exact: for about 3 values in 1000 it returns an entry up to ~1.5e-5
+/// farther from the value than the nearest one (one or two steps among the dense entries
+/// near 0), so double-quantised absmax codes can differ from bnb-on-CPU there, by a
+/// dequantised amount below ~1.5e-5 of the second-level absmax.
 pub fn quantize_blockwise(x: &Tensor, code: &Tensor, blocksize: i64) -> Result<(Tensor, Tensor)> {
     if blocksize <= 0 {
         bail!("blockwise quantisation: block size must be positive, got {blocksize}");
@@ -104,8 +105,8 @@ pub fn dequantize_blockwise(
 }
 
 /// How a value is brought into `[-1, 1]`: bnb's reference 4-bit kernel multiplies full blocks
-/// by the reciprocal of the clamped absmax but divides the trailing partial block; its 8-bit
-/// kernel divides everywhere. The two can differ in the last bit, which moves near-tie codes.
+/// by the reciprocal of the clamped absmax but divides the trailing partial block; its CPU
+/// 8-bit kernel divides everywhere. The two can differ in the last bit, which moves near-tie codes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scaling {
     ReciprocalThenDivideTail,
