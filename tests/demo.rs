@@ -12,7 +12,11 @@ fn demo_learns_colours_and_shapes() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let summary = stdout
         .lines()
         .find(|l| l.contains("held-out accuracy"))
@@ -34,6 +38,12 @@ fn demo_learns_colours_and_shapes() {
         .parse()
         .unwrap();
     assert!(acc >= 90.0, "{summary}");
-    assert!(out.path().join("tiny-qwen2-vl-trained/model.safetensors").is_file());
-    assert!(out.path().join("tiny-qwen2-vl-trained/tokenizer.json").is_file());
+    assert!(out
+        .path()
+        .join("tiny-qwen2-vl-trained/model.safetensors")
+        .is_file());
+    assert!(out
+        .path()
+        .join("tiny-qwen2-vl-trained/tokenizer.json")
+        .is_file());
 }
