@@ -165,7 +165,10 @@ pub fn run(cli: Cli) -> Result<()> {
             command: ConfigCommand::Show(args),
         } => {
             let cfg = args.load()?;
-            print!("{}", toml::to_string_pretty(&cfg).context("rendering config")?);
+            print!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("rendering config")?
+            );
             Ok(())
         }
         Command::Doctor { device } => {

@@ -12,9 +12,9 @@ use lmms_ft_core::data::video::load_video;
 use lmms_ft_core::eval::evaluate as run_evaluation;
 use lmms_ft_core::family::{OpenOptions, ProcessorOptions};
 use lmms_ft_core::hub::{self, CacheEnv};
+use lmms_ft_core::peft;
 use lmms_ft_core::registry::{self, FamilyEntry, RegistryError};
 use lmms_ft_core::runtime;
-use lmms_ft_core::peft;
 use lmms_ft_core::train::run::Outcome;
 use tch::{Device, Kind};
 
@@ -184,11 +184,13 @@ pub fn merge_lora(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("parsing {}", config_path.display()))?;
     let family = registry::family_for_config(&json)?;
-    let implementation = family.implementation.ok_or_else(|| RegistryError::NotImplemented {
-        id: base.display().to_string(),
-        family: family.name.to_string(),
-        status: family.status,
-    })?;
+    let implementation = family
+        .implementation
+        .ok_or_else(|| RegistryError::NotImplemented {
+            id: base.display().to_string(),
+            family: family.name.to_string(),
+            status: family.status,
+        })?;
     let mut model = implementation.load_model(
         base,
         OpenOptions {

@@ -207,7 +207,10 @@ fn lora_run_writes_outputs_that_load_in_peft_and_merge_in_transformers() {
     let rgb = png.to_rgb8();
     let blue = rgb.pixels().filter(|p| p[2] > 200 && p[0] < 60).count();
     let red = rgb.pixels().filter(|p| p[0] > 200 && p[2] < 60).count();
-    assert!(blue > 100 && red > 100, "curves missing: {blue} blue, {red} red pixels");
+    assert!(
+        blue > 100 && red > 100,
+        "curves missing: {blue} blue, {red} red pixels"
+    );
 
     // The adapter loads back into lmms-ft and, through the oracle, into peft.
     let mut model = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
@@ -229,15 +232,15 @@ fn lora_run_writes_outputs_that_load_in_peft_and_merge_in_transformers() {
     assert_ok(&run);
     assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
 
-    let result = oracle_json(
-        "train_peft_check.py",
-        &[&fx.dir, &out, &merged, &ours_path],
-    );
+    let result = oracle_json("train_peft_check.py", &[&fx.dir, &out, &merged, &ours_path]);
     for name in ["text", "image", "video"] {
         let r = &result[name];
         assert!(r["peft_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {r}");
         assert!(r["merged_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {r}");
-        assert!(r["base_vs_ours"].as_f64().unwrap() > 1e-3, "{name}: adapter changes nothing: {r}");
+        assert!(
+            r["base_vs_ours"].as_f64().unwrap() > 1e-3,
+            "{name}: adapter changes nothing: {r}"
+        );
     }
 }
 
@@ -276,7 +279,10 @@ fn full_run_writes_sharded_weights_that_load_in_transformers() {
     assert!(n > 1, "not sharded: {shards:?}");
     for i in 1..=n {
         let name = format!("model-{i:05}-of-{n:05}.safetensors");
-        assert!(shards.contains(&name) && out.join(&name).is_file(), "{name}");
+        assert!(
+            shards.contains(&name) && out.join(&name).is_file(),
+            "{name}"
+        );
     }
     assert!(out.join("config.json").is_file() && out.join("tokenizer.json").is_file());
     assert!(!out.join("adapter_config.json").exists());
@@ -306,7 +312,10 @@ fn full_run_writes_sharded_weights_that_load_in_transformers() {
     for name in ["text", "image", "video"] {
         let r = &result[name];
         assert!(r["hf_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {r}");
-        assert!(r["base_vs_ours"].as_f64().unwrap() > 1e-3, "{name}: weights unchanged: {r}");
+        assert!(
+            r["base_vs_ours"].as_f64().unwrap() > 1e-3,
+            "{name}: weights unchanged: {r}"
+        );
     }
 }
 
@@ -370,11 +379,21 @@ fn sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
     assert_ok(&output);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("interrupted after step"), "{stdout}");
-    assert!(!stopped.join("adapter_model.safetensors").exists(), "outputs of an unfinished run");
+    assert!(
+        !stopped.join("adapter_model.safetensors").exists(),
+        "outputs of an unfinished run"
+    );
     let latest = lmms_ft_core::train::checkpoint::latest(&stopped)
         .unwrap()
         .expect("a checkpoint on interrupt");
-    let step: u64 = latest.to_str().unwrap().rsplit('-').next().unwrap().parse().unwrap();
+    let step: u64 = latest
+        .to_str()
+        .unwrap()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((2..12).contains(&step), "checkpoint at step {step}");
 
     let mut args = train_args(fx, &train, &stopped, &sets);
@@ -384,7 +403,11 @@ fn sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
     let (a, b) = (adapter_tensors(&stopped), adapter_tensors(&straight));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (name, t) in &a {
-        assert_eq!(max_abs_diff(t, &b[name]), 0.0, "{name} differs after resume");
+        assert_eq!(
+            max_abs_diff(t, &b[name]),
+            0.0,
+            "{name} differs after resume"
+        );
     }
     assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
     let (la, lb) = (train_losses(&stopped), train_losses(&straight));
@@ -397,7 +420,11 @@ fn bad_samples_are_skipped_and_logged_or_stop_the_run_with_their_location() {
     let fx = common::fixture();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(fx.dir.join("image_a.png"), tmp.path().join("a.png")).unwrap();
-    std::fs::write(tmp.path().join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    std::fs::write(
+        tmp.path().join("broken.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
     let good = record("What is it?", "Red.", Some("a.png")).to_string();
     let text = record("Say hi.", "Hi!", None).to_string();
     let broken_json = r#"{"conversations": [{"from": "human", "value": "Hi"}"#.to_string();
@@ -435,7 +462,9 @@ fn bad_samples_are_skipped_and_logged_or_stop_the_run_with_their_location() {
     let log = String::from_utf8_lossy(&skipped.stderr);
     for (line, what) in [(2, "json"), (4, "broken.png"), (5, "missing.png")] {
         let hit = log.lines().any(|l| {
-            l.contains("skipping") && l.contains(&format!("data.jsonl:{line}")) && l.to_lowercase().contains(what)
+            l.contains("skipping")
+                && l.contains(&format!("data.jsonl:{line}"))
+                && l.to_lowercase().contains(what)
         });
         assert!(hit, "line {line} ({what}) not logged as skipped:\n{log}");
     }
@@ -457,5 +486,8 @@ fn bad_samples_are_skipped_and_logged_or_stop_the_run_with_their_location() {
     let stopped = run(&data, "lazy", "error");
     assert!(!stopped.status.success());
     let err = String::from_utf8_lossy(&stopped.stderr);
-    assert!(err.contains("lazy.jsonl:3") && err.contains("broken.png"), "{err}");
+    assert!(
+        err.contains("lazy.jsonl:3") && err.contains("broken.png"),
+        "{err}"
+    );
 }

@@ -28,7 +28,9 @@ use super::metrics::{self, MetricsLog};
 use super::{checkpoint, plot, StepStats, TrainOptions, Trainer};
 use crate::config::{Config, DataSection, OnBadSample, Overlength};
 use crate::data::batch::length::{fit_length, Fitted};
-use crate::data::batch::sampler::{BatchSampler, LengthGroupedSampler, SamplerState, ShuffledSampler};
+use crate::data::batch::sampler::{
+    BatchSampler, LengthGroupedSampler, SamplerState, ShuffledSampler,
+};
 use crate::data::dataset::{Dataset, Record};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::data::prepare::{dataset_options, prepare, MediaOptions};
@@ -62,10 +64,14 @@ fn install_interrupt_handler() {
                 eprintln!("second interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("interrupt: saving a checkpoint after the current step (Ctrl-C again to quit now)");
+            eprintln!(
+                "interrupt: saving a checkpoint after the current step (Ctrl-C again to quit now)"
+            );
         });
         if let Err(e) = result {
-            tracing::warn!("cannot catch Ctrl-C ({e}); an interrupt will stop without a checkpoint");
+            tracing::warn!(
+                "cannot catch Ctrl-C ({e}); an interrupt will stop without a checkpoint"
+            );
         }
     });
 }
@@ -132,7 +138,12 @@ struct BatchLoad {
 }
 
 impl BatchLoad {
-    fn new(records: Vec<Record>, builder: Arc<dyn BatchBuilder>, data: &DataSection, device: Device) -> Self {
+    fn new(
+        records: Vec<Record>,
+        builder: Arc<dyn BatchBuilder>,
+        data: &DataSection,
+        device: Device,
+    ) -> Self {
         BatchLoad {
             records: Arc::new(records),
             builder,
@@ -208,7 +219,10 @@ impl BatchLoad {
         sample.text = match fitted {
             Fitted::Kept(text) => text,
             Fitted::Truncated { text, removed } => {
-                tracing::debug!("truncated sample at {} by {removed} tokens", record.location);
+                tracing::debug!(
+                    "truncated sample at {} by {removed} tokens",
+                    record.location
+                );
                 text
             }
             Fitted::Dropped(reason) => {
@@ -305,7 +319,12 @@ fn resume_dir(cfg: &Config) -> Result<Option<PathBuf>> {
 }
 
 /// Mean loss over every label token of the eval set.
-fn evaluate(pipeline: &dyn Pipeline, trainer: &Trainer, eval: &BatchLoad, batch_size: usize) -> Result<(f64, i64)> {
+fn evaluate(
+    pipeline: &dyn Pipeline,
+    trainer: &Trainer,
+    eval: &BatchLoad,
+    batch_size: usize,
+) -> Result<(f64, i64)> {
     trainer.set_training(false);
     let (mut sum, mut tokens) = (0.0, 0i64);
     let indices: Vec<usize> = (0..eval.records.len()).collect();
@@ -336,7 +355,10 @@ pub fn train(
     ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
     ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
     ensure!(t.save_steps > 0, "train.save_steps must be at least 1");
-    ensure!(t.logging_steps > 0, "train.logging_steps must be at least 1");
+    ensure!(
+        t.logging_steps > 0,
+        "train.logging_steps must be at least 1"
+    );
     let out = t.output_dir.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let train_path = cfg
@@ -375,9 +397,19 @@ pub fn train(
             }
         }
         records = kept;
-        Arc::new(LengthGroupedSampler::new(lengths, t.batch_size, t.seed, false)?)
+        Arc::new(LengthGroupedSampler::new(
+            lengths,
+            t.batch_size,
+            t.seed,
+            false,
+        )?)
     } else {
-        Arc::new(ShuffledSampler::new(records.len(), t.batch_size, t.seed, false)?)
+        Arc::new(ShuffledSampler::new(
+            records.len(),
+            t.batch_size,
+            t.seed,
+            false,
+        )?)
     };
     let num_records = records.len();
     let batches_per_epoch = sampler.epoch_batches(0).len();
@@ -387,11 +419,19 @@ pub fn train(
         Some(n) => n,
         None => (t.epochs * steps_per_epoch as f64).ceil() as u64,
     };
-    ensure!(total > 0, "nothing to train: train.epochs and train.max_steps give 0 steps");
+    ensure!(
+        total > 0,
+        "nothing to train: train.epochs and train.max_steps give 0 steps"
+    );
 
     let builder = pipeline.batch_builder();
     let eval = match &cfg.data.eval {
-        Some(path) => Some(BatchLoad::new(read_records(path, &cfg.data)?, builder.clone(), &cfg.data, device)),
+        Some(path) => Some(BatchLoad::new(
+            read_records(path, &cfg.data)?,
+            builder.clone(),
+            &cfg.data,
+            device,
+        )),
         None => None,
     };
     let mut trainer = Trainer::new(pipeline.trainable(), TrainOptions::from_config(cfg, total)?)?;
@@ -407,10 +447,19 @@ pub fn train(
             extra["batches_per_epoch"]
         );
         position = SamplerState {
-            epoch: extra["epoch"].as_u64().context("checkpoint without `epoch`")?,
-            consumed: extra["consumed"].as_u64().context("checkpoint without `consumed`")? as usize,
+            epoch: extra["epoch"]
+                .as_u64()
+                .context("checkpoint without `epoch`")?,
+            consumed: extra["consumed"]
+                .as_u64()
+                .context("checkpoint without `consumed`")? as usize,
         };
-        tracing::info!(step = trainer.step, epoch = position.epoch, "resumed from {}", dir.display());
+        tracing::info!(
+            step = trainer.step,
+            epoch = position.epoch,
+            "resumed from {}",
+            dir.display()
+        );
     }
     let mut metrics = MetricsLog::resume(&out, trainer.step)?;
     tracing::info!(
@@ -459,10 +508,15 @@ pub fn train(
             let batch = loader
                 .next()
                 .context("the data loader ended early")?
-                .with_context(|| format!("epoch {}, batch {}", position.epoch, position.consumed))?;
+                .with_context(|| {
+                    format!("epoch {}, batch {}", position.epoch, position.consumed)
+                })?;
             position.consumed += 1;
             if position.consumed == batches_per_epoch {
-                position = SamplerState { epoch: position.epoch + 1, consumed: 0 };
+                position = SamplerState {
+                    epoch: position.epoch + 1,
+                    consumed: 0,
+                };
             }
             if let Some(batch) = batch {
                 metrics.add_tokens(batch.tokens);
@@ -471,14 +525,20 @@ pub fn train(
         }
         if micro.is_empty() {
             empty_steps += 1;
-            ensure!(empty_steps <= batches_per_epoch, "every sample of a whole epoch was left out; nothing to train on");
+            ensure!(
+                empty_steps <= batches_per_epoch,
+                "every sample of a whole epoch was left out; nothing to train on"
+            );
             continue;
         }
         empty_steps = 0;
         let stats = trainer
             .train_step(&micro, |b| pipeline.forward_loaded(b, true))
             .with_context(|| match &last_checkpoint {
-                Some(dir) => format!("training stopped; the last good checkpoint is {}", dir.display()),
+                Some(dir) => format!(
+                    "training stopped; the last good checkpoint is {}",
+                    dir.display()
+                ),
                 None => "training stopped before the first checkpoint".to_string(),
             })?;
         let step = stats.step;
@@ -515,7 +575,9 @@ pub fn train(
     reporter.finish();
     drop(loader);
     if let Some(eval) = &eval {
-        if t.eval_steps.is_none_or(|every| every == 0 || trainer.step % every != 0) {
+        if t.eval_steps
+            .is_none_or(|every| every == 0 || trainer.step % every != 0)
+        {
             let (loss, tokens) = evaluate(pipeline.as_ref(), &trainer, eval, t.batch_size)?;
             metrics.log_eval(trainer.step, loss, tokens)?;
             tracing::info!(step = trainer.step, eval_loss = loss, "eval");
@@ -528,7 +590,10 @@ pub fn train(
         "finished; outputs in {}",
         out.display()
     );
-    Ok(Outcome::Finished { steps: trainer.step, output_dir: out })
+    Ok(Outcome::Finished {
+        steps: trainer.step,
+        output_dir: out,
+    })
 }
 
 /// The final output directory: weights (adapter or full), model files, resolved config, loss
@@ -542,7 +607,10 @@ fn write_outputs(
 ) -> Result<()> {
     let out = &cfg.train.output_dir;
     copy_model_files(model_dir, out)?;
-    let has_lora = trainer.params.iter().any(|p| p.name.ends_with(".lora_A.weight"));
+    let has_lora = trainer
+        .params
+        .iter()
+        .any(|p| p.name.ends_with(".lora_A.weight"));
     match (&trainer.options.lora, has_lora) {
         (Some(spec), true) => save_adapter(
             pipeline.trainable(),
