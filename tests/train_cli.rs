@@ -491,3 +491,38 @@ fn bad_samples_are_skipped_and_logged_or_stop_the_run_with_their_location() {
         "{err}"
     );
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_names_the_last_good_checkpoint() {
+    let fx = common::fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, _) = dataset(tmp.path());
+    let out = tmp.path().join("out");
+    // Step 1 trains from lora_B = 0 (finite loss); its update of ~1e38 overflows step 2.
+    let run = lmms_ft(&train_args(
+        fx,
+        &train,
+        &out,
+        &[
+            "train.max_steps=4",
+            "train.batch_size=2",
+            "train.learning_rate=1e38",
+            "train.warmup_ratio=0",
+            "train.max_grad_norm=0",
+            "train.save_steps=1",
+        ],
+    ));
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("at step 2") && err.contains("checkpoint-1"),
+        "{err}"
+    );
+    let kept: Vec<u64> = lmms_ft_core::train::checkpoint::list(&out)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(kept, vec![1], "the last good checkpoint is kept");
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
