@@ -64,7 +64,14 @@ pub enum Command {
         device: String,
     },
     /// Fine-tune a model (full, LoRA or QLoRA).
-    Train(ConfigArgs),
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Continue from a checkpoint: `--resume` (the newest in the output directory) or
+        /// `--resume DIR` (train.resume).
+        #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "DIR")]
+        resume: Option<String>,
+    },
     /// Per-sample loss of a model on a dataset, written as JSON.
     Evaluate {
         #[command(flatten)]
@@ -190,7 +197,10 @@ pub fn run(cli: Cli) -> Result<()> {
             command: ConfigCommand::Show(args),
         } => {
             let cfg = args.load()?;
-            print!("{}", toml::to_string_pretty(&cfg).context("rendering config")?);
+            print!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("rendering config")?
+            );
             Ok(())
         }
         Command::Demo {
@@ -251,15 +261,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 json,
             },
         ),
-        Command::Train(args) => {
-            let cfg = args.load()?;
-            let (dir, family) = commands::resolve_model(&cfg)?;
-            tracing::info!(dir = %dir.display(), family = family.name, "resolved model");
-            anyhow::bail!("this command is not available yet in this build")
+        Command::Train { config, resume } => {
+            let mut sources = config.sources();
+            if let Some(resume) = resume {
+                sources
+                    .flags
+                    .push(("train.resume".into(), Value::from(resume)));
+            }
+            commands::train(&sources.load()?)
         }
-        Command::MergeLora { .. } => anyhow::bail!(
-            "merge-lora is not available yet: it needs LoRA training, which is not implemented in this build"
-        ),
+        Command::MergeLora { base, adapter, out } => commands::merge_lora(&base, &adapter, &out),
     }
 }
 

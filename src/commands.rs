@@ -1,4 +1,5 @@
-//! The commands that open a model or a dataset: `evaluate` and `validate-data`.
+//! The commands that open a model or a dataset: `train`, `merge-lora`, `evaluate` and
+//! `validate-data`.
 
 use std::path::{Path, PathBuf};
 
@@ -17,9 +18,11 @@ use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
 use lmms_ft_core::family::{OpenOptions, PreparedConversation, ProcessorOptions};
 use lmms_ft_core::generate::GenerateOptions;
 use lmms_ft_core::hub::{self, CacheEnv};
+use lmms_ft_core::peft;
 use lmms_ft_core::peft::io::load_adapter;
 use lmms_ft_core::registry::{self, FamilyEntry, RegistryError};
 use lmms_ft_core::runtime;
+use lmms_ft_core::train::run::Outcome;
 use tch::{Device, Kind};
 
 /// Config → model directory and the registered family that loads it: `model.path` if set
@@ -212,5 +215,64 @@ pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
     } else {
         println!("{}", out.text);
     }
+    Ok(())
+}
+pub fn train(cfg: &Config) -> Result<()> {
+    let (dir, family) = resolve_model(cfg)?;
+    let (device, kind) = device_and_kind(cfg)?;
+    let implementation = family.implementation.expect("resolve_model checks it");
+    tracing::info!(model = %dir.display(), family = family.name, ?device, ?kind, "train");
+    match lmms_ft_core::train::run::train(cfg, implementation, &dir, device, kind)? {
+        Outcome::Finished { steps, output_dir } => {
+            println!("trained {steps} steps; outputs in {}", output_dir.display())
+        }
+        Outcome::Interrupted { step, checkpoint } => println!(
+            "interrupted after step {step}; checkpoint {} (continue with --resume)",
+            checkpoint.display()
+        ),
+    }
+    Ok(())
+}
+
+/// Torch dtype a checkpoint was saved in (`dtype` / `torch_dtype` of its config), so a merged
+/// model keeps its base's precision.
+fn saved_kind(config: &serde_json::Value) -> Kind {
+    let dtype = config
+        .get("dtype")
+        .or_else(|| config.get("torch_dtype"))
+        .or_else(|| config.pointer("/text_config/dtype"))
+        .or_else(|| config.pointer("/text_config/torch_dtype"))
+        .and_then(|v| v.as_str());
+    match dtype {
+        Some("bfloat16") => Kind::BFloat16,
+        Some("float16") => Kind::Half,
+        _ => Kind::Float,
+    }
+}
+
+pub fn merge_lora(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let config_path = base.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+    let family = registry::family_for_config(&json)?;
+    let implementation = family
+        .implementation
+        .ok_or_else(|| RegistryError::NotImplemented {
+            id: base.display().to_string(),
+            family: family.name.to_string(),
+            status: family.status,
+        })?;
+    let mut model = implementation.load_model(
+        base,
+        OpenOptions {
+            device: Device::Cpu,
+            kind: saved_kind(&json),
+            processor: ProcessorOptions::default(),
+        },
+    )?;
+    let merged = peft::io::merge_lora(model.as_mut(), base, adapter, out, peft::io::SHARD_BYTES)?;
+    println!("merged {merged} adapted layers; wrote {}", out.display());
     Ok(())
 }

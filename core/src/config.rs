@@ -170,6 +170,17 @@ pub struct TrainSection {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
+    /// Continue from a checkpoint: `"latest"` (the newest under `output_dir`; a fresh start
+    /// when there is none) or a checkpoint directory.
+    pub resume: Option<String>,
+    /// Batch samples of similar token length (`transformers`' `group_by_length`); measures
+    /// every sample once before training.
+    pub group_by_length: bool,
+    /// Threads that decode, encode and collate batches ahead of the model.
+    pub dataloader_workers: usize,
+    /// Largest weight shard of a full fine-tuning output, in bytes (`save_pretrained`'s
+    /// `max_shard_size`).
+    pub max_shard_size: u64,
 }
 
 /// How one part of the model trains.
@@ -236,6 +247,10 @@ impl Default for TrainSection {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
+            resume: None,
+            group_by_length: false,
+            dataloader_workers: 2,
+            max_shard_size: 5 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -11,8 +11,10 @@
 //! → [`Family::sample`] → [`Collator::collate`] (a padded batch on the device)
 //! → [`Model::forward`] (logits, summed loss, label count).
 
+use std::any::Any;
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tch::{nn, Device, Kind, Tensor};
@@ -41,7 +43,8 @@ pub trait HfConfig: Sized + Send + Sync {
 /// Turns decoded media into model inputs.
 pub trait Processor: Send + Sync {
     /// Processed media of one sample (e.g. patches plus grid sizes), in placeholder order.
-    type Media: Send;
+    /// `'static` so the training loader can carry it between threads.
+    type Media: Send + 'static;
 
     /// Resizes, normalises and patchifies all media of one sample. Returns the processed
     /// media and, per image then per video in order, the number of tokens its placeholder
@@ -70,6 +73,14 @@ pub struct EncodedText {
 
 /// Renders conversations to token ids.
 pub trait ChatTemplate: Send + Sync {
+    /// Whether `id` is a media token (one placeholder position), which length fitting must
+    /// never cut. The default knows none; truncation then refuses samples with media rather
+    /// than cutting blindly.
+    fn is_media_token(&self, id: i64) -> bool {
+        let _ = id;
+        false
+    }
+
     /// Encodes a training conversation. Each image / video placeholder becomes exactly
     /// `media.images[i]` / `media.videos[j]` media tokens. Labels follow the project's
     /// label rule: assistant content plus the end-of-turn tokens the template emits right
@@ -216,7 +227,8 @@ pub trait Family: Send + Sync + 'static {
     type Processor: Processor;
     type Template: ChatTemplate;
     type Sample: Send;
-    type Batch;
+    /// `Send + 'static` so batches can be collated on loader threads.
+    type Batch: Send + 'static;
     type Collator: Collator<Sample = Self::Sample, Batch = Self::Batch>;
     type Model: Model<Batch = Self::Batch> + 'static;
 
@@ -306,6 +318,10 @@ pub trait Pipeline {
     fn trainable(&mut self) -> &mut dyn Trainable;
     /// Generates an assistant reply to a conversation (its last turn from the user).
     fn generate(&self, conv: &PreparedConversation, opts: &GenerateOptions) -> Result<Generated>;
+    /// Encoding and collation, shareable with loader threads (training).
+    fn batch_builder(&self) -> Arc<dyn BatchBuilder>;
+    /// Runs a batch built by this pipeline's [`BatchBuilder`].
+    fn forward_loaded(&self, batch: &LoadedBatch, train: bool) -> Result<ModelOutput>;
 }
 
 /// Object-safe face of a [`Family`], stored in the registry.
@@ -361,8 +377,8 @@ impl<F: Family> DataPipeline for Encoder<F> {
 }
 
 struct Opened<F: Family> {
-    encoder: Encoder<F>,
-    collator: F::Collator,
+    encoder: Arc<Encoder<F>>,
+    collator: Arc<F::Collator>,
     model: F::Model,
     device: Device,
     /// Template end-of-turn / end-of-sequence ids plus `generation_config.json`'s.
@@ -371,7 +387,7 @@ struct Opened<F: Family> {
 
 impl<F: Family> Pipeline for Opened<F> {
     fn data(&self) -> &dyn DataPipeline {
-        &self.encoder
+        self.encoder.as_ref()
     }
 
     fn forward(&self, batch: &[PreparedConversation], train: bool) -> Result<ModelOutput> {
@@ -430,6 +446,21 @@ impl<F: Family> Pipeline for Opened<F> {
             })
         })
     }
+
+    fn batch_builder(&self) -> Arc<dyn BatchBuilder> {
+        Arc::new(Builder::<F> {
+            encoder: self.encoder.clone(),
+            collator: self.collator.clone(),
+        })
+    }
+
+    fn forward_loaded(&self, batch: &LoadedBatch, train: bool) -> Result<ModelOutput> {
+        let typed = batch
+            .batch
+            .downcast_ref::<F::Batch>()
+            .context("a batch built by another model's pipeline was passed to this one")?;
+        self.model.forward(typed, train)
+    }
 }
 
 impl<F: Family> DynFamily for Erased<F> {
@@ -441,8 +472,8 @@ impl<F: Family> DynFamily for Erased<F> {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Box::new(Opened::<F> {
-            encoder,
-            collator: F::collator(&config),
+            encoder: Arc::new(encoder),
+            collator: Arc::new(F::collator(&config)),
             model: F::load(&config, dir, opts.device, opts.kind)?,
             device: opts.device,
             stop_ids,
@@ -461,5 +492,85 @@ impl<F: Family> DynFamily for Erased<F> {
     fn load_model(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Trainable>> {
         let config = F::config(dir)?;
         Ok(Box::new(F::load(&config, dir, opts.device, opts.kind)?))
+    }
+}
+
+// ---- Batch building off the training thread -------------------------------------------------
+//
+// The trainer's loader threads encode and collate while the model trains, without knowing
+// the family. The typed sample media and batch travel boxed as `Any` between two calls of the
+// same generic `Builder<F>` / `Opened<F>`, never through adapter code, and a mismatch is an
+// error rather than a panic.
+
+/// One encoded sample: its text (which the caller may shorten to fit `max_length`, never
+/// removing media tokens) and its processed media, opaque until collation.
+pub struct EncodedSample {
+    pub text: EncodedText,
+    /// Media tokens the processor asked for (sum over the sample's images and videos).
+    pub media_tokens: usize,
+    media: Box<dyn Any + Send>,
+}
+
+/// A collated device batch, ready for [`Pipeline::forward_loaded`].
+pub struct LoadedBatch {
+    batch: Box<dyn Any + Send>,
+    /// Samples in the batch.
+    pub samples: usize,
+    /// Tokens of the batch without padding.
+    pub tokens: usize,
+}
+
+/// A family's encoding and collation, usable from any thread.
+pub trait BatchBuilder: Send + Sync {
+    /// Processes the media and encodes the conversation (`label_all`: label the prompt too).
+    fn encode(&self, item: &PreparedConversation, label_all: bool) -> Result<EncodedSample>;
+    /// See [`ChatTemplate::is_media_token`].
+    fn is_media_token(&self, id: i64) -> bool;
+    /// Pads and moves samples to `device`.
+    fn collate(&self, samples: Vec<EncodedSample>, device: Device) -> Result<LoadedBatch>;
+}
+
+struct Builder<F: Family> {
+    encoder: Arc<Encoder<F>>,
+    collator: Arc<F::Collator>,
+}
+
+impl<F: Family> BatchBuilder for Builder<F> {
+    fn encode(&self, item: &PreparedConversation, label_all: bool) -> Result<EncodedSample> {
+        let (media, tokens) = self
+            .encoder
+            .processor
+            .process(&item.media.images, &item.media.videos)?;
+        let text = self
+            .encoder
+            .template
+            .encode(&item.conversation, &tokens, label_all)?;
+        Ok(EncodedSample {
+            text,
+            media_tokens: tokens.images.iter().chain(&tokens.videos).sum(),
+            media: Box::new(media),
+        })
+    }
+
+    fn is_media_token(&self, id: i64) -> bool {
+        self.encoder.template.is_media_token(id)
+    }
+
+    fn collate(&self, samples: Vec<EncodedSample>, device: Device) -> Result<LoadedBatch> {
+        let n = samples.len();
+        let tokens = samples.iter().map(|s| s.text.input_ids.len()).sum();
+        let mut typed = Vec::with_capacity(n);
+        for s in samples {
+            let media = s
+                .media
+                .downcast::<<F::Processor as Processor>::Media>()
+                .map_err(|_| anyhow::anyhow!("a sample encoded by another model was collated"))?;
+            typed.push(F::sample(s.text, *media));
+        }
+        Ok(LoadedBatch {
+            batch: Box::new(self.collator.collate(typed, device)?),
+            samples: n,
+            tokens,
+        })
     }
 }

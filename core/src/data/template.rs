@@ -338,6 +338,10 @@ impl HfChatTemplate {
 }
 
 impl ChatTemplate for HfChatTemplate {
+    fn is_media_token(&self, id: i64) -> bool {
+        u32::try_from(id).is_ok_and(|id| self.is_media(id))
+    }
+
     fn encode(
         &self,
         conv: &Conversation,

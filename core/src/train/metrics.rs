@@ -1,8 +1,11 @@
-//! `metrics.jsonl`: one JSON object per optimiser step, appended and flushed as it happens
-//! so a killed run keeps every line written before the kill.
+//! `metrics.jsonl`: one JSON object per logged optimiser step or evaluation, appended and
+//! flushed as it happens so a killed run keeps every line written before the kill.
+//!
+//! Train rows: `step, loss, lr, grad_norm, tokens_per_s, peak_rss_mb`; evaluation rows:
+//! `step, eval_loss, eval_tokens`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -10,40 +13,109 @@ use serde_json::json;
 
 use super::StepStats;
 
+pub const FILE: &str = "metrics.jsonl";
+
 pub struct MetricsLog {
+    path: PathBuf,
     file: std::fs::File,
     last: Instant,
+    /// Input tokens seen since the last train row.
+    tokens: usize,
 }
 
 impl MetricsLog {
     /// Opens `dir/metrics.jsonl` for appending (a resumed run continues the same file).
     pub fn open(dir: &Path) -> Result<MetricsLog> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("metrics.jsonl");
+        let path = dir.join(FILE);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(MetricsLog {
+            path,
             file,
             last: Instant::now(),
+            tokens: 0,
         })
     }
 
-    /// Appends a step; tokens/s counts label tokens over the wall time since the last line.
+    /// Opens the log of a run resumed at `step`: rows the interrupted run wrote after its
+    /// checkpoint are dropped, since the resumed run writes those steps again.
+    pub fn resume(dir: &Path, step: u64) -> Result<MetricsLog> {
+        let path = dir.join(FILE);
+        if path.is_file() {
+            let kept: Vec<String> = read_rows(&path)?
+                .into_iter()
+                .filter(|r| r["step"].as_u64().is_some_and(|s| s <= step))
+                .map(|r| r.to_string())
+                .collect();
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            std::fs::write(&path, text).with_context(|| format!("rewriting {}", path.display()))?;
+        }
+        MetricsLog::open(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counts input tokens toward the next row's throughput.
+    pub fn add_tokens(&mut self, tokens: usize) {
+        self.tokens += tokens;
+    }
+
+    /// Appends a train row; tokens/s counts the input tokens added since the last row over
+    /// the wall time since then.
     pub fn log(&mut self, s: &StepStats) -> Result<()> {
         let now = Instant::now();
         let secs = now.duration_since(self.last).as_secs_f64().max(1e-9);
         self.last = now;
-        let line = json!({
+        let tokens = std::mem::take(&mut self.tokens);
+        self.write(json!({
             "step": s.step,
             "loss": s.loss,
             "lr": s.lr,
             "grad_norm": s.grad_norm,
-            "tokens_per_s": s.label_tokens as f64 / secs,
-        });
-        writeln!(self.file, "{line}").context("writing metrics.jsonl")?;
-        self.file.flush().context("writing metrics.jsonl")
+            "tokens_per_s": tokens as f64 / secs,
+            "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        }))
     }
+
+    /// Appends an evaluation row.
+    pub fn log_eval(&mut self, step: u64, loss: f64, tokens: i64) -> Result<()> {
+        self.write(json!({"step": step, "eval_loss": loss, "eval_tokens": tokens}))
+    }
+
+    fn write(&mut self, row: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{row}").with_context(|| format!("writing {}", self.path.display()))?;
+        self.file
+            .flush()
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Every row of a metrics file.
+pub fn read_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -10,6 +10,8 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
+pub mod run;
 pub mod schedule;
 
 use std::sync::atomic::{AtomicBool, Ordering};

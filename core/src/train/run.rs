@@ -1,0 +1,628 @@
+//! A whole training run (`lmms-ft train`), for any registered family: data screening and
+//! background loading, the optimiser loop, logging, evaluation, checkpoints, resume,
+//! interruption, and the output directory.
+//!
+//! Data flows in two stages. A streaming pass reads every record once and screens its
+//! structure and that its media files exist (cheap: nothing is decoded), under
+//! `data.on_bad_sample`; this also gives the dataset length the sampler needs for JSONL.
+//! Decoding, encoding, length fitting and collation happen lazily on loader threads, where a
+//! file that turns out to be undecodable is again skipped or stops the run per
+//! `on_bad_sample`, while `data.overlength` governs samples longer than `data.max_length`.
+//!
+//! Resuming is exact: the checkpoint stores the sampler position (epoch, batches consumed),
+//! and each epoch's order is a pure function of the seed, so the resumed run sees the same
+//! batches in the same order; per-step seeding gives it the same dropout masks.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tch::{Device, Kind};
+
+use super::metrics::{self, MetricsLog};
+use super::{checkpoint, plot, StepStats, TrainOptions, Trainer};
+use crate::config::{Config, DataSection, OnBadSample, Overlength};
+use crate::data::batch::length::{fit_length, Fitted};
+use crate::data::batch::sampler::{
+    BatchSampler, LengthGroupedSampler, SamplerState, ShuffledSampler,
+};
+use crate::data::dataset::{Dataset, Record};
+use crate::data::loader::{Loader, LoaderOptions};
+use crate::data::prepare::{dataset_options, prepare, MediaOptions};
+use crate::data::validate::{screen_record, Checks, MediaCheck, Problem};
+use crate::family::{
+    BatchBuilder, DynFamily, EncodedSample, LoadedBatch, OpenOptions, Pipeline, ProcessorOptions,
+};
+use crate::peft::io::{copy_model_files, save_adapter, save_hf_weights};
+
+/// Name of the resolved configuration written into the output directory.
+pub const CONFIG_FILE: &str = "lmms-ft-config.toml";
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Trained to the last step and wrote the output directory.
+    Finished { steps: u64, output_dir: PathBuf },
+    /// Stopped by SIGINT; a checkpoint of the last completed step was saved.
+    Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs (once per process) a SIGINT handler that asks the loop to stop after the current
+/// step; a second Ctrl-C exits at once, for a run stuck in a long step.
+fn install_interrupt_handler() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let result = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                eprintln!("second interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "interrupt: saving a checkpoint after the current step (Ctrl-C again to quit now)"
+            );
+        });
+        if let Err(e) = result {
+            tracing::warn!(
+                "cannot catch Ctrl-C ({e}); an interrupt will stop without a checkpoint"
+            );
+        }
+    });
+}
+
+/// Reads and screens every record of a dataset file (structure, media existence).
+pub fn read_records(path: &Path, data: &DataSection) -> Result<Vec<Record>> {
+    let dataset = Dataset::open(path, dataset_options(data))?;
+    let checks = Checks {
+        media: MediaCheck::Exists,
+        video_check: None,
+        token_length: None,
+        max_length: None,
+    };
+    let mut records = Vec::new();
+    let mut skipped = 0usize;
+    for item in dataset.records()? {
+        let screened = match item {
+            Ok(record) => screen_record(record, &checks, data.on_bad_sample),
+            Err(e) => {
+                let problem = Problem::from(e);
+                match data.on_bad_sample {
+                    OnBadSample::Error => Err(problem),
+                    OnBadSample::Skip => {
+                        tracing::warn!("skipping sample: {problem}");
+                        Ok(None)
+                    }
+                }
+            }
+        };
+        match screened {
+            Ok(Some(record)) => records.push(record),
+            Ok(None) => skipped += 1,
+            Err(problem) => bail!(
+                "bad sample: {problem} (set data.on_bad_sample = \"skip\" to train without such samples)"
+            ),
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            kept = records.len(),
+            "left out bad samples of {}",
+            path.display()
+        );
+    }
+    ensure!(
+        !records.is_empty(),
+        "{} has no usable samples",
+        path.display()
+    );
+    Ok(records)
+}
+
+/// Turns dataset indices into a device batch; runs on loader threads.
+struct BatchLoad {
+    records: Arc<Vec<Record>>,
+    builder: Arc<dyn BatchBuilder>,
+    media: MediaOptions,
+    max_length: usize,
+    overlength: Overlength,
+    on_bad_sample: OnBadSample,
+    label_all: bool,
+    device: Device,
+}
+
+impl BatchLoad {
+    fn new(
+        records: Vec<Record>,
+        builder: Arc<dyn BatchBuilder>,
+        data: &DataSection,
+        device: Device,
+    ) -> Self {
+        BatchLoad {
+            records: Arc::new(records),
+            builder,
+            media: MediaOptions::from_config(data),
+            max_length: data.max_length,
+            overlength: data.overlength,
+            on_bad_sample: data.on_bad_sample,
+            label_all: data.train_on_prompt,
+            device,
+        }
+    }
+
+    /// The batch of `indices`, or `None` when every sample was left out.
+    fn load(&self, indices: &[usize]) -> Result<Option<LoadedBatch>> {
+        let mut samples = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let record = self
+                .records
+                .get(i)
+                .with_context(|| format!("sample index {i} is out of range"))?;
+            let encoded = match self.encode(record) {
+                Ok(encoded) => encoded,
+                Err(e) => match self.on_bad_sample {
+                    OnBadSample::Error => return Err(e),
+                    OnBadSample::Skip => {
+                        tracing::warn!("skipping sample at {}: {e:#}", record.location);
+                        continue;
+                    }
+                },
+            };
+            if let Some(sample) = self.fit(record, encoded)? {
+                samples.push(sample);
+            }
+        }
+        if samples.is_empty() {
+            return Ok(None);
+        }
+        self.builder.collate(samples, self.device).map(Some)
+    }
+
+    /// Decodes and encodes one record; failures here are bad samples.
+    fn encode(&self, record: &Record) -> Result<EncodedSample> {
+        let prepared = prepare(record, &self.media)?;
+        self.builder
+            .encode(&prepared, self.label_all)
+            .with_context(|| format!("encoding sample at {}", record.location))
+    }
+
+    /// Applies `data.overlength`; `None` when the sample is dropped.
+    fn fit(&self, record: &Record, mut sample: EncodedSample) -> Result<Option<EncodedSample>> {
+        let builder = &self.builder;
+        let text = std::mem::take(&mut sample.text);
+        if text.input_ids.len() > self.max_length && self.overlength == Overlength::Truncate {
+            let marked = text
+                .input_ids
+                .iter()
+                .filter(|&&id| builder.is_media_token(id))
+                .count();
+            ensure!(
+                marked == sample.media_tokens,
+                "cannot truncate sample at {}: the model's template marks {marked} of its {} media tokens, so cutting could remove some",
+                record.location,
+                sample.media_tokens
+            );
+        }
+        let fitted = fit_length(
+            text,
+            self.max_length,
+            self.overlength,
+            |id| builder.is_media_token(id),
+            &record.location,
+        )?;
+        sample.text = match fitted {
+            Fitted::Kept(text) => text,
+            Fitted::Truncated { text, removed } => {
+                tracing::debug!(
+                    "truncated sample at {} by {removed} tokens",
+                    record.location
+                );
+                text
+            }
+            Fitted::Dropped(reason) => {
+                tracing::warn!("dropping sample at {}: {reason}", record.location);
+                return Ok(None);
+            }
+        };
+        Ok(Some(sample))
+    }
+}
+
+/// Progress on a terminal (a bar), structured log lines otherwise.
+struct Reporter {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    fn new(total: u64, start: u64) -> Reporter {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_position(start);
+            bar
+        });
+        Reporter { bar }
+    }
+
+    fn step(&self, s: &StepStats, log: bool) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(s.step);
+                bar.set_message(format!("loss {:.4}  lr {:.3e}", s.loss, s.lr));
+            }
+            None if log => tracing::info!(
+                step = s.step,
+                loss = s.loss,
+                lr = s.lr,
+                grad_norm = s.grad_norm,
+                "train"
+            ),
+            None => {}
+        }
+    }
+
+    /// Logs around the bar so the two do not garble each other.
+    fn info(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Where a run restarts: the newest checkpoint for `latest`, or the given directory.
+fn resume_dir(cfg: &Config) -> Result<Option<PathBuf>> {
+    let out = &cfg.train.output_dir;
+    match cfg.train.resume.as_deref() {
+        None | Some("") => {
+            if !checkpoint::list(out)?.is_empty() {
+                tracing::warn!(
+                    "{} already holds checkpoints; this run starts fresh (set train.resume = \"latest\" to continue)",
+                    out.display()
+                );
+            }
+            Ok(None)
+        }
+        Some("latest") => {
+            let found = checkpoint::latest(out)?;
+            if found.is_none() {
+                tracing::info!("no checkpoint in {}; starting fresh", out.display());
+            }
+            Ok(found)
+        }
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            ensure!(
+                dir.join("trainer_state.json").is_file(),
+                "cannot resume from {}: it is not a checkpoint directory (no trainer_state.json)",
+                dir.display()
+            );
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// Mean loss over every label token of the eval set.
+fn evaluate(
+    pipeline: &dyn Pipeline,
+    trainer: &Trainer,
+    eval: &BatchLoad,
+    batch_size: usize,
+) -> Result<(f64, i64)> {
+    trainer.set_training(false);
+    let (mut sum, mut tokens) = (0.0, 0i64);
+    let indices: Vec<usize> = (0..eval.records.len()).collect();
+    for chunk in indices.chunks(batch_size) {
+        let Some(batch) = eval.load(chunk).context("loading eval data")? else {
+            continue;
+        };
+        let out = tch::no_grad(|| pipeline.forward_loaded(&batch, false))?;
+        if let Some(s) = out.loss_sum {
+            sum += s.double_value(&[]);
+            tokens += out.num_label_tokens;
+        }
+    }
+    trainer.set_training(true);
+    ensure!(tokens > 0, "the eval data has no label tokens");
+    Ok((sum / tokens as f64, tokens))
+}
+
+/// Runs training as `cfg` says on the model in `model_dir`.
+pub fn train(
+    cfg: &Config,
+    family: &dyn DynFamily,
+    model_dir: &Path,
+    device: Device,
+    kind: Kind,
+) -> Result<Outcome> {
+    let t = &cfg.train;
+    ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
+    ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
+    ensure!(t.save_steps > 0, "train.save_steps must be at least 1");
+    ensure!(
+        t.logging_steps > 0,
+        "train.logging_steps must be at least 1"
+    );
+    let out = t.output_dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let train_path = cfg
+        .data
+        .train
+        .as_ref()
+        .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
+    let resume = resume_dir(cfg)?;
+
+    let mut pipeline = family.open(
+        model_dir,
+        OpenOptions {
+            device,
+            kind,
+            processor: ProcessorOptions::from_config(&cfg.data),
+        },
+    )?;
+    let mut records = read_records(train_path, &cfg.data)?;
+    let sampler: Arc<dyn BatchSampler> = if t.group_by_length {
+        let media = MediaOptions::from_config(&cfg.data);
+        let mut lengths = Vec::with_capacity(records.len());
+        let mut kept = Vec::with_capacity(records.len());
+        for record in records {
+            let len = prepare(&record, &media).and_then(|p| pipeline.data().encoded_length(&p));
+            match (len, cfg.data.on_bad_sample) {
+                (Ok(len), _) => {
+                    lengths.push(len);
+                    kept.push(record);
+                }
+                (Err(e), OnBadSample::Skip) => {
+                    tracing::warn!("skipping sample at {}: {e:#}", record.location)
+                }
+                (Err(e), OnBadSample::Error) => {
+                    return Err(e.context(format!("measuring sample at {}", record.location)))
+                }
+            }
+        }
+        records = kept;
+        Arc::new(LengthGroupedSampler::new(
+            lengths,
+            t.batch_size,
+            t.seed,
+            false,
+        )?)
+    } else {
+        Arc::new(ShuffledSampler::new(
+            records.len(),
+            t.batch_size,
+            t.seed,
+            false,
+        )?)
+    };
+    let num_records = records.len();
+    let batches_per_epoch = sampler.epoch_batches(0).len();
+    ensure!(batches_per_epoch > 0, "the training data has no batches");
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum) as u64;
+    let total = match t.max_steps {
+        Some(n) => n,
+        None => (t.epochs * steps_per_epoch as f64).ceil() as u64,
+    };
+    ensure!(
+        total > 0,
+        "nothing to train: train.epochs and train.max_steps give 0 steps"
+    );
+
+    let builder = pipeline.batch_builder();
+    let eval = match &cfg.data.eval {
+        Some(path) => Some(BatchLoad::new(
+            read_records(path, &cfg.data)?,
+            builder.clone(),
+            &cfg.data,
+            device,
+        )),
+        None => None,
+    };
+    let mut trainer = Trainer::new(pipeline.trainable(), TrainOptions::from_config(cfg, total)?)?;
+    let mut position = SamplerState::default();
+    if let Some(dir) = &resume {
+        let extra = trainer.load_checkpoint(dir)?;
+        let stored = extra["batches_per_epoch"].as_u64();
+        ensure!(
+            stored == Some(batches_per_epoch as u64) && extra["num_samples"].as_u64() == Some(num_records as u64),
+            "{} was written for {} samples in {} batches per epoch, but this run has {num_records} in {batches_per_epoch}; resume with the same data and batch size",
+            dir.display(),
+            extra["num_samples"],
+            extra["batches_per_epoch"]
+        );
+        position = SamplerState {
+            epoch: extra["epoch"]
+                .as_u64()
+                .context("checkpoint without `epoch`")?,
+            consumed: extra["consumed"]
+                .as_u64()
+                .context("checkpoint without `consumed`")? as usize,
+        };
+        tracing::info!(
+            step = trainer.step,
+            epoch = position.epoch,
+            "resumed from {}",
+            dir.display()
+        );
+    }
+    let mut metrics = MetricsLog::resume(&out, trainer.step)?;
+    tracing::info!(
+        samples = num_records,
+        steps = total,
+        trainable = trainer.num_trainable(),
+        "training"
+    );
+
+    let load = BatchLoad::new(records, builder, &cfg.data, device);
+    let first = sampler.resume(position)?;
+    let later = sampler.clone();
+    let next_epoch = position.epoch + 1;
+    let jobs = first
+        .into_iter()
+        .chain((next_epoch..).flat_map(move |e| later.epoch_batches(e)));
+    let workers = t.dataloader_workers.max(1);
+    let mut loader = Loader::new(
+        jobs,
+        move |indices: &[usize]| load.load(indices),
+        LoaderOptions {
+            workers,
+            prefetch: (2 * t.grad_accum).max(workers).max(2),
+        },
+    )?;
+
+    install_interrupt_handler();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    let reporter = Reporter::new(total, trainer.step);
+    let save = |trainer: &Trainer, pipeline: &mut Box<dyn Pipeline>, position: SamplerState| {
+        let extra = json!({
+            "epoch": position.epoch,
+            "consumed": position.consumed,
+            "batches_per_epoch": batches_per_epoch,
+            "num_samples": num_records,
+        });
+        trainer.save_checkpoint(pipeline.trainable(), &out, extra, t.save_total_limit)
+    };
+    let mut last_checkpoint = resume.clone();
+    let mut empty_steps = 0usize;
+    let started = Instant::now();
+    while trainer.step < total {
+        let want = t.grad_accum.min(batches_per_epoch - position.consumed);
+        let mut micro = Vec::with_capacity(want);
+        for _ in 0..want {
+            let batch = loader
+                .next()
+                .context("the data loader ended early")?
+                .with_context(|| {
+                    format!("epoch {}, batch {}", position.epoch, position.consumed)
+                })?;
+            position.consumed += 1;
+            if position.consumed == batches_per_epoch {
+                position = SamplerState {
+                    epoch: position.epoch + 1,
+                    consumed: 0,
+                };
+            }
+            if let Some(batch) = batch {
+                metrics.add_tokens(batch.tokens);
+                micro.push(batch);
+            }
+        }
+        if micro.is_empty() {
+            empty_steps += 1;
+            ensure!(
+                empty_steps <= batches_per_epoch,
+                "every sample of a whole epoch was left out; nothing to train on"
+            );
+            continue;
+        }
+        empty_steps = 0;
+        let stats = trainer
+            .train_step(&micro, |b| pipeline.forward_loaded(b, true))
+            .with_context(|| match &last_checkpoint {
+                Some(dir) => format!(
+                    "training stopped; the last good checkpoint is {}",
+                    dir.display()
+                ),
+                None => "training stopped before the first checkpoint".to_string(),
+            })?;
+        let step = stats.step;
+        let log_now = step % t.logging_steps == 0 || step == total;
+        if log_now {
+            metrics.log(&stats)?;
+        }
+        reporter.step(&stats, log_now);
+        if let (Some(eval), Some(every)) = (&eval, t.eval_steps) {
+            if every > 0 && step % every == 0 {
+                let (loss, tokens) = evaluate(pipeline.as_ref(), &trainer, eval, t.batch_size)?;
+                metrics.log_eval(step, loss, tokens)?;
+                reporter.info(|| tracing::info!(step, eval_loss = loss, "eval"));
+            }
+        }
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if step % t.save_steps == 0 || (interrupted && step < total) {
+            let dir = save(&trainer, &mut pipeline, position)?;
+            reporter.info(|| tracing::info!(step, "saved {}", dir.display()));
+            last_checkpoint = Some(dir);
+        }
+        if interrupted && step < total {
+            reporter.finish();
+            drop(loader);
+            let checkpoint = last_checkpoint.context("no checkpoint was written")?;
+            tracing::warn!(
+                step,
+                "interrupted; resume with --resume (checkpoint {})",
+                checkpoint.display()
+            );
+            return Ok(Outcome::Interrupted { step, checkpoint });
+        }
+    }
+    reporter.finish();
+    drop(loader);
+    if let Some(eval) = &eval {
+        if t.eval_steps
+            .is_none_or(|every| every == 0 || trainer.step % every != 0)
+        {
+            let (loss, tokens) = evaluate(pipeline.as_ref(), &trainer, eval, t.batch_size)?;
+            metrics.log_eval(trainer.step, loss, tokens)?;
+            tracing::info!(step = trainer.step, eval_loss = loss, "eval");
+        }
+    }
+    write_outputs(cfg, pipeline.as_mut(), &trainer, model_dir, metrics.path())?;
+    tracing::info!(
+        steps = trainer.step,
+        secs = started.elapsed().as_secs_f64(),
+        "finished; outputs in {}",
+        out.display()
+    );
+    Ok(Outcome::Finished {
+        steps: trainer.step,
+        output_dir: out,
+    })
+}
+
+/// The final output directory: weights (adapter or full), model files, resolved config, loss
+/// plot. `metrics.jsonl` is already there.
+fn write_outputs(
+    cfg: &Config,
+    pipeline: &mut dyn Pipeline,
+    trainer: &Trainer,
+    model_dir: &Path,
+    metrics_path: &Path,
+) -> Result<()> {
+    let out = &cfg.train.output_dir;
+    copy_model_files(model_dir, out)?;
+    let has_lora = trainer
+        .params
+        .iter()
+        .any(|p| p.name.ends_with(".lora_A.weight"));
+    match (&trainer.options.lora, has_lora) {
+        (Some(spec), true) => save_adapter(
+            pipeline.trainable(),
+            spec,
+            out,
+            Some(&model_dir.display().to_string()),
+        )?,
+        _ => save_hf_weights(pipeline.trainable(), out, cfg.train.max_shard_size as usize)?,
+    }
+    let text = toml::to_string_pretty(cfg).context("rendering the resolved config")?;
+    let path = out.join(CONFIG_FILE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    let (train, eval) = plot::series(&metrics::read_rows(metrics_path)?);
+    plot::plot_losses(&train, &eval, &out.join("loss.png"))
+}
