@@ -59,8 +59,7 @@ extern "C" {
         grads: *const *mut C_tensor,
         n: i64,
     ) -> *mut c_char;
-    fn lmms_shim_rng_get(device_type: c_int, index: i64, state: *mut *mut C_tensor)
-        -> *mut c_char;
+    fn lmms_shim_rng_get(device_type: c_int, index: i64, state: *mut *mut C_tensor) -> *mut c_char;
     fn lmms_shim_rng_set(device_type: c_int, index: i64, state: *mut C_tensor) -> *mut c_char;
 }
 
@@ -356,7 +355,9 @@ where
         let outputs = {
             let devices: Vec<i64> = self.rng.cuda.iter().map(|(i, _)| *i).collect();
             let _fork = RngFork(RngState::capture(&devices).expect("reading the RNG state"));
-            self.rng.restore().expect("restoring the checkpoint's RNG state");
+            self.rng
+                .restore()
+                .expect("restoring the checkpoint's RNG state");
             RECOMPUTATIONS.fetch_add(1, Ordering::Relaxed);
             tch::with_grad(|| (self.f)(&detached))
         };
@@ -419,10 +420,14 @@ where
         all.push(Tensor::empty([0], (Kind::Float, Device::Cpu)).set_requires_grad(true));
     }
     let n = inputs.len();
-    apply(&all, state, move |st: &Mutex<Checkpointed<F>>, xs: &[Tensor]| {
-        let st = st.lock().unwrap_or_else(|e| e.into_inner());
-        (st.f)(&xs[..n])
-    })
+    apply(
+        &all,
+        state,
+        move |st: &Mutex<Checkpointed<F>>, xs: &[Tensor]| {
+            let st = st.lock().unwrap_or_else(|e| e.into_inner());
+            (st.f)(&xs[..n])
+        },
+    )
 }
 
 /// A handle sharing storage (and gradients) with the original, for closures the autograd

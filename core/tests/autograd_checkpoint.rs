@@ -191,14 +191,17 @@ fn custom_function_backward_matches_autograd_and_is_freed_with_the_graph() {
         x.detach().set_requires_grad(true),
         w.detach().set_requires_grad(true),
     );
-    let reference = (x2.pow_tensor_scalar(3) * &w2 * 2.0).sum(Kind::Float)
-        + (&x2 + &w2).cos().sum(Kind::Float);
+    let reference =
+        (x2.pow_tensor_scalar(3) * &w2 * 2.0).sum(Kind::Float) + (&x2 + &w2).cos().sum(Kind::Float);
     reference.backward();
     assert!((loss.double_value(&[]) - reference.double_value(&[])).abs() <= 1e-5);
     assert!(max_abs_diff(&gx, &x2.grad()) <= 1e-5);
     assert!(max_abs_diff(&gw, &w2.grad()) <= 1e-5);
 
-    assert!(!dropped.load(Ordering::SeqCst), "the graph still holds the closure");
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "the graph still holds the closure"
+    );
     drop(loss);
     drop(outs);
     assert!(
