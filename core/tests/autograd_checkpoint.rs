@@ -242,8 +242,7 @@ fn panics_in_rust_callbacks_become_errors() {
     let _serial = serial();
     let x = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let err = custom_function(&[&x], |_| panic!("forward exploded"), |_, _| vec![None])
-        .err()
-        .expect("a panicking forward is an error");
+        .expect_err("a panicking forward is an error");
     assert!(err.to_string().contains("forward exploded"), "{err}");
 
     let outs = custom_function(
