@@ -49,7 +49,7 @@ pub enum Command {
         /// Where the model, data samples and trained weights go.
         #[arg(long, default_value = "lmms-ft-demo")]
         out: PathBuf,
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 500)]
         steps: u64,
         #[arg(long, default_value_t = 2000)]
         train_samples: usize,

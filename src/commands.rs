@@ -16,8 +16,8 @@ use lmms_ft_core::data::media::load_image;
 use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
 use lmms_ft_core::family::{OpenOptions, PreparedConversation, ProcessorOptions};
 use lmms_ft_core::generate::GenerateOptions;
-use lmms_ft_core::peft::io::load_adapter;
 use lmms_ft_core::hub::{self, CacheEnv};
+use lmms_ft_core::peft::io::load_adapter;
 use lmms_ft_core::registry::{self, FamilyEntry, RegistryError};
 use lmms_ft_core::runtime;
 use tch::{Device, Kind};
@@ -182,7 +182,9 @@ pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
     let mut media = DecodedMedia::default();
     let mut parts = Vec::new();
     for (i, path) in req.images.iter().enumerate() {
-        media.images.push(load_image(path, &media_opts.image_limits)?);
+        media
+            .images
+            .push(load_image(path, &media_opts.image_limits)?);
         parts.push(Part::Image { index: i });
     }
     if let Some(path) = &req.video {

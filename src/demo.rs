@@ -47,9 +47,30 @@ const SPECIAL: [&str; 8] = [
     "<unk>",
 ];
 const WORDS: &[&str] = &[
-    "system", "user", "assistant", "You", "are", "a", "helpful", ".", "What", "color", "is",
-    "the", "shape", "?", "Which", "in", "picture", "red", "green", "blue", "yellow", "circle",
-    "square", "triangle",
+    "system",
+    "user",
+    "assistant",
+    "You",
+    "are",
+    "a",
+    "helpful",
+    ".",
+    "What",
+    "color",
+    "is",
+    "the",
+    "shape",
+    "?",
+    "Which",
+    "in",
+    "picture",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
 ];
 /// ChatML as Qwen2-VL writes it, with its default system prompt.
 const TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
@@ -74,14 +95,14 @@ fn draw(rng: &mut ChaCha8Rng) -> Shape {
     let shape = *SHAPES.choose(rng).expect("non-empty");
     // Near the centre with a little jitter in place and size: enough variety that the model
     // cannot memorise pixels, little enough that a tiny model learns shapes in minutes.
-    let r = rng.random_range(34..42) as f32;
-    let cx = (SIDE / 2) as f32 + rng.random_range(-4.0..4.0);
-    let cy = (SIDE / 2) as f32 + rng.random_range(-4.0..4.0);
+    let r = rng.random_range(42..50) as f32;
+    let cx = (SIDE / 2) as f32 + rng.random_range(-3.0..3.0);
+    let cy = (SIDE / 2) as f32 + rng.random_range(-3.0..3.0);
     let image = RgbImage::from_fn(SIDE, SIDE, |x, y| {
         let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
         let inside = match shape {
             "circle" => dx * dx + dy * dy <= r * r,
-            "square" => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+            "square" => dx.abs() <= r * 0.9 && dy.abs() <= r * 0.9,
             // Upward triangle: below the apex, above the base, within the widening sides.
             _ => dy >= -r && dy <= r * 0.8 && dx.abs() <= (dy + r) * 0.6,
         };
@@ -109,7 +130,12 @@ fn question(s: &Shape, ask_color: bool) -> (String, &'static str) {
 fn conversation(q: &str, answer: Option<&str>) -> Conversation {
     let mut turns = vec![Turn {
         role: Role::User,
-        parts: vec![Part::Image { index: 0 }, Part::Text { text: q.to_string() }],
+        parts: vec![
+            Part::Image { index: 0 },
+            Part::Text {
+                text: q.to_string(),
+            },
+        ],
     }];
     if let Some(a) = answer {
         turns.push(Turn::text(Role::Assistant, a));
@@ -232,7 +258,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let options = TrainOptions {
         modes: [ComponentMode::Full; 3],
         lora: None,
-        lrs: [2e-3; 3],
+        lrs: [3e-3; 3],
         weight_decay: 0.0,
         beta1: 0.9,
         beta2: 0.999,
@@ -261,7 +287,10 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         recent.push(stats.loss);
         if step % 25 == 0 || step == opts.steps {
             let mean = recent.iter().sum::<f64>() / recent.len() as f64;
-            println!("step {step:>4}/{}  loss {mean:.4}  lr {:.2e}", opts.steps, stats.lr);
+            println!(
+                "step {step:>4}/{}  loss {mean:.4}  lr {:.2e}",
+                opts.steps, stats.lr
+            );
             recent.clear();
         }
     }
@@ -278,7 +307,11 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         let ok = reply.text.trim() == expected;
         correct += ok as usize;
         if i < 6 {
-            println!("  {q:<32} expected {expected:<9} got {:<12} {}", reply.text.trim(), if ok { "ok" } else { "WRONG" });
+            println!(
+                "  {q:<32} expected {expected:<9} got {:<12} {}",
+                reply.text.trim(),
+                if ok { "ok" } else { "WRONG" }
+            );
         }
     }
     let accuracy = correct as f64 / test.len() as f64;
@@ -294,6 +327,10 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         trained.display(),
         started.elapsed().as_secs_f64()
     );
-    anyhow::ensure!(accuracy >= 0.9, "held-out accuracy {:.1}% is below 90%", accuracy * 100.0);
+    anyhow::ensure!(
+        accuracy >= 0.9,
+        "held-out accuracy {:.1}% is below 90%",
+        accuracy * 100.0
+    );
     Ok(())
 }

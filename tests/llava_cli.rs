@@ -6,33 +6,8 @@
 use std::collections::HashMap;
 use std::process::Command;
 
-use lmms_ft_core::testing::{hf_configs, run_oracle};
+use lmms_ft_core::testing::{hf_configs, llava_record, run_oracle};
 use tch::Tensor;
-
-/// The oracle's chat messages as a LLaVA-format record with `<image>` placeholders.
-fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json::Value {
-    let mut record = serde_json::json!({ "conversations": [] });
-    for m in messages.as_array().unwrap() {
-        let text: String = m["content"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| match p["type"].as_str().unwrap() {
-                "image" => "<image>".to_string(),
-                _ => p["text"].as_str().unwrap().to_string(),
-            })
-            .collect();
-        let from = if m["role"] == "user" { "human" } else { "gpt" };
-        record["conversations"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({"from": from, "value": text}));
-    }
-    if !images.is_empty() {
-        record["image"] = serde_json::json!(images);
-    }
-    record
-}
 
 fn check_evaluate(variant: &str) {
     let tmp = tempfile::tempdir().unwrap();

@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
-use crate::generate::{generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker};
+use crate::generate::{
+    generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker,
+};
 use crate::nn::Linear;
 
 /// Label value for positions that do not contribute to the loss (as in `transformers`).
@@ -406,11 +408,15 @@ impl<F: Family> Pipeline for Opened<F> {
             .encoder
             .processor
             .process(&conv.media.images, &conv.media.videos)?;
-        let input_ids = self.encoder.template.encode_prompt(&conv.conversation, &tokens)?;
+        let input_ids = self
+            .encoder
+            .template
+            .encode_prompt(&conv.conversation, &tokens)?;
         let labels = vec![IGNORE_INDEX; input_ids.len()];
-        let batch = self
-            .collator
-            .collate(vec![F::sample(EncodedText { input_ids, labels }, media)], self.device)?;
+        let batch = self.collator.collate(
+            vec![F::sample(EncodedText { input_ids, labels }, media)],
+            self.device,
+        )?;
         tch::no_grad(|| {
             let (mut logits, mut state) = self.model.prefill(&batch)?;
             let mut picker = TokenPicker::new(*opts);

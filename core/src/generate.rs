@@ -71,7 +71,12 @@ impl TokenPicker {
 
     /// `logits`: `[vocab]` for one position.
     pub fn pick(&mut self, logits: &Tensor) -> Result<i64> {
-        let logits: Vec<f32> = Vec::try_from(logits.to_kind(Kind::Float).to_device(tch::Device::Cpu).flatten(0, -1))?;
+        let logits: Vec<f32> = Vec::try_from(
+            logits
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu)
+                .flatten(0, -1),
+        )?;
         if logits.is_empty() {
             bail!("empty logits");
         }
@@ -91,7 +96,10 @@ impl TokenPicker {
         }
         let t = self.opts.temperature as f32;
         let max = logits[order[0]] / t;
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] / t - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] / t - max) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         let mut keep = probs.len();

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod logging;
 pub mod nn;
 pub mod peft;
+pub mod quant;
 pub mod registry;
 pub mod runtime;
 pub mod testing;

@@ -71,3 +71,72 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
         .max()
         .double_value(&[])
 }
+
+/// Chat messages as the oracle scripts write them (`{"role", "content": [{"type": "text" |
+/// "image" | "video", ...}]}`) turned into a conversation, media numbered in order.
+pub fn conversation_from_messages(messages: &serde_json::Value) -> crate::data::Conversation {
+    use crate::data::{Conversation, Part, Role, Turn};
+    let (mut images, mut videos) = (0, 0);
+    let turns = messages
+        .as_array()
+        .expect("messages is a list")
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str() {
+                Some("system") => Role::System,
+                Some("user") => Role::User,
+                _ => Role::Assistant,
+            };
+            let parts = m["content"]
+                .as_array()
+                .expect("content is a list")
+                .iter()
+                .map(|p| match p["type"].as_str() {
+                    Some("image") => {
+                        images += 1;
+                        Part::Image { index: images - 1 }
+                    }
+                    Some("video") => {
+                        videos += 1;
+                        Part::Video { index: videos - 1 }
+                    }
+                    _ => Part::Text {
+                        text: p["text"].as_str().unwrap_or_default().to_string(),
+                    },
+                })
+                .collect();
+            Turn { role, parts }
+        })
+        .collect();
+    Conversation { turns }
+}
+
+/// The same messages as a LLaVA-format dataset record with `<image>` placeholders.
+pub fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json::Value {
+    let mut record = serde_json::json!({ "conversations": [] });
+    for m in messages.as_array().expect("messages is a list") {
+        let text: String = m["content"]
+            .as_array()
+            .expect("content is a list")
+            .iter()
+            .map(|p| match p["type"].as_str() {
+                Some("image") => "<image>".to_string(),
+                _ => p["text"].as_str().unwrap_or_default().to_string(),
+            })
+            .collect();
+        match m["role"].as_str() {
+            Some("system") => record["system_prompt"] = text.into(),
+            role => {
+                let from = if role == Some("user") { "human" } else { "gpt" };
+                record["conversations"]
+                    .as_array_mut()
+                    .expect("just made")
+                    .push(serde_json::json!({"from": from, "value": text}));
+            }
+        }
+    }
+    if !images.is_empty() {
+        record["image"] = serde_json::json!(images);
+    }
+    record
+}

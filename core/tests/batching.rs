@@ -233,20 +233,6 @@ fn padding_never_goes_to_max_length_and_rejects_bad_batches() {
 
 // ---------------------------------------------------------------- samplers
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("LMMS_FT_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = PathBuf::from(home).join(".cache/lmms-ft/venv/bin/python");
-    assert!(
-        p.exists(),
-        "no Python oracle: set LMMS_FT_PYTHON or run scripts/setup.sh (expected {})",
-        p.display()
-    );
-    p
-}
-
 fn random_lengths(n: usize, seed: u64, max: usize) -> Vec<usize> {
     // Independent of the code under test: a simple LCG.
     let mut x = seed
@@ -383,7 +369,7 @@ fn length_grouped_matches_transformers() {
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts/oracle/length_grouped_indices.py");
-    let mut child = Command::new(python())
+    let mut child = Command::new(lmms_ft_core::testing::oracle_python())
         .arg(&script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -34,21 +34,6 @@ fn hf(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("LMMS_FT_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let p = home.join(".cache/lmms-ft/venv/bin/python");
-    assert!(
-        p.is_file(),
-        "no oracle Python: set LMMS_FT_PYTHON or run scripts/setup.sh"
-    );
-    p
-}
-
 fn text(t: &str) -> Part {
     Part::Text { text: t.into() }
 }
@@ -206,7 +191,7 @@ fn oracle() -> &'static Oracle {
         std::fs::write(&in_path, input.to_string()).expect("write oracle input");
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/oracle/chat_templates.py");
-        let out = Command::new(python())
+        let out = Command::new(lmms_ft_core::testing::oracle_python())
             .arg(&script)
             .arg(&in_path)
             .arg(&out_path)

@@ -1,7 +1,7 @@
 //! Image decoding and resizing against the Python oracle (`scripts/oracle/images.py`):
 //! RGB conversion as transformers' processors do it, PIL's resampling, and the error paths.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use lmms_ft_core::data::media::{
@@ -11,26 +11,10 @@ use lmms_ft_core::data::media::{
 use lmms_ft_core::data::RgbImage;
 use serde_json::Value;
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("LMMS_FT_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let venv = home.join(".cache/lmms-ft/venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python oracle: set LMMS_FT_PYTHON or run scripts/setup.sh to create {}",
-        venv.display()
-    );
-    venv
-}
-
 /// Runs `images.py <cmd> <dir>` and returns the manifest it wrote.
 fn oracle(cmd: &str, dir: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/oracle/images.py");
-    let out = Command::new(python())
+    let out = Command::new(lmms_ft_core::testing::oracle_python())
         .arg(&script)
         .arg(cmd)
         .arg(dir)

@@ -3,10 +3,10 @@
 //! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
 
 use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
+use lmms_ft_core::generate::KvCache;
 use lmms_ft_core::nn::{
     apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm,
 };
-use lmms_ft_core::generate::KvCache;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -298,7 +298,12 @@ impl Decoder {
 
     /// Visits every linear layer with its Hub name; `model` / `lm_head` are the prefixes the
     /// decoder was built under (`model`, `lm_head` for most families).
-    pub fn visit_linears(&mut self, model: &str, lm_head: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+    pub fn visit_linears(
+        &mut self,
+        model: &str,
+        lm_head: &str,
+        f: &mut dyn FnMut(&str, &mut Linear),
+    ) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("{model}.layers.{i}");
             let a = &mut layer.self_attn;
@@ -347,7 +352,13 @@ impl Decoder {
 
     /// Like [`Decoder::hidden_states`] for generation: keys and values are read from and
     /// appended to `cache` (one slot per layer), so each new token costs one position.
-    pub fn hidden_states_cached(&self, embeds: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut KvCache) -> Tensor {
+    pub fn hidden_states_cached(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
         cache.layers.resize_with(self.layers.len(), || None);
         let mut h = embeds.shallow_clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {

@@ -37,7 +37,7 @@ pub struct Batch {
 
 enum Tower {
     Clip(ClipVisionTower),
-    Siglip(SiglipVisionTower),
+    Siglip(Box<SiglipVisionTower>),
 }
 
 pub struct LlavaModel {
@@ -58,7 +58,9 @@ impl LlavaModel {
         let vp = &root / "vision_tower" / "vision_model";
         let tower = match &config.vision {
             VisionConfig::Clip(c) => Tower::Clip(ClipVisionTower::new(&vp, c, init)),
-            VisionConfig::Siglip(c) => Tower::Siglip(SiglipVisionTower::new(&vp, c, init)),
+            VisionConfig::Siglip(c) => {
+                Tower::Siglip(Box::new(SiglipVisionTower::new(&vp, c, init)))
+            }
         };
         let pp = &root / "multi_modal_projector";
         let h = config.text.decoder.hidden_size;

@@ -18,12 +18,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
-use lmms_ft_core::data::{Conversation, Part, Role, Turn};
 use lmms_ft_core::family::{
     ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
 };
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
 use lmms_ft_llava::anyres::{next_image_tokens, Tiling};
 use lmms_ft_llava::config::{Architecture, LlavaConfig};
 use lmms_ft_llava::family::Llava;
@@ -184,7 +183,7 @@ fn check_pipeline(
     for name in ["text", "image", "two_images"] {
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
         let sample = &meta["samples"][name];
-        let conv = conversation(&sample["messages"]);
+        let conv = conversation_from_messages(&sample["messages"]);
         let images = match name {
             "image" => vec![image_b.clone()],
             "two_images" => vec![image_a.clone(), image_b.clone()],
@@ -250,39 +249,6 @@ fn check_pipeline(
             "pipeline {variant}/{name}: ids, labels, pixels equal; loss {loss:.6} vs {expected:.6}"
         );
     }
-}
-
-/// The oracle's chat messages as a conversation.
-fn conversation(messages: &serde_json::Value) -> Conversation {
-    let mut images = 0;
-    let turns = messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            let role = match m["role"].as_str().unwrap() {
-                "system" => Role::System,
-                "user" => Role::User,
-                _ => Role::Assistant,
-            };
-            let parts = m["content"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| match p["type"].as_str().unwrap() {
-                    "image" => {
-                        images += 1;
-                        Part::Image { index: images - 1 }
-                    }
-                    _ => Part::Text {
-                        text: p["text"].as_str().unwrap().to_string(),
-                    },
-                })
-                .collect();
-            Turn { role, parts }
-        })
-        .collect();
-    Conversation { turns }
 }
 
 #[test]

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
-use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::nn::{shifted_token_loss_sum, Linear, ParamInit};
 use lmms_ft_core::weights::{load_into, LoadOptions};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -157,11 +157,16 @@ impl Model for Qwen2VlModel {
     }
 
     fn prefill(&self, batch: &Batch) -> Result<(Tensor, DecodeState)> {
-        ensure!(batch.input_ids.size()[0] == 1, "generation takes one prompt at a time");
+        ensure!(
+            batch.input_ids.size()[0] == 1,
+            "generation takes one prompt at a time"
+        );
         let embeds = self.embeddings(batch)?;
         let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
         let mut state = DecodeState::default();
-        let hidden = self.decoder.hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
+        let hidden = self
+            .decoder
+            .hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
         // Text after the prompt continues from its largest position on all three axes, as
         // transformers' rope_deltas do.
         state.next_position = batch.position_ids.max().int64_value(&[]) + 1;
@@ -172,9 +177,13 @@ impl Model for Qwen2VlModel {
         let device = self.vs.device();
         let ids = Tensor::from_slice(&[token]).view([1, 1]).to_device(device);
         let embeds = self.decoder.embed(&ids);
-        let positions = Tensor::from_slice(&[state.next_position; 3]).view([3, 1, 1]).to_device(device);
+        let positions = Tensor::from_slice(&[state.next_position; 3])
+            .view([3, 1, 1])
+            .to_device(device);
         let (cos, sin) = self.rotary(&positions, &embeds)?;
-        let hidden = self.decoder.hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
+        let hidden = self
+            .decoder
+            .hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
         state.next_position += 1;
         Ok(self.last_logits(&hidden))
     }

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
-use lmms_ft_core::data::{Conversation, Part, RgbImage, Role, Turn, VideoClip};
+use lmms_ft_core::data::{RgbImage, VideoClip};
 use lmms_ft_core::family::{
     ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
 };
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
 use lmms_ft_qwen2_vl::family::Qwen2Vl;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
@@ -179,7 +179,7 @@ fn check_pipeline(
     };
     for name in ["text", "image", "two_images", "video"] {
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
-        let conv = conversation(&meta["samples"][name]["messages"]);
+        let conv = conversation_from_messages(&meta["samples"][name]["messages"]);
         let (images, videos) = match name {
             "image" => (vec![image_a.clone()], vec![]),
             "two_images" => (vec![image_a.clone(), image_b.clone()], vec![]),
@@ -250,43 +250,6 @@ fn check_pipeline(
     }
 }
 
-/// The oracle's chat messages as a conversation.
-fn conversation(messages: &serde_json::Value) -> Conversation {
-    let (mut images, mut videos) = (0, 0);
-    let turns = messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            let role = match m["role"].as_str().unwrap() {
-                "system" => Role::System,
-                "user" => Role::User,
-                _ => Role::Assistant,
-            };
-            let parts = m["content"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| match p["type"].as_str().unwrap() {
-                    "image" => {
-                        images += 1;
-                        Part::Image { index: images - 1 }
-                    }
-                    "video" => {
-                        videos += 1;
-                        Part::Video { index: videos - 1 }
-                    }
-                    _ => Part::Text {
-                        text: p["text"].as_str().unwrap().to_string(),
-                    },
-                })
-                .collect();
-            Turn { role, parts }
-        })
-        .collect();
-    Conversation { turns }
-}
-
 #[test]
 fn qwen2_vl_matches_transformers() {
     check_variant("qwen2_vl");
@@ -304,21 +267,46 @@ fn sharded_bf16_and_wrong_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let q2 = dir.path().join("qwen2_vl");
     let q25 = dir.path().join("qwen2_5_vl");
-    run_oracle("qwen2_vl_fixture.py", &[q2.to_str().unwrap(), "qwen2_vl", hf_configs().to_str().unwrap()]);
-    run_oracle("qwen2_vl_fixture.py", &[q25.to_str().unwrap(), "qwen2_5_vl", hf_configs().to_str().unwrap()]);
+    run_oracle(
+        "qwen2_vl_fixture.py",
+        &[
+            q2.to_str().unwrap(),
+            "qwen2_vl",
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    run_oracle(
+        "qwen2_vl_fixture.py",
+        &[
+            q25.to_str().unwrap(),
+            "qwen2_5_vl",
+            hf_configs().to_str().unwrap(),
+        ],
+    );
     let read_config = |d: &std::path::Path| {
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
         Qwen2VlConfig::from_hf_json(&json).unwrap()
     };
     let config = read_config(&q2);
     let shards = std::fs::read_dir(q2.join("sharded"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "safetensors"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "safetensors")
+        })
         .count();
-    assert!(shards >= 2, "fixture should be sharded, got {shards} file(s)");
+    assert!(
+        shards >= 2,
+        "fixture should be sharded, got {shards} file(s)"
+    );
     assert!(q2.join("sharded/model.safetensors.index.json").is_file());
     let single = Qwen2VlModel::load(&config, &q2, Device::Cpu, Kind::Float).unwrap();
-    let sharded = Qwen2VlModel::load(&config, &q2.join("sharded"), Device::Cpu, Kind::Float).unwrap();
+    let sharded =
+        Qwen2VlModel::load(&config, &q2.join("sharded"), Device::Cpu, Kind::Float).unwrap();
     let a = single.var_store().variables();
     let b = sharded.var_store().variables();
     assert_eq!(a.len(), b.len());
@@ -327,10 +315,11 @@ fn sharded_bf16_and_wrong_checkpoint() {
     }
 
     // bf16 weights and compute: logits stay close to fp32 (bf16 has ~3 significant digits).
-    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(q2.join("reference.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(q2.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let ids = &reference["two_images.input_ids"];
     let ids_v: Vec<i64> = Vec::try_from(ids.flatten(0, -1)).unwrap();
     let image_grids = grids(reference.get("two_images.image_grid_thw"));
@@ -340,12 +329,21 @@ fn sharded_bf16_and_wrong_checkpoint() {
         spatial_merge_size: config.vision.spatial_merge_size,
         tokens_per_second: None,
     };
-    let pos = position_ids(&ids_v, &spec, &mut image_grids.clone().into_iter(), &mut std::iter::empty()).unwrap();
+    let pos = position_ids(
+        &ids_v,
+        &spec,
+        &mut image_grids.clone().into_iter(),
+        &mut std::iter::empty(),
+    )
+    .unwrap();
     let batch = Batch {
         input_ids: ids.shallow_clone(),
         labels: None,
         position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
-        images: Some(Media { pixels: reference["two_images.pixel_values"].shallow_clone(), grids: image_grids }),
+        images: Some(Media {
+            pixels: reference["two_images.pixel_values"].shallow_clone(),
+            grids: image_grids,
+        }),
         videos: None,
         num_label_tokens: 0,
     };
@@ -357,7 +355,10 @@ fn sharded_bf16_and_wrong_checkpoint() {
     assert!(d < 0.05, "bf16 logits differ from fp32 by {d}");
 
     // A Qwen2.5-VL checkpoint under a Qwen2-VL config: names and shapes differ.
-    let err = Qwen2VlModel::load(&config, &q25, Device::Cpu, Kind::Float).err().expect("must fail").to_string();
+    let err = Qwen2VlModel::load(&config, &q25, Device::Cpu, Kind::Float)
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("another model"), "{err}");
 }
 
@@ -371,29 +372,57 @@ fn greedy_generation_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     // Untied embeddings: a tied random model just echoes its last input token.
     let dir = tmp.path().join("qwen2_vl");
-    run_oracle("qwen2_vl_fixture.py", &[dir.to_str().unwrap(), "qwen2_vl", hf_configs().to_str().unwrap()]);
-    let reference: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("reference.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    run_oracle(
+        "qwen2_vl_fixture.py",
+        &[
+            dir.to_str().unwrap(),
+            "qwen2_vl",
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let family: &dyn DynFamily = &Erased::<Qwen2Vl>::NEW;
     let pipeline = family
-        .open(&dir, OpenOptions { device: Device::Cpu, kind: Kind::Float, processor: Default::default() })
+        .open(
+            &dir,
+            OpenOptions {
+                device: Device::Cpu,
+                kind: Kind::Float,
+                processor: Default::default(),
+            },
+        )
         .unwrap();
     let image = load_image(&dir.join("image_a.png"), &ImageLimits::default()).unwrap();
     let raw = std::fs::read(dir.join("video.rgb")).unwrap();
-    let frames: Vec<RgbImage> = raw.chunks(56 * 56 * 3).map(|c| RgbImage::from_raw(56, 56, c.to_vec()).unwrap()).collect();
+    let frames: Vec<RgbImage> = raw
+        .chunks(56 * 56 * 3)
+        .map(|c| RgbImage::from_raw(56, 56, c.to_vec()).unwrap())
+        .collect();
     for name in ["text", "image", "video"] {
         let mut media = lmms_ft_core::data::DecodedMedia::default();
         match name {
             "image" => media.images.push(image.clone()),
-            "video" => media.videos.push(VideoClip { frames: frames.clone(), sampled_fps: 24.0 }),
+            "video" => media.videos.push(VideoClip {
+                frames: frames.clone(),
+                sampled_fps: 24.0,
+            }),
             _ => {}
         }
-        let prepared = PreparedConversation { conversation: conversation(&meta["samples"][name]["messages"]), media };
-        let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+        let prepared = PreparedConversation {
+            conversation: conversation_from_messages(&meta["samples"][name]["messages"]),
+            media,
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
         let out = pipeline.generate(&prepared, &opts).unwrap();
         let expected: Vec<i64> = Vec::try_from(&reference[&format!("{name}.generated")]).unwrap();
         // transformers keeps the stop token in its output; we report it as `stopped`.
@@ -409,11 +438,24 @@ fn greedy_generation_matches_transformers() {
         let model = Qwen2VlModel::load(&config, &dir, Device::Cpu, Kind::Float).unwrap();
         let template = Qwen2Vl::template(&config, &dir).unwrap();
         let processor = Qwen2Vl::processor(&config, &dir, &Default::default()).unwrap();
-        let (media, tokens) = processor.process(&prepared.media.images, &prepared.media.videos).unwrap();
-        let ids = template.encode_prompt(&prepared.conversation, &tokens).unwrap();
+        let (media, tokens) = processor
+            .process(&prepared.media.images, &prepared.media.videos)
+            .unwrap();
+        let ids = template
+            .encode_prompt(&prepared.conversation, &tokens)
+            .unwrap();
         let labels = vec![IGNORE_INDEX; ids.len()];
         let batch = Qwen2Vl::collator(&config)
-            .collate(vec![Qwen2Vl::sample(lmms_ft_core::family::EncodedText { input_ids: ids, labels }, media)], Device::Cpu)
+            .collate(
+                vec![Qwen2Vl::sample(
+                    lmms_ft_core::family::EncodedText {
+                        input_ids: ids,
+                        labels,
+                    },
+                    media,
+                )],
+                Device::Cpu,
+            )
             .unwrap();
         let steps = &reference[&format!("{name}.generated_logits")];
         tch::no_grad(|| {
