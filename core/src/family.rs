@@ -163,6 +163,13 @@ pub trait Model: Send {
         anyhow::bail!("this model does not support generation")
     }
 
+    /// Turns gradient checkpointing of the decoder layers and vision blocks on or off
+    /// (`train.gradient_checkpointing`). A family without it keeps the default, which trains
+    /// correctly, only with more memory.
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        let _ = on;
+    }
+
     /// Calls `f` with the Hub module name (`model.layers.0.self_attn.q_proj`) of every
     /// [`Linear`] layer, so the trainer can attach LoRA adapters or merge them. A family that
     /// keeps the default exposes none, and asking it for LoRA is an error, not a silent no-op.
@@ -204,6 +211,7 @@ pub trait Trainable {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear));
     fn component(&self, name: &str) -> Component;
     fn runtime_name(&self, hub_name: &str) -> String;
+    fn set_gradient_checkpointing(&mut self, on: bool);
 }
 
 impl<M: Model> Trainable for M {
@@ -218,6 +226,9 @@ impl<M: Model> Trainable for M {
     }
     fn runtime_name(&self, hub_name: &str) -> String {
         Model::runtime_name(self, hub_name)
+    }
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        Model::set_gradient_checkpointing(self, on)
     }
 }
 

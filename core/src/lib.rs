@@ -4,6 +4,7 @@
 //! No module here names a model family: families plug in from adapter crates by
 //! registering with [`register_family!`] and [`register_models!`].
 
+pub mod autograd;
 pub mod config;
 pub mod data;
 pub mod eval;

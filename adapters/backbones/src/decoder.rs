@@ -2,6 +2,7 @@
 //! KV heads → residual → RMSNorm → SwiGLU MLP → residual. Parameter names follow the Hub
 //! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
 
+use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
 use lmms_ft_core::generate::KvCache;
 use lmms_ft_core::nn::{
     apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm,
@@ -54,6 +55,20 @@ pub struct Attention {
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
+}
+
+impl ShallowClone for Attention {
+    fn shallow_clone(&self) -> Self {
+        Attention {
+            q_proj: self.q_proj.shallow_clone(),
+            k_proj: self.k_proj.shallow_clone(),
+            v_proj: self.v_proj.shallow_clone(),
+            o_proj: self.o_proj.shallow_clone(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
 }
 
 impl Attention {
@@ -129,6 +144,16 @@ pub struct Mlp {
     down_proj: Linear,
 }
 
+impl ShallowClone for Mlp {
+    fn shallow_clone(&self) -> Self {
+        Mlp {
+            gate_proj: self.gate_proj.shallow_clone(),
+            up_proj: self.up_proj.shallow_clone(),
+            down_proj: self.down_proj.shallow_clone(),
+        }
+    }
+}
+
 impl Mlp {
     fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
         Mlp {
@@ -169,7 +194,40 @@ pub struct DecoderLayer {
     mlp: Mlp,
 }
 
+impl ShallowClone for DecoderLayer {
+    fn shallow_clone(&self) -> Self {
+        DecoderLayer {
+            input_layernorm: self.input_layernorm.shallow_clone(),
+            self_attn: self.self_attn.shallow_clone(),
+            post_attention_layernorm: self.post_attention_layernorm.shallow_clone(),
+            mlp: self.mlp.shallow_clone(),
+        }
+    }
+}
+
 impl DecoderLayer {
+    /// Whether any parameter of the layer (LoRA factors included) trains.
+    pub fn has_trainable(&self) -> bool {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .into_iter()
+        .flat_map(linear_tensors)
+        .chain([
+            &self.input_layernorm.weight,
+            &self.post_attention_layernorm.weight,
+        ])
+        .any(|t| t.requires_grad())
+    }
+
     fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
@@ -207,6 +265,8 @@ pub struct Decoder {
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`.
     lm_head: Option<Linear>,
+    /// Recompute each layer in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl Decoder {
@@ -226,7 +286,14 @@ impl Decoder {
             lm_head: (!c.tie_word_embeddings)
                 .then(|| Linear::new(lm_head, c.hidden_size, c.vocab_size, false, init)),
             config: c.clone(),
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Trades compute for memory in training: each layer keeps only its input and runs
+    /// again during backward.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Visits every linear layer with its Hub name; `model` / `lm_head` are the prefixes the
@@ -267,8 +334,18 @@ impl Decoder {
         mask: Option<&Tensor>,
     ) -> Tensor {
         let mut h = embeds.shallow_clone();
+        let checkpointing = self.gradient_checkpointing && grad_enabled();
         for layer in &self.layers {
-            h = layer.forward(&h, cos, sin, mask, None);
+            h = if checkpointing && (h.requires_grad() || layer.has_trainable()) {
+                let layer = layer.shallow_clone();
+                let (cos, sin) = (cos.shallow_clone(), sin.shallow_clone());
+                let mask = mask.map(Tensor::shallow_clone);
+                checkpoint(&[&h], move |xs| {
+                    layer.forward(&xs[0], &cos, &sin, mask.as_ref(), None)
+                })
+            } else {
+                layer.forward(&h, cos, sin, mask, None)
+            };
         }
         self.norm.forward(&h)
     }

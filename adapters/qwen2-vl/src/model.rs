@@ -151,6 +151,11 @@ impl Model for Qwen2VlModel {
         &self.vs
     }
 
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.decoder.set_gradient_checkpointing(on);
+        self.visual.set_gradient_checkpointing(on);
+    }
+
     fn prefill(&self, batch: &Batch) -> Result<(Tensor, DecodeState)> {
         ensure!(
             batch.input_ids.size()[0] == 1,

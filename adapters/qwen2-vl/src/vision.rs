@@ -3,6 +3,7 @@
 //! Qwen2.5-VL, to 112-pixel windows except in `fullatt_block_indexes`), and a merger that
 //! folds each 2 × 2 block of patches into one LLM token.
 
+use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
 use lmms_ft_core::nn::{apply_rotary, rope_inv_freq, sdpa, LayerNorm, Linear, ParamInit, RmsNorm};
 use tch::nn::{Init, Path};
 use tch::{Device, Kind, Tensor};
@@ -11,6 +12,13 @@ use crate::config::{Variant, VisionConfig};
 
 enum Norm {
     Layer(LayerNorm),
+    /// A layer norm sharing another's parameters; `nn::LayerNorm` cannot be built from
+    /// existing tensors, and a checkpoint closure must own its parameters.
+    LayerShared {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
     Rms(RmsNorm),
 }
 
@@ -25,7 +33,35 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Norm::Layer(n) => n.forward(x),
+            // Exactly what nn::LayerNorm::forward does.
+            Norm::LayerShared { weight, bias, eps } => {
+                x.layer_norm([weight.size()[0]], Some(weight), Some(bias), *eps, true)
+            }
             Norm::Rms(n) => n.forward(x),
+        }
+    }
+
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Norm::Layer(LayerNorm { weight, bias, .. })
+            | Norm::LayerShared { weight, bias, .. } => vec![weight, bias],
+            Norm::Rms(n) => vec![&n.weight],
+        }
+    }
+}
+
+impl ShallowClone for Norm {
+    fn shallow_clone(&self) -> Self {
+        match self {
+            Norm::Layer(LayerNorm {
+                weight, bias, eps, ..
+            })
+            | Norm::LayerShared { weight, bias, eps } => Norm::LayerShared {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+                eps: *eps,
+            },
+            Norm::Rms(n) => Norm::Rms(n.shallow_clone()),
         }
     }
 }
@@ -50,12 +86,71 @@ enum Mlp {
     },
 }
 
+impl Mlp {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Mlp::Plain { fc1, fc2 } => vec![fc1, fc2],
+            Mlp::Gated {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => vec![gate_proj, up_proj, down_proj],
+        }
+    }
+}
+
+impl ShallowClone for Mlp {
+    fn shallow_clone(&self) -> Self {
+        match self {
+            Mlp::Plain { fc1, fc2 } => Mlp::Plain {
+                fc1: fc1.shallow_clone(),
+                fc2: fc2.shallow_clone(),
+            },
+            Mlp::Gated {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => Mlp::Gated {
+                gate_proj: gate_proj.shallow_clone(),
+                up_proj: up_proj.shallow_clone(),
+                down_proj: down_proj.shallow_clone(),
+            },
+        }
+    }
+}
+
 struct Block {
     norm1: Norm,
     norm2: Norm,
     qkv: Linear,
     proj: Linear,
     mlp: Mlp,
+}
+
+impl Block {
+    /// Whether any parameter of the block (LoRA factors included) trains.
+    fn has_trainable(&self) -> bool {
+        let mut linears = self.mlp.linears();
+        linears.extend([&self.qkv, &self.proj]);
+        linears
+            .into_iter()
+            .flat_map(linear_tensors)
+            .chain(self.norm1.tensors())
+            .chain(self.norm2.tensors())
+            .any(|t| t.requires_grad())
+    }
+}
+
+impl ShallowClone for Block {
+    fn shallow_clone(&self) -> Self {
+        Block {
+            norm1: self.norm1.shallow_clone(),
+            norm2: self.norm2.shallow_clone(),
+            qkv: self.qkv.shallow_clone(),
+            proj: self.proj.shallow_clone(),
+            mlp: self.mlp.shallow_clone(),
+        }
+    }
 }
 
 pub struct VisionTower {
@@ -66,6 +161,8 @@ pub struct VisionTower {
     ln_q: Norm,
     merger_fc1: Linear,
     merger_fc2: Linear,
+    /// Recompute each block in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 /// Host-side layout of one forward: rotary positions, attention segments and (Qwen2.5-VL)
@@ -144,7 +241,14 @@ impl VisionTower {
             merger_fc2: Linear::new(&(&m / "mlp" / 2), merged, c.out_dim, true, init),
             config: c.clone(),
             variant,
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Trades compute for memory in training: each block keeps only its input and runs
+    /// again during backward.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Visits every linear layer with its Hub name under `prefix` (`visual`).
@@ -267,6 +371,7 @@ impl VisionTower {
             cos = permute(&cos, index);
             sin = permute(&sin, index);
         }
+        let checkpointing = self.gradient_checkpointing && grad_enabled();
         for (i, block) in self.blocks.iter().enumerate() {
             let segments = if self.variant == Variant::Qwen25Vl
                 && !c.fullatt_block_indexes.contains(&(i as i64))
@@ -275,7 +380,16 @@ impl VisionTower {
             } else {
                 &layout.frame_segments
             };
-            x = self.block(block, &x, &cos, &sin, segments);
+            x = if checkpointing && (x.requires_grad() || block.has_trainable()) {
+                let (block, config) = (block.shallow_clone(), c.clone());
+                let (cos, sin) = (cos.shallow_clone(), sin.shallow_clone());
+                let segments = segments.clone();
+                checkpoint(&[&x], move |xs| {
+                    block_forward(&config, &block, &xs[0], &cos, &sin, &segments)
+                })
+            } else {
+                block_forward(c, block, &x, &cos, &sin, segments)
+            };
         }
         let merged = self.ln_q.forward(&x).view([-1, e * unit]);
         let mut out = self
@@ -302,9 +416,18 @@ impl VisionTower {
         let emb = Tensor::cat(&[&hw, &hw], -1);
         (emb.cos(), emb.sin())
     }
+}
 
-    fn block(&self, b: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[i64]) -> Tensor {
-        let c = &self.config;
+/// One vision block; a free function so a checkpoint closure can own what it needs.
+fn block_forward(
+    c: &VisionConfig,
+    b: &Block,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    segments: &[i64],
+) -> Tensor {
+    {
         let (s, e) = x.size2().expect("[patches, width]");
         let heads = c.num_heads;
         let hd = e / heads;
