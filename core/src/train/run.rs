@@ -435,6 +435,10 @@ pub fn train(
         None => None,
     };
     let mut trainer = Trainer::new(pipeline.trainable(), TrainOptions::from_config(cfg, total)?)?;
+    // After LoRA is attached, so the checkpointed blocks see which parameters train.
+    pipeline
+        .trainable()
+        .set_gradient_checkpointing(cfg.train.gradient_checkpointing);
     let mut position = SamplerState::default();
     if let Some(dir) = &resume {
         let extra = trainer.load_checkpoint(dir)?;
