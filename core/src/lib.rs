@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod family;
 pub mod generate;
+pub mod hf_json;
 pub mod hub;
 pub mod logging;
 pub mod nn;

@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use lmms_ft_backbones::decoder::DecoderConfig;
 use lmms_ft_core::family::HfConfig;
+use lmms_ft_core::hf_json::{boolean, float, int};
 use lmms_ft_core::nn::linear_params;
 use serde_json::Value;
 
@@ -50,33 +51,6 @@ pub struct Qwen2VlConfig {
     pub video_token_id: i64,
     pub vision_start_token_id: i64,
     pub vision_end_token_id: i64,
-}
-
-fn int(obj: &Value, key: &str, default: i64) -> Result<i64> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_i64()
-            .ok_or_else(|| anyhow::anyhow!("`{key}` must be an integer, got {v}")),
-    }
-}
-
-fn float(obj: &Value, key: &str, default: f64) -> Result<f64> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| anyhow::anyhow!("`{key}` must be a number, got {v}")),
-    }
-}
-
-fn boolean(obj: &Value, key: &str, default: bool) -> Result<bool> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| anyhow::anyhow!("`{key}` must be true or false, got {v}")),
-    }
 }
 
 /// The rope dictionary, under its transformers-4 (`rope_scaling`) or 5 (`rope_parameters`) name.
