@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Result};
 use lmms_ft_core::nn::{linear_params, sdpa, LayerNorm, Linear, ParamInit};
-use serde_json::Value;
 use tch::nn::{Init, Path};
 use tch::Tensor;
 
