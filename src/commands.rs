@@ -15,19 +15,19 @@ use std::sync::Arc;
 
 use lmms_ft_core::data::media::load_image;
 use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
-use lmms_ft_core::family::{OpenOptions, PreparedConversation, ProcessorOptions};
+use lmms_ft_core::family::{DynFamily, OpenOptions, PreparedConversation, ProcessorOptions};
 use lmms_ft_core::generate::GenerateOptions;
 use lmms_ft_core::hub::{self, CacheEnv};
 use lmms_ft_core::peft;
 use lmms_ft_core::peft::io::load_adapter;
-use lmms_ft_core::registry::{self, FamilyEntry, RegistryError};
+use lmms_ft_core::registry::{self, RegistryError};
 use lmms_ft_core::runtime;
 use lmms_ft_core::train::run::Outcome;
 use tch::{Device, Kind};
 
 /// Config → model directory and the registered family that loads it: `model.path` if set
 /// (the family comes from its `config.json`), else `model.id` through the Hugging Face cache.
-pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, &'static FamilyEntry)> {
+pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
     let dir = match (&cfg.model.id, &cfg.model.path) {
         (Some(id), path) => {
             let entry = registry::resolve_model(id)?;
@@ -41,21 +41,37 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, &'static FamilyEntry)> {
             "no model given: pass --model ID or --model-path DIR (or set model.id in the config)"
         ),
     };
+    let (family, _) = family_of_dir(&dir)?;
+    Ok((dir, family))
+}
+
+/// The `config.json` of a model directory and the implemented family that loads it.
+fn family_of_dir(dir: &Path) -> Result<(Implemented, serde_json::Value)> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("parsing {}", config_path.display()))?;
-    let family = registry::family_for_config(&json)?;
-    if family.implementation.is_none() {
-        return Err(RegistryError::NotImplemented {
+    let entry = registry::family_for_config(&json)?;
+    let implementation = entry
+        .implementation
+        .ok_or_else(|| RegistryError::NotImplemented {
             id: dir.display().to_string(),
-            family: family.name.to_string(),
-            status: family.status,
-        }
-        .into());
-    }
-    Ok((dir, family))
+            family: entry.name.to_string(),
+            status: entry.status,
+        })?;
+    let found = Implemented {
+        name: entry.name,
+        family: implementation,
+    };
+    Ok((found, json))
+}
+
+/// A registered family that has an implementation: its name (for logs) and its code.
+#[derive(Clone, Copy)]
+pub struct Implemented {
+    pub name: &'static str,
+    pub family: &'static dyn DynFamily,
 }
 
 /// Device and dtype from `train.device` / `train.precision`: bf16 on CUDA, fp32 on CPU for
@@ -83,7 +99,7 @@ fn dataset(cfg: &Config) -> Result<Dataset> {
 pub fn evaluate(cfg: &Config, json: Option<&Path>) -> Result<()> {
     let (dir, family) = resolve_model(cfg)?;
     let (device, kind) = device_and_kind(cfg)?;
-    let implementation = family.implementation.expect("resolve_model checks it");
+    let implementation = family.family;
     let pipeline = implementation.open(
         &dir,
         OpenOptions {
@@ -122,7 +138,7 @@ pub fn validate_data(cfg: &Config) -> Result<()> {
     let has_model = cfg.model.id.is_some() || cfg.model.path.is_some();
     let data_pipeline = if has_model {
         let (dir, family) = resolve_model(cfg)?;
-        let implementation = family.implementation.expect("resolve_model checks it");
+        let implementation = family.family;
         Some(implementation.open_data(&dir, &ProcessorOptions::from_config(&cfg.data))?)
     } else {
         tracing::warn!("no --model given: token lengths and max_length are not checked");
@@ -167,7 +183,7 @@ pub struct GenerateRequest {
 pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
     let (dir, family) = resolve_model(cfg)?;
     let (device, kind) = device_and_kind(cfg)?;
-    let implementation = family.implementation.expect("resolve_model checks it");
+    let implementation = family.family;
     let mut pipeline = implementation.open(
         &dir,
         OpenOptions {
@@ -220,7 +236,7 @@ pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
 pub fn train(cfg: &Config) -> Result<()> {
     let (dir, family) = resolve_model(cfg)?;
     let (device, kind) = device_and_kind(cfg)?;
-    let implementation = family.implementation.expect("resolve_model checks it");
+    let implementation = family.family;
     tracing::info!(model = %dir.display(), family = family.name, ?device, ?kind, "train");
     match lmms_ft_core::train::run::train(cfg, implementation, &dir, device, kind)? {
         Outcome::Finished { steps, output_dir } => {
@@ -251,20 +267,8 @@ fn saved_kind(config: &serde_json::Value) -> Kind {
 }
 
 pub fn merge_lora(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
-    let config_path = base.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", config_path.display()))?;
-    let family = registry::family_for_config(&json)?;
-    let implementation = family
-        .implementation
-        .ok_or_else(|| RegistryError::NotImplemented {
-            id: base.display().to_string(),
-            family: family.name.to_string(),
-            status: family.status,
-        })?;
-    let mut model = implementation.load_model(
+    let (found, json) = family_of_dir(base)?;
+    let mut model = found.family.load_model(
         base,
         OpenOptions {
             device: Device::Cpu,
