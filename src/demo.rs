@@ -17,7 +17,8 @@ use lmms_ft_core::generate::GenerateOptions;
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::peft::io::save_hf_weights;
 use lmms_ft_core::registry;
-use lmms_ft_core::train::{Schedule, TrainOptions, Trainer};
+use lmms_ft_core::train::metrics::{self, MetricsLog};
+use lmms_ft_core::train::{plot, Schedule, TrainOptions, Trainer};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::Qwen2VlModel;
 use rand::seq::IndexedRandom;
@@ -268,6 +269,12 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         seed: opts.seed,
     };
     let mut trainer = Trainer::new(pipeline.trainable(), options)?;
+    // The same metrics file and plot as `lmms-ft train` writes, beside the trained weights.
+    let trained = opts.out.join("tiny-qwen2-vl-trained");
+    if trained.join(metrics::FILE).is_file() {
+        std::fs::remove_file(trained.join(metrics::FILE))?;
+    }
+    let mut log = MetricsLog::open(&trained)?;
     let batch_size = 16;
     let mut order = ChaCha8Rng::seed_from_u64(opts.seed + 1);
     let mut first = None;
@@ -282,6 +289,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
             })
             .collect();
         let stats = trainer.train_step(&[batch], |b| pipeline.forward(b, true))?;
+        log.log(&stats)?;
         first.get_or_insert(stats.loss);
         last = stats.loss;
         recent.push(stats.loss);
@@ -315,9 +323,12 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         }
     }
     let accuracy = correct as f64 / test.len() as f64;
-    let trained = opts.out.join("tiny-qwen2-vl-trained");
+    let (train_loss, eval_loss) = plot::series(&metrics::read_rows(log.path())?);
+    let plot_path = trained.join("loss.png");
+    plot::plot_losses(&train_loss, &eval_loss, &plot_path)?;
     save_hf_weights(pipeline.trainable(), &trained, usize::MAX)?;
     lmms_ft_core::peft::io::copy_model_files(&model_dir, &trained)?;
+    println!("demo: loss plot in {}", plot_path.display());
     println!(
         "demo: loss {:.3} → {:.3}; held-out accuracy {correct}/{} = {:.1}%; trained model in {} ({:.0} s)",
         first.unwrap_or(f64::NAN),

@@ -46,4 +46,22 @@ fn demo_learns_colours_and_shapes() {
         .path()
         .join("tiny-qwen2-vl-trained/tokenizer.json")
         .is_file());
+    // The loss plot is a PNG, and metrics.jsonl has one row per step whose first and last
+    // losses are the ones the summary printed (rounded to 3 decimals there).
+    let trained = out.path().join("tiny-qwen2-vl-trained");
+    let png = std::fs::read(trained.join("loss.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+        "loss.png is not a PNG"
+    );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(trained.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows.len() >= 10, "metrics.jsonl has {} rows", rows.len());
+    let loss = |r: &serde_json::Value| r["loss"].as_f64().unwrap();
+    assert!((loss(&rows[0]) - losses[0]).abs() <= 6e-4, "{:?}", rows[0]);
+    assert!((loss(&rows[rows.len() - 1]) - losses[1]).abs() <= 6e-4);
+    assert!(stdout.contains("loss plot in"), "{stdout}");
 }
