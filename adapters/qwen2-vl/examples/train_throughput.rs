@@ -1,0 +1,99 @@
+//! LoRA training throughput of lmms-ft, the other side of `scripts/bench/train_throughput.sh`:
+//! the same checkpoint, sample and hyper-parameters as `scripts/bench/train_throughput.py run`
+//! (LoRA r 16 / alpha 32 / dropout 0.05 on every LLM linear, AdamW lr 1e-4, cosine, clipping
+//! at 1.0, batch 1), timed per optimiser step through the engine's `Trainer::train_step`.
+//!
+//! Usage: `cargo run -p lmms-ft-qwen2-vl --example train_throughput -- DIR STEPS WARMUP THREADS`
+//! (DIR made by `train_throughput.py make`). Prints one JSON line: step times after WARMUP
+//! steps, losses, and this process's VmHWM.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use lmms_ft_core::config::{Config, Mode, Scheduler};
+use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::train::metrics::peak_rss_bytes;
+use lmms_ft_core::train::{TrainOptions, Trainer};
+use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
+use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
+use tch::{Device, Kind, Tensor};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    ensure!(
+        args.len() == 4,
+        "usage: train_throughput DIR STEPS WARMUP THREADS"
+    );
+    let dir = PathBuf::from(&args[0]);
+    let steps: u64 = args[1].parse().context("STEPS")?;
+    let warmup: usize = args[2].parse().context("WARMUP")?;
+    let threads: i32 = args[3].parse().context("THREADS")?;
+    tch::set_num_threads(threads);
+
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("config.json")).context("reading config.json")?,
+    )?;
+    let config = Qwen2VlConfig::from_hf_json(&json)?;
+    let inputs: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("inputs.safetensors"))?
+            .into_iter()
+            .collect();
+    let get = |k: &str| {
+        inputs
+            .get(k)
+            .with_context(|| format!("inputs.safetensors has no {k}"))
+    };
+    let labels = get("labels")?;
+    let grid: Vec<i64> = Vec::try_from(get("image_grid_thw")?.flatten(0, -1))?;
+    let batch = Batch {
+        input_ids: get("input_ids")?.shallow_clone(),
+        labels: Some(labels.shallow_clone()),
+        position_ids: get("position_ids")?.shallow_clone(),
+        images: Some(Media {
+            pixels: get("pixel_values")?.shallow_clone(),
+            grids: grid.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
+        }),
+        videos: None,
+        num_label_tokens: count_shifted_labels(
+            &[Vec::<i64>::try_from(labels.flatten(0, -1))?],
+            IGNORE_INDEX,
+        ),
+    };
+
+    let mut model = Qwen2VlModel::load(&config, &dir, Device::Cpu, Kind::Float)?;
+    let mut c = Config::default();
+    c.train.mode = Mode::Lora;
+    c.train.learning_rate = 1e-4;
+    c.train.weight_decay = 0.0;
+    c.train.warmup_ratio = 0.0;
+    c.train.scheduler = Scheduler::Cosine;
+    c.train.max_grad_norm = 1.0;
+    c.lora.r = 16;
+    c.lora.alpha = 32.0;
+    c.lora.dropout = 0.05;
+    let mut trainer = Trainer::new(&mut model, TrainOptions::from_config(&c, steps)?)?;
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let stats = trainer.train_step(&[()], |_| model.forward(&batch, true))?;
+        times.push(t0.elapsed().as_secs_f64());
+        losses.push(stats.loss);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "side": "lmms-ft",
+            "threads": tch::get_num_threads(),
+            "tokens": batch.input_ids.size()[1],
+            "trainable": trainer.num_trainable(),
+            "warmup": warmup,
+            "step_s": times.get(warmup..).unwrap_or_default(),
+            "loss": losses,
+            "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# LoRA training throughput of lmms-ft vs transformers + peft (plain PyTorch AdamW loop) on
+# CPU: same random small Qwen2-VL, same sample, same hyper-parameters, same thread count,
+# each side in its own process (so each VmHWM is its own), then one table with the ratios.
+#
+#   scripts/bench/train_throughput.sh [THREADS [STEPS [WARMUP]]]    (defaults 2, 8, 2)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+THREADS=${1:-2}
+STEPS=${2:-8}
+WARMUP=${3:-2}
+eval "$(bash scripts/setup.sh --print-env)"
+PY=${LMMS_FT_PYTHON:-$VIRTUAL_ENV/bin/python}
+TARGET=${CARGO_TARGET_DIR:-$HOME/.cache/lmms-ft/target}
+cargo build -q -p lmms-ft-qwen2-vl --example train_throughput
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+"$PY" scripts/bench/train_throughput.py make "$WORK/model" 2>/dev/null
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" scripts/bench/train_throughput.py run "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" 2>/dev/null >"$WORK/transformers.json"
+"$TARGET/debug/examples/train_throughput" "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" >"$WORK/lmms-ft.json"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" scripts/bench/train_throughput.py table "$WORK/transformers.json" "$WORK/lmms-ft.json"
