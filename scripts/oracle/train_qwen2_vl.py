@@ -1,6 +1,6 @@
 """Reference training run: transformers + peft + a plain PyTorch AdamW loop.
 
-Usage: python train_qwen2_vl.py FIXTURE_DIR OUT_DIR {lora|full} ACCUM STEPS
+Usage: python train_qwen2_vl.py FIXTURE_DIR OUT_DIR {lora|lora_vision|full} ACCUM STEPS
 
 FIXTURE_DIR is made by qwen2_vl_fixture.py (checkpoint + reference.safetensors with the
 processed inputs of four samples). Step s uses micro-batches (s*ACCUM + j) % 4, j < ACCUM,
@@ -10,7 +10,8 @@ divided by that total, so the gradient is the mean over all label tokens of the 
 
 lora: LoRA (r=4, alpha=8, rsLoRA off, dropout 0) on every linear layer of the language
 model except lm_head; the merger (projector) trains fully at its own lr; the vision blocks
-are frozen. The initial adapter has random non-zero lora_A and lora_B and is written to
+are frozen. lora_vision: the same, plus LoRA on every linear of the vision blocks (attn.qkv,
+attn.proj, mlp.fc1, mlp.fc2) at the vision lr. The initial adapter has random non-zero lora_A and lora_B and is written to
 OUT_DIR/init_adapter (PEFT layout) for the other side to load.
 full: every parameter trains; vision, merger and LLM each have their own lr.
 
@@ -66,10 +67,13 @@ def is_norm_or_bias(module, param_name):
 
 hub = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
 
-if mode == "lora":
+LLM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+VISION_TARGETS = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+
+if mode in ("lora", "lora_vision"):
     from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                     target_modules=r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
+    targets = LLM_TARGETS if mode == "lora" else f"{LLM_TARGETS}|{VISION_TARGETS}"
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
     model = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():

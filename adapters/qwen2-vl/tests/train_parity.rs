@@ -5,7 +5,9 @@
 //! learning rates, weight decay off for norms and biases, 2 warm-up steps + cosine, clipping
 //! at 1.0). Ten optimiser steps must give per-step losses within 1e-4 relative, the same
 //! learning rates and gradient norms, the same set of trainable tensors, and final weights
-//! that agree.
+//! that agree. The vision-LoRA case puts adapters on the vision blocks' linears too
+//! (`train.vision = "lora"`, a `target_modules` regex over runtime names as PEFT applies it),
+//! trained at the vision learning rate.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use lmms_ft_core::config::{ComponentMode, Config, Mode, Scheduler};
+use lmms_ft_core::config::{ComponentMode, Config, Mode, Scheduler, TargetModules};
 use lmms_ft_core::family::Model;
 use lmms_ft_core::peft::io::{load_adapter, read_safetensors};
 use lmms_ft_core::testing::run_oracle;
@@ -23,7 +25,12 @@ use tch::{Device, Kind};
 
 const STEPS: u64 = 10;
 
-fn config(mode: Mode) -> Config {
+/// PEFT's regexes of `scripts/oracle/train_qwen2_vl.py`, over transformers' runtime names.
+const LLM_TARGETS: &str =
+    r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)";
+const VISION_TARGETS: &str = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])";
+
+fn config(mode: Mode, vision_lora: bool) -> Config {
     let mut c = Config::default();
     let t = &mut c.train;
     t.mode = mode;
@@ -41,12 +48,20 @@ fn config(mode: Mode) -> Config {
     c.lora.r = 4;
     c.lora.alpha = 8.0;
     c.lora.dropout = 0.0;
+    if vision_lora {
+        c.train.vision = Some(ComponentMode::Lora);
+        c.lora.target_modules = TargetModules::Regex(format!("{LLM_TARGETS}|{VISION_TARGETS}"));
+    }
     c
 }
 
-fn check(mode: Mode, accum: usize) {
+fn check(mode: Mode, accum: usize, vision_lora: bool) {
     let fx = common::fixture();
-    let tag = if mode == Mode::Full { "full" } else { "lora" };
+    let tag = match (mode, vision_lora) {
+        (Mode::Full, _) => "full",
+        (_, false) => "lora",
+        (_, true) => "lora_vision",
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join(tag);
     let printed = run_oracle(
@@ -70,8 +85,17 @@ fn check(mode: Mode, accum: usize) {
         )
         .unwrap();
     }
-    let options = TrainOptions::from_config(&config(mode), STEPS).unwrap();
+    let options = TrainOptions::from_config(&config(mode, vision_lora), STEPS).unwrap();
     let mut trainer = Trainer::new(&mut model, options).unwrap();
+    if vision_lora {
+        let vision_adapters = trainer
+            .params
+            .iter()
+            .filter(|p| p.name.starts_with("visual.blocks.") && p.name.contains(".lora_"))
+            .count();
+        // 2 blocks × (qkv, proj, fc1, fc2) × (A, B).
+        assert_eq!(vision_adapters, 16, "vision LoRA tensors");
+    }
     assert_eq!(
         trainer.num_trainable(),
         oracle["trainable"].as_i64().unwrap(),
@@ -147,15 +171,20 @@ fn check(mode: Mode, accum: usize) {
 
 #[test]
 fn train_lora_matches_peft() {
-    check(Mode::Lora, 1);
+    check(Mode::Lora, 1, false);
+}
+
+#[test]
+fn train_lora_on_vision_tower_matches_peft() {
+    check(Mode::Lora, 1, true);
 }
 
 #[test]
 fn train_lora_grad_accum_2_matches_peft() {
-    check(Mode::Lora, 2);
+    check(Mode::Lora, 2, false);
 }
 
 #[test]
 fn train_full_matches_pytorch() {
-    check(Mode::Full, 1);
+    check(Mode::Full, 1, false);
 }

@@ -3,13 +3,15 @@
 //! the `transformers` model, and must give lmms-ft's logits (≤ 1e-4) while differing from the
 //! base model; peft's "missing / unexpected adapter keys" warnings fail the oracle. The
 //! merged checkpoint (`merge_lora`, forced into several shards) must load in `transformers`
-//! with the same logits, and give them in lmms-ft too.
+//! with the same logits, and give them in lmms-ft too. The second case also trains LoRA on
+//! the vision tower (`train.vision = "lora"`, default targets: every linear of the parts in
+//! lora mode), whose adapters peft must load as well.
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use lmms_ft_core::config::{Config, Scheduler};
+use lmms_ft_core::config::{ComponentMode, Config, Scheduler};
 use lmms_ft_core::family::Model;
 use lmms_ft_core::peft::io::{merge_lora, read_safetensors, save_adapter, write_safetensors, Blob};
 use lmms_ft_core::testing::{max_abs_diff, run_oracle};
@@ -19,6 +21,15 @@ use tch::{Device, Kind, Tensor};
 
 #[test]
 fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
+    check(false);
+}
+
+#[test]
+fn vision_lora_adapter_loads_in_peft_and_merged_model_in_transformers() {
+    check(true);
+}
+
+fn check(vision_lora: bool) {
     let fx = common::fixture();
     let mut model = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
     let mut c = Config::default();
@@ -29,6 +40,9 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
     c.lora.alpha = 8.0;
     c.lora.dropout = 0.1;
     c.lora.modules_to_save = vec!["lm_head".into()];
+    if vision_lora {
+        c.train.vision = Some(ComponentMode::Lora);
+    }
     let options = TrainOptions::from_config(&c, 3).unwrap();
     let spec = options.lora.clone().unwrap();
     let mut trainer = Trainer::new(&mut model, options).unwrap();
@@ -54,11 +68,22 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
             keys.keys().take(5).collect::<Vec<_>>()
         );
     }
-    let b = &keys["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"];
-    assert!(
-        b.abs().max().double_value(&[]) > 0.0,
-        "lora_B is still zero: the check would pass vacuously"
-    );
+    let mut trained_b = vec!["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"];
+    if vision_lora {
+        trained_b.extend([
+            "base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight",
+            "base_model.model.model.visual.blocks.1.mlp.fc2.lora_B.weight",
+        ]);
+    }
+    for key in trained_b {
+        let b = keys
+            .get(key)
+            .unwrap_or_else(|| panic!("adapter lacks {key}"));
+        assert!(
+            b.abs().max().double_value(&[]) > 0.0,
+            "{key} is still zero: the check would pass vacuously"
+        );
+    }
 
     let names = ["text", "image", "video"];
     let ours: BTreeMap<String, Tensor> = tch::no_grad(|| {
@@ -83,7 +108,11 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
     // Merge onto a fresh base model; 30 MB shards split the 78 MB checkpoint.
     let mut base = Qwen2VlModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
     let n = merge_lora(&mut base, &fx.dir, &adapter, &merged, 30 << 20).unwrap();
-    assert_eq!(n, 14, "2 layers × 7 linear layers merged");
+    let expected = if vision_lora { 14 + 8 } else { 14 };
+    assert_eq!(
+        n, expected,
+        "2 layers × 7 linear layers (+ 2 vision blocks × 4) merged"
+    );
     assert!(
         merged.join("model.safetensors.index.json").is_file(),
         "merged checkpoint is not sharded"

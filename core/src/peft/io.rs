@@ -135,7 +135,20 @@ pub fn save_adapter(
             tensors.insert(format!("{PREFIX}{runtime}"), Blob::from_tensor(&var)?);
         }
     }
-    let runtime_all: Vec<String> = all_linears.iter().map(|n| model.runtime_name(n)).collect();
+    // Every module PEFT could match, not only the linears: a suffix such as `proj` (a vision
+    // block's attention output) also names Qwen2-VL's `patch_embed.proj` convolution, which
+    // PEFT would then adapt and report as missing from the file.
+    let mut modules: Vec<String> = all_linears;
+    modules.extend(
+        model
+            .var_store()
+            .variables()
+            .keys()
+            .filter_map(|n| n.rsplit_once('.').map(|(m, _)| m.to_string())),
+    );
+    modules.sort();
+    modules.dedup();
+    let runtime_all: Vec<String> = modules.iter().map(|n| model.runtime_name(n)).collect();
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -164,8 +177,8 @@ pub fn save_adapter(
 }
 
 /// `target_modules` for `adapter_config.json`: the short suffix list (`q_proj`, ...) when it
-/// selects exactly the adapted modules under PEFT's rule, else every full runtime name, so
-/// `peft` rebuilds the same layers either way.
+/// selects exactly the adapted modules among all the model's modules under PEFT's rule, else
+/// every full runtime name, so `peft` rebuilds the same layers either way.
 fn target_list(adapted: &[String], all: &[String]) -> Vec<String> {
     let mut short: Vec<String> = adapted
         .iter()
