@@ -151,7 +151,9 @@ impl RmsNorm {
         let h = x.to_kind(Kind::Float);
         let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let h = h * (var + self.eps).rsqrt();
-        &self.weight * h.to_kind(kind)
+        // Training in bf16 keeps the weight in fp32; the product goes back to the activation
+        // dtype so the next (bf16) layer gets what it expects.
+        (&self.weight * h.to_kind(kind)).to_kind(kind)
     }
 }
 

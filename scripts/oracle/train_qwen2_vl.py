@@ -1,6 +1,6 @@
 """Reference training run: transformers + peft + a plain PyTorch AdamW loop.
 
-Usage: python train_qwen2_vl.py FIXTURE_DIR OUT_DIR {lora|lora_vision|full} ACCUM STEPS
+Usage: python train_qwen2_vl.py FIXTURE_DIR OUT_DIR {lora|lora_vision|full} ACCUM STEPS [bf16]
 
 FIXTURE_DIR is made by qwen2_vl_fixture.py (checkpoint + reference.safetensors with the
 processed inputs of four samples). Step s uses micro-batches (s*ACCUM + j) % 4, j < ACCUM,
@@ -15,7 +15,11 @@ attn.proj, mlp.fc1, mlp.fc2) at the vision lr. The initial adapter has random no
 OUT_DIR/init_adapter (PEFT layout) for the other side to load.
 full: every parameter trains; vision, merger and LLM each have their own lr.
 
-Both: AdamW(betas 0.9/0.999, eps 1e-8, weight decay 0.1 except norms and biases), cosine
+bf16: the model is loaded in bf16 (weights, norms and compute); peft keeps the LoRA
+parameters in fp32 (its default `autocast_adapter_dtype`), the loss is taken in fp32, and
+torch's AdamW keeps each parameter's state in the parameter's dtype.
+
+All: AdamW(betas 0.9/0.999, eps 1e-8, weight decay 0.1 except norms and biases), cosine
 schedule with 2 warm-up steps (transformers' get_cosine_schedule_with_warmup), gradient
 clipping at norm 1.0. Writes OUT_DIR/result.json (per-step loss, lr, grad norm) and
 OUT_DIR/final.safetensors (trainable tensors after the last step, Hub / adapter names).
@@ -30,11 +34,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2VLForConditionalGeneration, get_cosine_schedule_with_warmup
 
 fixture, out, mode, accum, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+dtype = torch.bfloat16 if sys.argv[6:] == ["bf16"] else torch.float32
 os.makedirs(out, exist_ok=True)
 torch.manual_seed(1234)
 torch.use_deterministic_algorithms(True)
 
-model = Qwen2VLForConditionalGeneration.from_pretrained(fixture, dtype=torch.float32)
+model = Qwen2VLForConditionalGeneration.from_pretrained(fixture, dtype=dtype)
 model.train()
 ref = load_file(os.path.join(fixture, "reference.safetensors"))
 names = ["text", "image", "two_images", "video"]

@@ -26,6 +26,32 @@ use crate::peft::{self, component_index, LoraSpec};
 pub use optim::{clip_grad_norm, AdamW, Param};
 pub use schedule::Schedule;
 
+/// Puts the norm parameters of a bf16 / fp16 model in fp32 (in place, so every layer holding
+/// them sees the change) and returns how many: mixed-precision training keeps norms, like
+/// LoRA parameters, optimiser state and the loss, in fp32 while weights and matmuls stay in
+/// the reduced dtype. Norms are told apart by their Hub names (a module whose last part
+/// contains `norm` or starts with `ln`, as `input_layernorm`, `norm1`, `ln_q`,
+/// `pre_layrnorm`), 1-D and not a linear layer's bias; other 1-D parameters (CLIP's
+/// `class_embedding`) keep the model dtype because they join bf16 activations directly.
+pub fn keep_norms_fp32(model: &mut dyn Trainable) -> usize {
+    let mut linear_biases = std::collections::HashSet::new();
+    model.visit_linears(&mut |name, _| {
+        linear_biases.insert(format!("{name}.bias"));
+    });
+    let mut upcast = 0;
+    for (name, mut var) in model.var_store().variables() {
+        let reduced = matches!(var.kind(), Kind::BFloat16 | Kind::Half);
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        let last = module.rsplit('.').next().unwrap_or(module);
+        let is_norm = last.contains("norm") || last.starts_with("ln");
+        if reduced && var.dim() == 1 && is_norm && !linear_biases.contains(&name) {
+            tch::no_grad(|| var.set_data(&var.to_kind(Kind::Float)));
+            upcast += 1;
+        }
+    }
+    upcast
+}
+
 /// Everything the engine needs to know, resolved from the config.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -102,6 +128,10 @@ impl Trainer {
     /// fresh adapters are reproducible.
     pub fn new(model: &mut dyn Trainable, options: TrainOptions) -> Result<Trainer> {
         tch::manual_seed(options.seed as i64);
+        let upcast = keep_norms_fp32(model);
+        if upcast > 0 {
+            tracing::debug!(upcast, "norm parameters kept in fp32");
+        }
         let training = Arc::new(AtomicBool::new(true));
         let modes = options.modes;
         if modes.contains(&ComponentMode::Lora) {
