@@ -5,7 +5,8 @@
 //! merged checkpoint (`merge_lora`, forced into several shards) must load in `transformers`
 //! with the same logits, and give them in lmms-ft too. The second case also trains LoRA on
 //! the vision tower (`train.vision = "lora"`, default targets: every linear of the parts in
-//! lora mode), whose adapters peft must load as well.
+//! lora mode), whose adapters peft must load as well, with rsLoRA on (scaling alpha/√r = 4
+//! instead of alpha/r = 2, so a scaling that disagrees with peft's changes the logits).
 
 mod common;
 
@@ -42,6 +43,7 @@ fn check(vision_lora: bool) {
     c.lora.modules_to_save = vec!["lm_head".into()];
     if vision_lora {
         c.train.vision = Some(ComponentMode::Lora);
+        c.lora.use_rslora = true;
     }
     let options = TrainOptions::from_config(&c, 3).unwrap();
     let spec = options.lora.clone().unwrap();
