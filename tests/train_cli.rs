@@ -1,7 +1,8 @@
 //! `lmms-ft train` and `lmms-ft merge-lora` end to end on the tiny Qwen2-VL checkpoint of
 //! `scripts/oracle/qwen2_vl_fixture.py`, with a small dataset over its two images.
 //!
-//! - A LoRA run writes every promised file; its adapter loads in `peft` (and in lmms-ft) with
+//! - A LoRA run writes every promised file and, without a terminal, plain structured log
+//!   lines instead of a progress bar; its adapter loads in `peft` (and in lmms-ft) with
 //!   the same logits, and `merge-lora` gives a checkpoint `transformers` loads with them too.
 //! - A full run writes sharded Hugging Face weights equal to the trained parameters, which
 //!   `transformers` loads with lmms-ft's logits.
@@ -154,6 +155,19 @@ fn lora_run_writes_outputs_that_load_in_peft_and_merge_in_transformers() {
         ],
     ));
     assert_ok(&run);
+    // Not a terminal, so no progress bar: structured log lines with the step's figures.
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.lines().any(|l| l.contains("train")
+            && l.contains("step=4")
+            && l.contains("loss=")
+            && l.contains("lr=")),
+        "no structured train log line in:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains('\r') && !stderr.contains("█"),
+        "progress bar drawn on a non-terminal"
+    );
 
     for file in [
         "adapter_config.json",

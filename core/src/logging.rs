@@ -1,6 +1,8 @@
 //! Logging set-up: human-readable lines on a terminal, or one JSON object per line for
 //! log collectors (`--log-format json`). `RUST_LOG` overrides the level filter.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,8 +30,10 @@ impl std::str::FromStr for LogFormat {
 pub fn init(format: LogFormat, verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour codes only on a terminal: piped or redirected logs stay plain `key=value` text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.with_target(false).try_init(),

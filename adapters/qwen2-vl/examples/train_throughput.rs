@@ -37,10 +37,9 @@ fn main() -> Result<()> {
         &std::fs::read_to_string(dir.join("config.json")).context("reading config.json")?,
     )?;
     let config = Qwen2VlConfig::from_hf_json(&json)?;
-    let inputs: HashMap<String, Tensor> =
-        Tensor::read_safetensors(dir.join("inputs.safetensors"))?
-            .into_iter()
-            .collect();
+    let inputs: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("inputs.safetensors"))?
+        .into_iter()
+        .collect();
     let get = |k: &str| {
         inputs
             .get(k)

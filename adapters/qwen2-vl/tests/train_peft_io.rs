@@ -70,7 +70,8 @@ fn check(vision_lora: bool) {
             keys.keys().take(5).collect::<Vec<_>>()
         );
     }
-    let mut trained_b = vec!["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"];
+    let mut trained_b =
+        vec!["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"];
     if vision_lora {
         trained_b.extend([
             "base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight",
