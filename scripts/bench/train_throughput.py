@@ -14,7 +14,7 @@ Usage:
       optimiser step (forward, backward, clip, step, zero_grad) and prints one JSON line with
       the step times after WARMUP steps, the losses and VmHWM.
   python train_throughput.py table TRANSFORMERS_JSON LMMS_FT_JSON
-      The comparison table.
+      The comparison table (each file may hold several runs, one JSON line each).
 """
 
 import json
@@ -33,6 +33,15 @@ def peak_rss_mib():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return None
+
+
+def cpu_seconds():
+    """User + system CPU time of this process from /proc/self/stat, the same source the Rust
+    side reads: on a machine other jobs share, CPU time per step moves much less than wall
+    time."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make(out):
@@ -94,9 +103,9 @@ def run(out, steps, warmup, threads):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=steps)
     kw = {k: inputs[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw")}
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for s in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         loss = model(**kw, labels=inputs["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -105,28 +114,42 @@ def run(out, steps, warmup, threads):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
     print(json.dumps({"side": "transformers+peft", "threads": torch.get_num_threads(),
                       "tokens": int(inputs["input_ids"].shape[1]),
                       "trainable": sum(p.numel() for p in params), "warmup": warmup,
-                      "step_s": times[warmup:], "loss": losses, "peak_rss_mib": peak_rss_mib()}))
+                      "step_s": times[warmup:], "cpu_s": cpu[warmup:], "loss": losses, "peak_rss_mib": peak_rss_mib()}))
 
 
 def table(theirs_path, ours_path):
-    def last_json(path):
+    def pooled(path):
+        """Every run of one side (the driver alternates the sides over several rounds, so a
+        change in the machine's load hits both): step times pooled, the highest VmHWM."""
         with open(path) as f:
-            return json.loads([l for l in f.read().splitlines() if l.startswith("{")][-1])
+            runs = [json.loads(l) for l in f.read().splitlines() if l.startswith("{")]
+        r = dict(runs[0])
+        r["step_s"] = [t for x in runs for t in x["step_s"]]
+        r["cpu_s"] = [t for x in runs for t in x["cpu_s"]]
+        r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
+        r["runs"] = len(runs)
+        if any(x["loss"][0] != runs[0]["loss"][0] for x in runs):
+            sys.exit(f"{path}: runs of the same side start from different losses")
+        return r
 
-    theirs, ours = last_json(theirs_path), last_json(ours_path)
+    theirs, ours = pooled(theirs_path), pooled(ours_path)
+    print(f"runs per side: {theirs['runs']} / {ours['runs']}; steps below are pooled over them")
     rows = []
     for r in (theirs, ours):
         rows.append((r["side"], r["threads"], r["tokens"], r["trainable"], len(r["step_s"]),
-                     statistics.median(r["step_s"]), statistics.mean(r["step_s"]), r["peak_rss_mib"]))
+                     statistics.median(r["step_s"]), statistics.mean(r["step_s"]),
+                     statistics.median(r["cpu_s"]), r["peak_rss_mib"]))
     print(f"{'side':<20} {'threads':>7} {'tokens':>6} {'trainable':>10} {'steps':>5} {'median s/step':>13} "
-          f"{'mean s/step':>11} {'peak RSS MiB':>12}")
+          f"{'mean s/step':>11} {'median CPU s/step':>17} {'peak RSS MiB':>12}")
     for r in rows:
-        print(f"{r[0]:<20} {r[1]:>7} {r[2]:>6} {r[3]:>10} {r[4]:>5} {r[5]:>13.3f} {r[6]:>11.3f} {r[7]:>12.0f}")
+        print(f"{r[0]:<20} {r[1]:>7} {r[2]:>6} {r[3]:>10} {r[4]:>5} {r[5]:>13.3f} {r[6]:>11.3f} {r[7]:>17.2f} "
+              f"{r[8]:>12.0f}")
     print(f"ratio lmms-ft / transformers+peft: step time (median) {rows[1][5] / rows[0][5]:.2f}, "
-          f"peak RSS {rows[1][7] / rows[0][7]:.2f}")
+          f"CPU time per step (median) {rows[1][7] / rows[0][7]:.2f}, peak RSS {rows[1][8] / rows[0][8]:.2f}")
     # Same base model and data with lora_B = 0: the first losses must agree, or the two
     # sides are not running the same step.
     print(f"first-step loss: transformers+peft {theirs['loss'][0]:.6f}, lmms-ft {ours['loss'][0]:.6f}")

@@ -3,12 +3,16 @@
 # CPU: same random small Qwen2-VL, same sample, same hyper-parameters, same thread count,
 # each side in its own process (so each VmHWM is its own), then one table with the ratios.
 #
-#   scripts/bench/train_throughput.sh [THREADS [STEPS [WARMUP]]]    (defaults 2, 8, 2)
+#   scripts/bench/train_throughput.sh [THREADS [STEPS [WARMUP [ROUNDS]]]]  (defaults 2, 8, 2, 3)
+#
+# The sides alternate over ROUNDS rounds and their step times are pooled, so a change in
+# the machine's load during the benchmark falls on both.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 THREADS=${1:-2}
 STEPS=${2:-8}
 WARMUP=${3:-2}
+ROUNDS=${4:-3}
 eval "$(bash scripts/setup.sh --print-env)"
 PY=${LMMS_FT_PYTHON:-$VIRTUAL_ENV/bin/python}
 TARGET=${CARGO_TARGET_DIR:-$HOME/.cache/lmms-ft/target}
@@ -18,7 +22,9 @@ trap 'rm -rf "$WORK"' EXIT
 "$PY" scripts/bench/train_throughput.py make "$WORK/model" 2>/dev/null
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-"$PY" scripts/bench/train_throughput.py run "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" 2>/dev/null >"$WORK/transformers.json"
-"$TARGET/debug/examples/train_throughput" "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" >"$WORK/lmms-ft.json"
+for _ in $(seq "$ROUNDS"); do
+  "$PY" scripts/bench/train_throughput.py run "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" 2>/dev/null >>"$WORK/transformers.json"
+  "$TARGET/debug/examples/train_throughput" "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" >>"$WORK/lmms-ft.json"
+done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PY" scripts/bench/train_throughput.py table "$WORK/transformers.json" "$WORK/lmms-ft.json"

@@ -21,6 +21,25 @@ use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
 use tch::{Device, Kind, Tensor};
 
+/// User + system CPU time of this process from `/proc/self/stat` (in clock ticks of 1/100 s,
+/// Linux's `USER_HZ`), as the Python side reads it: less disturbed than wall time on a
+/// machine other jobs share.
+fn cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    let rest = stat
+        .rsplit_once(')')
+        .context("unexpected /proc/self/stat")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/self/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     ensure!(
@@ -74,11 +93,12 @@ fn main() -> Result<()> {
     c.lora.alpha = 32.0;
     c.lora.dropout = 0.05;
     let mut trainer = Trainer::new(&mut model, TrainOptions::from_config(&c, steps)?)?;
-    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    let (mut times, mut cpu, mut losses) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..steps {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_seconds()?);
         let stats = trainer.train_step(&[()], |_| model.forward(&batch, true))?;
         times.push(t0.elapsed().as_secs_f64());
+        cpu.push(cpu_seconds()? - c0);
         losses.push(stats.loss);
     }
     println!(
@@ -90,6 +110,7 @@ fn main() -> Result<()> {
             "trainable": trainer.num_trainable(),
             "warmup": warmup,
             "step_s": times.get(warmup..).unwrap_or_default(),
+            "cpu_s": cpu.get(warmup..).unwrap_or_default(),
             "loss": losses,
             "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         })

@@ -3,16 +3,17 @@
 //! the `transformers` model, and must give lmms-ft's logits (≤ 1e-4) while differing from the
 //! base model; peft's "missing / unexpected adapter keys" warnings fail the oracle. The
 //! merged checkpoint (`merge_lora`, forced into several shards) must load in `transformers`
-//! with the same logits, and give them in lmms-ft too. The second case also trains LoRA on
-//! the vision tower (`train.vision = "lora"`, default targets: every linear of the parts in
-//! lora mode), whose adapters peft must load as well, with rsLoRA on (scaling alpha/√r = 4
-//! instead of alpha/r = 2, so a scaling that disagrees with peft's changes the logits).
+//! with the same logits, and give them in lmms-ft too. The first case names its targets as
+//! PEFT's suffix list; the second trains LoRA on the vision tower as well
+//! (`train.vision = "lora"`, default targets: every linear of the parts in lora mode), whose
+//! adapters peft must load too, with rsLoRA on (scaling alpha/√r = 4 instead of alpha/r = 2,
+//! so a scaling that disagrees with peft's changes the logits).
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use lmms_ft_core::config::{ComponentMode, Config, Scheduler};
+use lmms_ft_core::config::{ComponentMode, Config, Scheduler, TargetModules};
 use lmms_ft_core::family::Model;
 use lmms_ft_core::peft::io::{merge_lora, read_safetensors, save_adapter, write_safetensors, Blob};
 use lmms_ft_core::testing::{max_abs_diff, run_oracle};
@@ -44,6 +45,13 @@ fn check(vision_lora: bool) {
     if vision_lora {
         c.train.vision = Some(ComponentMode::Lora);
         c.lora.use_rslora = true;
+    } else {
+        // PEFT's suffix-list form, naming every linear of the decoder layers.
+        c.lora.target_modules = TargetModules::Names(
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+        );
     }
     let options = TrainOptions::from_config(&c, 3).unwrap();
     let spec = options.lora.clone().unwrap();
