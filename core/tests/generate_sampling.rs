@@ -14,7 +14,7 @@ const DRAWS: usize = 20_000;
 
 fn logits() -> Vec<f32> {
     (0..24)
-        .map(|i| ((i as f32 * 1.7).sin() * 2.5 + (i as f32 * 0.37).cos()))
+        .map(|i| (i as f32 * 1.7).sin() * 2.5 + (i as f32 * 0.37).cos())
         .collect()
 }
 

@@ -48,9 +48,17 @@ fn check(vision_lora: bool) {
     } else {
         // PEFT's suffix-list form, naming every linear of the decoder layers.
         c.lora.target_modules = TargetModules::Names(
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
         );
     }
     let options = TrainOptions::from_config(&c, 3).unwrap();
