@@ -19,6 +19,8 @@ pub enum Activation {
     QuickGelu,
     Silu,
     Relu,
+    /// `linear`: the identity (transformers' `LinearActivation`).
+    Identity,
 }
 
 impl Activation {
@@ -29,7 +31,8 @@ impl Activation {
             "quick_gelu" => Activation::QuickGelu,
             "silu" | "swish" => Activation::Silu,
             "relu" => Activation::Relu,
-            other => bail!("unsupported activation `{other}` (supported: gelu, gelu_pytorch_tanh, gelu_new, quick_gelu, silu, relu)"),
+            "linear" => Activation::Identity,
+            other => bail!("unsupported activation `{other}` (supported: gelu, gelu_pytorch_tanh, gelu_new, quick_gelu, silu, relu, linear)"),
         })
     }
 
@@ -40,6 +43,7 @@ impl Activation {
             Activation::QuickGelu => x * (x * 1.702).sigmoid(),
             Activation::Silu => x.silu(),
             Activation::Relu => x.relu(),
+            Activation::Identity => x.shallow_clone(),
         }
     }
 }

@@ -221,6 +221,9 @@ impl Family for Llava {
     }
 
     fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Result<LlavaModel> {
+        if lmms_ft_core::compose::is_skeleton(dir) {
+            return crate::compose::load(config, dir, device, kind);
+        }
         LlavaModel::load(config, dir, device, kind)
     }
 }

@@ -8,6 +8,7 @@
 //! collator. `llava-next-video` and `llava-onevision` stay registered as planned.
 
 pub mod anyres;
+pub mod compose;
 pub mod config;
 pub mod family;
 pub mod model;

@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
 use lmms_ft_backbones::siglip::SiglipVisionTower;
-use lmms_ft_core::family::{Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
 use lmms_ft_core::nn::{rope_inv_freq, shifted_token_loss_sum, Linear, ParamInit};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -273,5 +273,36 @@ impl Model for LlavaModel {
 
     fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f("multi_modal_projector.linear_1", &mut self.linear_1);
+        f("multi_modal_projector.linear_2", &mut self.linear_2);
+        self.decoder
+            .visit_linears("language_model.model", "language_model.lm_head", f);
+    }
+
+    fn component(&self, name: &str) -> Component {
+        if name.starts_with("vision_tower.") {
+            Component::Vision
+        } else if name.starts_with("multi_modal_projector.") || name == "image_newline" {
+            Component::Projector
+        } else {
+            Component::Llm
+        }
+    }
+
+    /// transformers 5 runs the text model as `model.language_model`, the tower as
+    /// `model.vision_tower` and the projector as `model.multi_modal_projector`.
+    fn runtime_name(&self, hub_name: &str) -> String {
+        if let Some(rest) = hub_name.strip_prefix("language_model.model.") {
+            format!("model.language_model.{rest}")
+        } else if let Some(rest) = hub_name.strip_prefix("language_model.") {
+            rest.to_string()
+        } else if let Some(rest) = hub_name.strip_prefix("vision_tower.vision_model.") {
+            format!("model.vision_tower.{rest}")
+        } else {
+            format!("model.{hub_name}")
+        }
     }
 }

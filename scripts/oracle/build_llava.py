@@ -1,0 +1,119 @@
+"""Build-your-own LLaVA oracle: tiny source checkpoints, and transformers' view of a composed
+LLaVA checkpoint.
+
+Usage:
+  python build_llava.py sources OUT SHARED_HF_CONFIGS
+      Writes OUT/llm (a tiny random LlamaForCausalLM with a plain Llama-2 tokenizer: the real
+      llava-1.5 tokenizer.json without the <image> / <pad> tokens llava-hf added), OUT/clip (a
+      tiny random CLIPVisionModel + its CLIPImageProcessor), OUT/images/*.png and
+      OUT/data.json (a LLaVA-format dataset). Prints JSON facts about them.
+  python build_llava.py check MODEL_DIR IMAGE OUT.safetensors
+      Loads MODEL_DIR with LlavaForConditionalGeneration.from_pretrained and AutoProcessor
+      (fails on any missing / unexpected / mismatched weight), runs one user turn with IMAGE
+      through the directory's chat template (add_generation_prompt) and processor, and saves
+      input_ids, pixel_values and logits. Prints JSON facts on the last line.
+"""
+
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def sources(out, shared):
+    from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                              LlamaForCausalLM)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    real = os.path.join(shared, "llava-hf--llava-1.5-7b-hf")
+    llm = os.path.join(out, "llm")
+    clip = os.path.join(out, "clip")
+    os.makedirs(llm, exist_ok=True)
+    os.makedirs(clip, exist_ok=True)
+
+    text = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+    LlamaForCausalLM(text).float().save_pretrained(llm)
+    # A plain Llama-2 tokenizer: llava-hf's minus the two tokens it appended (ids >= 32000).
+    with open(os.path.join(real, "tokenizer.json")) as f:
+        tok = json.load(f)
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] < 32000]
+    with open(os.path.join(llm, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    with open(os.path.join(real, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc["added_tokens_decoder"] = {k: v for k, v in tc["added_tokens_decoder"].items() if int(k) < 32000}
+    for key in ("extra_special_tokens", "image_token", "pad_token", "processor_class", "chat_template"):
+        tc.pop(key, None)
+    with open(os.path.join(llm, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=1)
+    plain = AutoTokenizer.from_pretrained(llm)
+    assert len(plain) == 32000, len(plain)
+    assert "<image>" not in plain.get_vocab()
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=16)
+    CLIPVisionModel(vision).float().save_pretrained(clip)
+    CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(clip)
+
+    images = os.path.join(out, "images")
+    os.makedirs(images, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (w, h) in enumerate([(100, 60), (56, 84), (70, 70), (90, 50)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(images, f"img{i}.png"))
+        records.append({"id": str(i), "image": f"img{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"},
+            {"from": "gpt", "value": ["Red noise.", "Blue noise.", "Green noise.", "Grey noise."][i]},
+        ]})
+    with open(os.path.join(out, "data.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    from safetensors import safe_open
+    with safe_open(os.path.join(llm, "model.safetensors"), "pt") as f:
+        llm_keys = sorted(f.keys())
+    with safe_open(os.path.join(clip, "model.safetensors"), "pt") as f:
+        clip_keys = sorted(f.keys())
+    print(json.dumps({"llm_keys": llm_keys, "clip_keys": clip_keys, "vocab": len(plain)}))
+
+
+def check(model_dir, image, out):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model, info = LlavaForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise SystemExit(f"loading {model_dir}: {problems}")
+    model = model.float().eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    img = Image.open(image).convert("RGB")
+    batch = processor(text=[text], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    from safetensors.torch import save_file
+    save_file({"input_ids": batch["input_ids"].contiguous(), "pixel_values": batch["pixel_values"].contiguous(),
+               "logits": logits.contiguous()}, out)
+    print(json.dumps({"text": text, "image_processor": type(processor.image_processor).__name__,
+                      "image_token_id": model.config.image_token_id,
+                      "vocab_size": model.config.text_config.vocab_size,
+                      "num_image_tokens": int((batch["input_ids"] == model.config.image_token_id).sum())}))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "sources":
+        sources(sys.argv[2], sys.argv[3])
+    elif mode == "check":
+        check(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        raise SystemExit(f"unknown mode {mode}")
