@@ -57,7 +57,9 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
         return Ok((dir, family));
     }
     if let Some((key, _)) = parts.iter().find(|(_, set)| *set) {
-        anyhow::bail!("model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")");
+        anyhow::bail!(
+            "model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")"
+        );
     }
     let dir = match (&cfg.model.id, &cfg.model.path) {
         (Some(id), path) => {

@@ -123,7 +123,13 @@ fn check_against_transformers(dir: &Path, image: &Path, work: &Path) {
     }]));
     let ids = template.encode_prompt(&conv, &tokens).unwrap();
     let theirs: Vec<i64> = Vec::try_from(reference["input_ids"].flatten(0, -1)).unwrap();
-    assert_eq!(ids, theirs, "{}: prompt ids ({})", dir.display(), facts["text"]);
+    assert_eq!(
+        ids,
+        theirs,
+        "{}: prompt ids ({})",
+        dir.display(),
+        facts["text"]
+    );
 
     // Padding to a square (do_pad) and the resize happen on both sides; PIL-exact up to the
     // rounding of the resampler.
@@ -147,9 +153,14 @@ fn check_against_transformers(dir: &Path, image: &Path, work: &Path) {
             image_sizes: vec![[h, w]],
             num_label_tokens: 0,
         };
-        let logits = tch::no_grad(|| model.forward(&batch, false)).unwrap().logits;
+        let logits = tch::no_grad(|| model.forward(&batch, false))
+            .unwrap()
+            .logits;
         let diff = max_abs_diff(&logits, &reference["logits"]);
-        eprintln!("{}: logits with {name} pixels differ by {diff:.3e}", dir.display());
+        eprintln!(
+            "{}: logits with {name} pixels differ by {diff:.3e}",
+            dir.display()
+        );
         if name == "their" || pixel_diff == 0.0 {
             assert!(
                 diff <= 1e-4,
@@ -171,7 +182,11 @@ fn build_llava_in_two_stages_loads_in_transformers() {
     let src = tmp.path().join("src");
     run_oracle(
         "build_llava.py",
-        &["sources", src.to_str().unwrap(), hf_configs().to_str().unwrap()],
+        &[
+            "sources",
+            src.to_str().unwrap(),
+            hf_configs().to_str().unwrap(),
+        ],
     );
     let llm = read(&src.join("llm/model.safetensors"));
     let clip = read(&src.join("clip/model.safetensors"));
@@ -192,10 +207,14 @@ fn build_llava_in_two_stages_loads_in_transformers() {
         let ours = &saved1[&composed_llm_name(name)];
         if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
             assert_eq!(ours.size()[0], SOURCE_VOCAB + 1, "{name}");
-            assert!(bit_equal(&ours.narrow(0, 0, SOURCE_VOCAB), source), "{name}");
-            let mean = source
-                .to_kind(Kind::Double)
-                .mean_dim(Some(&[0i64][..]), false, Kind::Double);
+            assert!(
+                bit_equal(&ours.narrow(0, 0, SOURCE_VOCAB), source),
+                "{name}"
+            );
+            let mean =
+                source
+                    .to_kind(Kind::Double)
+                    .mean_dim(Some(&[0i64][..]), false, Kind::Double);
             let new_row = ours.get(SOURCE_VOCAB).to_kind(Kind::Double);
             assert!(
                 max_abs_diff(&new_row, &mean) <= 1e-7,
@@ -207,7 +226,10 @@ fn build_llava_in_two_stages_loads_in_transformers() {
     }
     for (name, source) in &clip {
         let ours = &saved1[&format!("vision_tower.vision_model.{name}")];
-        assert!(bit_equal(ours, source), "stage 1 changed vision tensor {name}");
+        assert!(
+            bit_equal(ours, source),
+            "stage 1 changed vision tensor {name}"
+        );
     }
     // The projector as composed (seeded init) versus as trained.
     let skeleton = out1.join("composed");
@@ -237,7 +259,10 @@ fn build_llava_in_two_stages_loads_in_transformers() {
     assert_eq!(saved2.len(), saved1.len());
     for (name, source) in &clip {
         let ours = &saved2[&format!("vision_tower.vision_model.{name}")];
-        assert!(bit_equal(ours, source), "stage 2 changed vision tensor {name}");
+        assert!(
+            bit_equal(ours, source),
+            "stage 2 changed vision tensor {name}"
+        );
     }
     for name in [
         "language_model.model.layers.0.self_attn.q_proj.weight",
@@ -308,7 +333,11 @@ fn bad_model_sections_are_clear_errors() {
         ),
         (
             "build-llava-stage1.toml",
-            with(&[text(&llama), vision(&clip), "model.projector=qformer".into()]),
+            with(&[
+                text(&llama),
+                vision(&clip),
+                "model.projector=qformer".into(),
+            ]),
             "model.projector `qformer` is not supported",
         ),
         (

@@ -303,8 +303,14 @@ fn write_processor(
             .and_then(|v| v.get("image_processor").cloned())
             .unwrap_or_else(|| json!({})),
     };
-    let size = vision.get("image_size").and_then(Value::as_i64).unwrap_or(224);
-    let patch = vision.get("patch_size").and_then(Value::as_i64).unwrap_or(if siglip { 16 } else { 32 });
+    let size = vision
+        .get("image_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(224);
+    let patch = vision
+        .get("patch_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(if siglip { 16 } else { 32 });
     let mut p = Map::new();
     if siglip {
         p.insert("size".into(), json!({"height": size, "width": size}));
@@ -320,8 +326,17 @@ fn write_processor(
     }
     p.insert("resample".into(), json!(3));
     for key in [
-        "size", "crop_size", "do_center_crop", "image_mean", "image_std", "resample",
-        "rescale_factor", "do_resize", "do_rescale", "do_normalize", "do_convert_rgb",
+        "size",
+        "crop_size",
+        "do_center_crop",
+        "image_mean",
+        "image_std",
+        "resample",
+        "rescale_factor",
+        "do_resize",
+        "do_rescale",
+        "do_normalize",
+        "do_convert_rgb",
     ] {
         if let Some(v) = source.get(key).filter(|v| !v.is_null()) {
             p.insert(key.into(), v.clone());
@@ -360,7 +375,11 @@ fn write_processor(
 /// into `dir` (see the module doc for every default).
 pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
     let text_dir = source_dir(model.text_model.as_deref(), "text_model", "an LLM")?;
-    let vision_dir = source_dir(model.vision_tower.as_deref(), "vision_tower", "a vision tower")?;
+    let vision_dir = source_dir(
+        model.vision_tower.as_deref(),
+        "vision_tower",
+        "a vision tower",
+    )?;
     let text = text_config(&text_dir)?;
     let (vision, siglip) = vision_config(&vision_dir)?;
     let projector = Projector::parse(model.projector.as_deref().unwrap_or("mlp2x_gelu"))?;
@@ -388,15 +407,16 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
         "model.image_aspect_ratio must be \"pad\" or \"square\", got {aspect:?}"
     );
     let qwen = text.get("model_type").and_then(Value::as_str) == Some("qwen2");
-    let template = match model
-        .chat_template
-        .as_deref()
-        .unwrap_or(if qwen { "chatml" } else { "vicuna" })
-    {
-        "vicuna" => VICUNA_TEMPLATE,
-        "chatml" => CHATML_TEMPLATE,
-        other => bail!("model.chat_template must be \"vicuna\" or \"chatml\", got {other:?}"),
-    };
+    let template =
+        match model
+            .chat_template
+            .as_deref()
+            .unwrap_or(if qwen { "chatml" } else { "vicuna" })
+        {
+            "vicuna" => VICUNA_TEMPLATE,
+            "chatml" => CHATML_TEMPLATE,
+            other => bail!("model.chat_template must be \"vicuna\" or \"chatml\", got {other:?}"),
+        };
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let image_token_id = write_tokenizer(&text_dir, dir)?;
@@ -415,8 +435,14 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
         .get("initializer_range")
         .and_then(Value::as_f64)
         .unwrap_or(0.02);
-    let image_size = vision.get("image_size").and_then(Value::as_i64).unwrap_or(224);
-    let patch = vision.get("patch_size").and_then(Value::as_i64).unwrap_or(32);
+    let image_size = vision
+        .get("image_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(224);
+    let patch = vision
+        .get("patch_size")
+        .and_then(Value::as_i64)
+        .unwrap_or(32);
     ensure!(
         patch > 0 && image_size % patch == 0,
         "model.vision_tower: image_size {image_size} is not a multiple of patch_size {patch}"
@@ -481,9 +507,16 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
             .get(key)
             .with_context(|| format!("{}: no `{key}`", dir.join(MANIFEST).display()))
     };
-    let text_dir = PathBuf::from(field("text_model")?.as_str().context("text_model is not a path")?);
-    let vision_dir =
-        PathBuf::from(field("vision_tower")?.as_str().context("vision_tower is not a path")?);
+    let text_dir = PathBuf::from(
+        field("text_model")?
+            .as_str()
+            .context("text_model is not a path")?,
+    );
+    let vision_dir = PathBuf::from(
+        field("vision_tower")?
+            .as_str()
+            .context("vision_tower is not a path")?,
+    );
     let source_vocab = field("source_vocab_size")?
         .as_i64()
         .context("source_vocab_size is not an integer")?;
@@ -524,7 +557,12 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
             },
         },
     )
-    .with_context(|| format!("loading the LLM from model.text_model {}", text_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "loading the LLM from model.text_model {}",
+            text_dir.display()
+        )
+    })?;
 
     let vision_views = vars
         .iter()
@@ -572,13 +610,13 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
         ] {
             let Some(w) = vars.get(name) else { continue };
             if vocab > source_vocab {
-                let mean = w
-                    .narrow(0, 0, source_vocab)
-                    .to_kind(Kind::Double)
-                    .mean_dim(Some(&[0i64][..]), true, Kind::Double);
+                let mean = w.narrow(0, 0, source_vocab).to_kind(Kind::Double).mean_dim(
+                    Some(&[0i64][..]),
+                    true,
+                    Kind::Double,
+                );
                 let rows = vocab - source_vocab;
-                let _ = w
-                    .narrow(0, source_vocab, rows)
+                w.narrow(0, source_vocab, rows)
                     .copy_(&mean.expand([rows, w.size()[1]], false));
             }
         }
@@ -598,7 +636,7 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
             } else {
                 Tensor::randn(w.size(), (Kind::Float, Device::Cpu)) * std
             };
-            let _ = w.shallow_clone().copy_(&init);
+            w.shallow_clone().copy_(&init);
         }
         Ok(())
     })?;
