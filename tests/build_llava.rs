@@ -13,6 +13,7 @@
 //!   unexpected or mismatched weight and no warning, and with the processor and tokenizer of
 //!   the directory give the ids (16 `<image>` tokens), pixels and logits (≤ 1e-4) that
 //!   lmms-ft gives.
+//! * Qwen2 + SigLIP compose too (ChatML template, `"full"` strategy, tied embeddings).
 //! * Bad `[model]` input (unknown kind, missing directory, unsupported LLM or tower, compose
 //!   keys without a kind, kind with a path) fails with a message naming the problem.
 
@@ -87,8 +88,15 @@ fn bit_equal(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
 }
 
-/// transformers' view of `dir` against lmms-ft's on one user turn with `image`.
-fn check_against_transformers(dir: &Path, image: &Path, work: &Path) {
+/// transformers' view of `dir` against lmms-ft's on one user turn with `image`: `<image>`
+/// has `image_token_id`, the vocabulary `vocab` entries, an image 16 tokens.
+fn check_against_transformers(
+    dir: &Path,
+    image: &Path,
+    work: &Path,
+    image_token_id: i64,
+    vocab: i64,
+) {
     let reference_path = work.join(format!(
         "{}-reference.safetensors",
         dir.file_name().unwrap().to_str().unwrap()
@@ -103,12 +111,14 @@ fn check_against_transformers(dir: &Path, image: &Path, work: &Path) {
         ],
     );
     let facts: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    eprintln!("{}: transformers says {facts}", dir.display());
     let reference = read(&reference_path);
 
     let config = Llava::config(dir).unwrap();
-    assert_eq!(config.image_token_id, SOURCE_VOCAB);
-    assert_eq!(facts["image_token_id"], SOURCE_VOCAB);
-    assert_eq!(facts["vocab_size"], SOURCE_VOCAB + 1);
+    assert_eq!(config.image_token_id, image_token_id);
+    assert_eq!(facts["image_token_id"], image_token_id);
+    assert_eq!(config.text.decoder.vocab_size, vocab);
+    assert_eq!(facts["vocab_size"], vocab);
     assert_eq!(facts["num_image_tokens"], config.tokens_per_tile());
     assert_eq!(config.tokens_per_tile(), 16);
 
@@ -248,7 +258,13 @@ fn build_llava_in_two_stages_loads_in_transformers() {
             assert!(moved > 1e-4, "stage 1 did not train {name} (moved {moved})");
         }
     }
-    check_against_transformers(&out1, &src.join("images/img0.png"), tmp.path());
+    check_against_transformers(
+        &out1,
+        &src.join("images/img0.png"),
+        tmp.path(),
+        SOURCE_VOCAB,
+        SOURCE_VOCAB + 1,
+    );
 
     // ---- stage 2: projector and LLM, from stage 1's output ----
     let out2 = tmp.path().join("stage2");
@@ -275,7 +291,74 @@ fn build_llava_in_two_stages_loads_in_transformers() {
             "stage 2 did not train {name}"
         );
     }
-    check_against_transformers(&out2, &src.join("images/img1.png"), tmp.path());
+    check_against_transformers(
+        &out2,
+        &src.join("images/img1.png"),
+        tmp.path(),
+        SOURCE_VOCAB,
+        SOURCE_VOCAB + 1,
+    );
+}
+
+/// Qwen2 (tied embeddings, a vocabulary padded past its tokenizer, whose tokenizer already
+/// has `<image>`, so the id is reused and no row added) + SigLIP (no class token: `"full"` strategy; its unused pooling head kept):
+/// composed with the ChatML template, stage 1 leaves both sources bit-equal, and the output
+/// agrees with transformers.
+#[test]
+fn qwen2_and_siglip_compose_and_load_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let printed = run_oracle(
+        "build_llava.py",
+        &[
+            "sources_qwen",
+            src.to_str().unwrap(),
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    let facts: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    // The source tokenizer already has `<image>`; composing must reuse its id.
+    let image_token_id = facts["image_token_id"].as_i64().unwrap();
+    assert_eq!(image_token_id, 151646);
+    let out = tmp.path().join("stage1");
+    let mut sets = tiny_run(&src, &out, 2);
+    sets.push(format!("model.text_model={}", src.join("qwen").display()));
+    sets.push(format!("model.vision_tower={}", src.join("siglip").display()));
+    // The shipped stage-1 config names CLIP's strategy; SigLIP wants every token.
+    sets.push("model.vision_feature_select_strategy=full".into());
+    train("build-llava-stage1.toml", &sets).unwrap_or_else(|e| panic!("stage 1: {e}"));
+    let composed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("composed/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(composed["vision_config"]["model_type"], "siglip_vision_model");
+    assert_eq!(composed["vision_feature_select_strategy"], "full");
+    assert_eq!(composed["tie_word_embeddings"], true);
+    assert!(std::fs::read_to_string(out.join("chat_template.jinja"))
+        .unwrap()
+        .contains("<|im_start|>"));
+
+    let saved = read(&out.join("model.safetensors"));
+    let qwen = read(&src.join("qwen/model.safetensors"));
+    let siglip = read(&src.join("siglip/model.safetensors"));
+    for (name, source) in &qwen {
+        if name == "lm_head.weight" {
+            continue; // tied: the embedding is the head
+        }
+        let ours = &saved[&composed_llm_name(name)];
+        assert!(bit_equal(ours, source), "stage 1 changed LLM tensor {name}");
+    }
+    for (name, source) in &siglip {
+        let ours = &saved[&format!("vision_tower.vision_model.{name}")];
+        assert!(bit_equal(ours, source), "stage 1 changed vision tensor {name}");
+    }
+    check_against_transformers(
+        &out,
+        &src.join("images/img3.png"),
+        tmp.path(),
+        image_token_id,
+        151936,
+    );
 }
 
 /// A directory that looks like a checkpoint of the given config (weights are not read

@@ -7,6 +7,10 @@ Usage:
       llava-1.5 tokenizer.json without the <image> / <pad> tokens llava-hf added), OUT/clip (a
       tiny random CLIPVisionModel + its CLIPImageProcessor), OUT/images/*.png and
       OUT/data.json (a LLaVA-format dataset). Prints JSON facts about them.
+  python build_llava.py sources_qwen OUT SHARED_HF_CONFIGS
+      Writes OUT/qwen (tiny Qwen2ForCausalLM, real llava-interleave Qwen2 tokenizer) and
+      OUT/siglip (tiny SiglipVisionModel + SiglipImageProcessor), and the same images and
+      data as `sources`.
   python build_llava.py check MODEL_DIR IMAGE OUT.safetensors
       Loads MODEL_DIR with LlavaForConditionalGeneration.from_pretrained and AutoProcessor
       (fails on any missing / unexpected / mismatched weight), runs one user turn with IMAGE
@@ -23,6 +27,22 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+
+
+def write_data(out):
+    """OUT/images/img{0..3}.png (noise, mostly non-square) and OUT/data.json (LLaVA format)."""
+    images = os.path.join(out, "images")
+    os.makedirs(images, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (w, h) in enumerate([(100, 60), (56, 84), (70, 70), (90, 50)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(images, f"img{i}.png"))
+        records.append({"id": str(i), "image": f"img{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"},
+            {"from": "gpt", "value": ["Red noise.", "Blue noise.", "Green noise.", "Grey noise."][i]},
+        ]})
+    with open(os.path.join(out, "data.json"), "w") as f:
+        json.dump(records, f, indent=1)
 
 
 def sources(out, shared):
@@ -63,24 +83,44 @@ def sources(out, shared):
     CLIPVisionModel(vision).float().save_pretrained(clip)
     CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(clip)
 
-    images = os.path.join(out, "images")
-    os.makedirs(images, exist_ok=True)
-    rng = np.random.default_rng(0)
-    records = []
-    for i, (w, h) in enumerate([(100, 60), (56, 84), (70, 70), (90, 50)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(images, f"img{i}.png"))
-        records.append({"id": str(i), "image": f"img{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?"},
-            {"from": "gpt", "value": ["Red noise.", "Blue noise.", "Green noise.", "Grey noise."][i]},
-        ]})
-    with open(os.path.join(out, "data.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    write_data(out)
     from safetensors import safe_open
     with safe_open(os.path.join(llm, "model.safetensors"), "pt") as f:
         llm_keys = sorted(f.keys())
     with safe_open(os.path.join(clip, "model.safetensors"), "pt") as f:
         clip_keys = sorted(f.keys())
     print(json.dumps({"llm_keys": llm_keys, "clip_keys": clip_keys, "vocab": len(plain)}))
+
+
+def sources_qwen(out, shared):
+    """OUT/qwen (a tiny Qwen2ForCausalLM, tied embeddings, with the real Qwen2 tokenizer from
+    llava-interleave-qwen) and OUT/siglip (a tiny SiglipVisionModel
+    with its attention-pooling head, + SiglipImageProcessor)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    torch.manual_seed(1)
+    real = os.path.join(shared, "llava-hf--llava-interleave-qwen-7b-hf")
+    qwen = os.path.join(out, "qwen")
+    siglip = os.path.join(out, "siglip")
+    text = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=True)
+    Qwen2ForCausalLM(text).float().save_pretrained(qwen)
+    # The real Qwen2 tokenizer as llava-interleave-qwen ships it, <image> (151646) included:
+    # composing must reuse that id rather than add a second one.
+    Qwen2Tokenizer.from_pretrained(real).save_pretrained(qwen)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(qwen, name)):
+            os.remove(os.path.join(qwen, name))
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, layer_norm_eps=1e-6)
+    SiglipVisionModel(vision).float().save_pretrained(siglip)
+    SiglipImageProcessorPil(size={"height": 56, "width": 56}).save_pretrained(siglip)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    write_data(out)
+    print(json.dumps({"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}))
 
 
 def check(model_dir, image, out):
@@ -113,6 +153,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "sources":
         sources(sys.argv[2], sys.argv[3])
+    elif mode == "sources_qwen":
+        sources_qwen(sys.argv[2], sys.argv[3])
     elif mode == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
