@@ -30,7 +30,8 @@ from PIL import Image
 
 
 def write_data(out):
-    """OUT/images/img{0..3}.png (noise, mostly non-square) and OUT/data.json (LLaVA format)."""
+    """OUT/images/img{0..3}.png (noise, mostly non-square), OUT/data.json (LLaVA format) and
+    OUT/probe.png."""
     images = os.path.join(out, "images")
     os.makedirs(images, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -43,6 +44,9 @@ def write_data(out):
         ]})
     with open(os.path.join(out, "data.json"), "w") as f:
         json.dump(records, f, indent=1)
+    # Not trained on: 56 x 42 only needs padding to the 56-pixel tile, no resampling, so the
+    # two processors must agree exactly and the logits can be compared end to end.
+    Image.fromarray(rng.integers(0, 256, (42, 56, 3), dtype=np.uint8)).save(os.path.join(out, "probe.png"))
 
 
 def sources(out, shared):
