@@ -14,6 +14,9 @@
 //!   the directory give the ids (16 `<image>` tokens), pixels (equal up to float rounding,
 //!   ≤ 1e-6, for an image that only needs padding, within 2/255 after a resize) and logits (≤ 1e-4, from transformers'
 //!   pixels, and end to end from ours for the padding-only image) that lmms-ft gives.
+//! * Stage 2 with LoRA on the LLM (and the projector saved with the adapter): `peft` loads
+//!   the adapter over stage 1's output without a warning, and its logits equal those of the
+//!   checkpoint `lmms-ft merge-lora` writes (≤ 1e-4), differing from stage 1's.
 //! * Qwen2 + SigLIP compose too (ChatML template, `"full"` strategy, tied embeddings).
 //! * Bad `[model]` input (unknown kind, missing directory, unsupported LLM or tower, compose
 //!   keys without a kind, kind with a path) fails with a message naming the problem.
@@ -310,6 +313,58 @@ fn build_llava_in_two_stages_loads_in_transformers() {
         SOURCE_VOCAB + 1,
         true,
     );
+
+    // ---- stage 2 with LoRA on the LLM (the variant the stage-2 config describes) ----
+    let lora = tmp.path().join("stage2-lora");
+    let mut sets = tiny_run(&src, &lora, 2);
+    sets.push(format!("model.path={}", out1.display()));
+    sets.push("train.llm=lora".into());
+    sets.push(
+        "lora.modules_to_save=[\"multi_modal_projector.linear_1\",\"multi_modal_projector.linear_2\"]"
+            .into(),
+    );
+    train("build-llava-stage2.toml", &sets).unwrap_or_else(|e| panic!("stage 2 (LoRA): {e}"));
+    let merged = tmp.path().join("stage2-merged");
+    let out = lmms_ft(&[
+        "merge-lora",
+        "--base",
+        out1.to_str().unwrap(),
+        "--adapter",
+        lora.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "merge-lora: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = run_oracle(
+        "build_llava.py",
+        &[
+            "peft",
+            out1.to_str().unwrap(),
+            lora.to_str().unwrap(),
+            merged.to_str().unwrap(),
+        ],
+    );
+    let diffs: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    eprintln!("LoRA stage 2: {diffs}");
+    assert!(diffs["peft_vs_merged"].as_f64().unwrap() <= 1e-4, "{diffs}");
+    assert!(diffs["peft_vs_base"].as_f64().unwrap() > 1e-4, "{diffs}");
+    let saved_merged = read(&merged.join("model.safetensors"));
+    for (name, source) in &clip {
+        let ours = &saved_merged[&format!("vision_tower.vision_model.{name}")];
+        assert!(
+            bit_equal(ours, source),
+            "LoRA stage 2 changed vision tensor {name}"
+        );
+    }
+    let name = "multi_modal_projector.linear_1.weight";
+    assert!(
+        !bit_equal(&saved_merged[name], &saved1[name]),
+        "the LoRA stage 2 adapter lost the projector's training"
+    );
 }
 
 /// Qwen2 (tied embeddings, a vocabulary padded past its tokenizer, whose tokenizer already
@@ -335,15 +390,20 @@ fn qwen2_and_siglip_compose_and_load_in_transformers() {
     let out = tmp.path().join("stage1");
     let mut sets = tiny_run(&src, &out, 2);
     sets.push(format!("model.text_model={}", src.join("qwen").display()));
-    sets.push(format!("model.vision_tower={}", src.join("siglip").display()));
+    sets.push(format!(
+        "model.vision_tower={}",
+        src.join("siglip").display()
+    ));
     // The shipped stage-1 config names CLIP's strategy; SigLIP wants every token.
     sets.push("model.vision_feature_select_strategy=full".into());
     train("build-llava-stage1.toml", &sets).unwrap_or_else(|e| panic!("stage 1: {e}"));
-    let composed: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("composed/config.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(composed["vision_config"]["model_type"], "siglip_vision_model");
+    let composed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("composed/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        composed["vision_config"]["model_type"],
+        "siglip_vision_model"
+    );
     assert_eq!(composed["vision_feature_select_strategy"], "full");
     assert_eq!(composed["tie_word_embeddings"], true);
     assert!(std::fs::read_to_string(out.join("chat_template.jinja"))
@@ -362,7 +422,10 @@ fn qwen2_and_siglip_compose_and_load_in_transformers() {
     }
     for (name, source) in &siglip {
         let ours = &saved[&format!("vision_tower.vision_model.{name}")];
-        assert!(bit_equal(ours, source), "stage 1 changed vision tensor {name}");
+        assert!(
+            bit_equal(ours, source),
+            "stage 1 changed vision tensor {name}"
+        );
     }
     check_against_transformers(
         &out,

@@ -16,6 +16,9 @@ Usage:
       (fails on any missing / unexpected / mismatched weight), runs one user turn with IMAGE
       through the directory's chat template (add_generation_prompt) and processor, and saves
       input_ids, pixel_values and logits. Prints JSON facts on the last line.
+  python build_llava.py peft BASE_DIR ADAPTER_DIR MERGED_DIR
+      PEFT's PeftModel over BASE_DIR with ADAPTER_DIR (warnings are errors) against
+      MERGED_DIR: prints the max logit differences to MERGED_DIR and to BASE_DIR.
 """
 
 import json
@@ -153,6 +156,29 @@ def check(model_dir, image, out):
                       "num_image_tokens": int((batch["input_ids"] == model.config.image_token_id).sum())}))
 
 
+def peft_check(base_dir, adapter_dir, merged_dir):
+    """PEFT applies ADAPTER over BASE (any warning, e.g. missing adapter keys, is an error);
+    prints how far its logits are from MERGED's (lmms-ft's merge-lora output) and BASE's."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        base = LlavaForConditionalGeneration.from_pretrained(base_dir).float().eval()
+        with torch.no_grad():
+            ids = torch.tensor([[1, 3148, 1001, 29901] + [base.config.image_token_id] * 16 + [13, 5618, 338]])
+            pixels = torch.randn(1, 3, 56, 56)
+            base_logits = base(input_ids=ids, pixel_values=pixels).logits
+        peft = PeftModel.from_pretrained(base, adapter_dir).eval()
+    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir).float().eval()
+    with torch.no_grad():
+        adapted = peft(input_ids=ids, pixel_values=pixels).logits
+        theirs = merged(input_ids=ids, pixel_values=pixels).logits
+    print(json.dumps({"peft_vs_merged": (adapted - theirs).abs().max().item(),
+                      "peft_vs_base": (adapted - base_logits).abs().max().item()}))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "sources":
@@ -161,5 +187,7 @@ if __name__ == "__main__":
         sources_qwen(sys.argv[2], sys.argv[3])
     elif mode == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif mode == "peft":
+        peft_check(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         raise SystemExit(f"unknown mode {mode}")

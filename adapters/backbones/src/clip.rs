@@ -5,14 +5,14 @@
 //! embedding.
 
 use anyhow::{bail, Result};
-use lmms_ft_core::nn::{Embedding, LayerNorm, ParamInit};
+use lmms_ft_core::nn::{Embedding, LayerNorm, Linear, ParamInit};
 use serde_json::Value;
 use tch::nn::Path;
 use tch::Tensor;
 
 use crate::vit::{
-    encoder_layers, float, int, resolve_layer, select_hidden_states, string, weight_init,
-    Activation, EncoderConfig, EncoderLayer,
+    encoder_layers, float, int, resolve_layer, select_hidden_states, string, visit_encoder_linears,
+    weight_init, Activation, EncoderConfig, EncoderLayer,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +81,11 @@ pub struct ClipVisionTower {
 }
 
 impl ClipVisionTower {
+    /// See [`visit_encoder_linears`]; `prefix` is the path the tower was built under.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        visit_encoder_linears(&mut self.layers, prefix, f);
+    }
+
     /// `p` is the path of `embeddings` / `pre_layrnorm` / `encoder` (the Hub's
     /// `vision_tower.vision_model`).
     pub fn new(p: &Path, c: &ClipVisionConfig, init: ParamInit) -> ClipVisionTower {

@@ -11,8 +11,8 @@ use tch::nn::{Init, Path};
 use tch::Tensor;
 
 use crate::vit::{
-    boolean, encoder_layers, float, int, resolve_layer, select_hidden_states, string, weight_init,
-    Activation, EncoderConfig, EncoderLayer,
+    boolean, encoder_layers, float, int, resolve_layer, select_hidden_states, string,
+    visit_encoder_linears, weight_init, Activation, EncoderConfig, EncoderLayer,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +107,11 @@ pub struct SiglipVisionTower {
 }
 
 impl SiglipVisionTower {
+    /// See [`visit_encoder_linears`]; `prefix` is the path the tower was built under.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        visit_encoder_linears(&mut self.layers, prefix, f);
+    }
+
     /// `p` is the path of `embeddings` / `encoder` / `post_layernorm` (the Hub's
     /// `vision_tower.vision_model`).
     pub fn new(p: &Path, c: &SiglipVisionConfig, init: ParamInit) -> SiglipVisionTower {

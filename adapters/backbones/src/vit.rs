@@ -160,6 +160,26 @@ impl EncoderLayer {
     }
 }
 
+/// Calls `f` with the Hub name (`{prefix}.encoder.layers.N.self_attn.q_proj`, ...) of every
+/// linear layer of an encoder stack, so a trainer can adapt or merge them, and so PEFT
+/// target lists written for the LLM can tell its `q_proj` from the tower's.
+pub fn visit_encoder_linears(
+    layers: &mut [EncoderLayer],
+    prefix: &str,
+    f: &mut dyn FnMut(&str, &mut Linear),
+) {
+    for (i, layer) in layers.iter_mut().enumerate() {
+        let p = format!("{prefix}.encoder.layers.{i}");
+        let a = &mut layer.self_attn;
+        f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
+        f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
+        f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+        f(&format!("{p}.self_attn.out_proj"), &mut a.out_proj);
+        f(&format!("{p}.mlp.fc1"), &mut layer.fc1);
+        f(&format!("{p}.mlp.fc2"), &mut layer.fc2);
+    }
+}
+
 /// Builds the `encoder.layers.N` stack under `p`.
 pub fn encoder_layers(p: &Path, c: &EncoderConfig, init: ParamInit) -> Vec<EncoderLayer> {
     let layers = p / "encoder" / "layers";

@@ -276,6 +276,11 @@ impl Model for LlavaModel {
     }
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let vision = "vision_tower.vision_model";
+        match &mut self.tower {
+            Tower::Clip(t) => t.visit_linears(vision, f),
+            Tower::Siglip(t) => t.visit_linears(vision, f),
+        }
         f("multi_modal_projector.linear_1", &mut self.linear_1);
         f("multi_modal_projector.linear_2", &mut self.linear_2);
         self.decoder
