@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Result};
 use lmms_ft_core::nn::{linear_params, sdpa, LayerNorm, Linear, ParamInit};
+use serde_json::Value;
 use tch::nn::{Init, Path};
 use tch::Tensor;
 
@@ -69,6 +70,21 @@ pub struct EncoderConfig {
 }
 
 impl EncoderConfig {
+    /// Reads the encoder keys of a CLIP or SigLIP `vision_config`; the two towers differ only
+    /// in the defaults `transformers` gives absent keys.
+    pub fn from_hf_json(v: &Value, default_eps: f64, default_act: &str) -> Result<EncoderConfig> {
+        let c = EncoderConfig {
+            hidden_size: int(v, "hidden_size", 768)?,
+            intermediate_size: int(v, "intermediate_size", 3072)?,
+            num_layers: int(v, "num_hidden_layers", 12)?,
+            num_heads: int(v, "num_attention_heads", 12)?,
+            layer_norm_eps: float(v, "layer_norm_eps", default_eps)?,
+            hidden_act: Activation::parse(string(v, "hidden_act", default_act)?)?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.num_heads <= 0 || self.hidden_size % self.num_heads != 0 {
             bail!(
@@ -161,6 +177,45 @@ pub fn encoder_layers(p: &Path, c: &EncoderConfig, init: ParamInit) -> Vec<Encod
     let layers = p / "encoder" / "layers";
     (0..c.num_layers)
         .map(|i| EncoderLayer::new(&(&layers / i), c, init))
+        .collect()
+}
+
+/// A patch larger than the image would make the conv return no tokens at all.
+pub fn check_patching(tower: &str, image_size: i64, patch_size: i64) -> Result<()> {
+    if patch_size <= 0 || image_size < patch_size {
+        bail!("{tower} image_size {image_size} is smaller than patch_size {patch_size}");
+    }
+    Ok(())
+}
+
+/// The towers' conv patch embedding, as `[N, patches, H]` in the weight's dtype. The towers
+/// do not interpolate positions (as LLaVA runs them), so `pixels` must be `[N, C, S, S]` at
+/// the configured `image_size`; channels and patch size come from the conv weight.
+pub fn embed_patches(
+    tower: &str,
+    pixels: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    image_size: i64,
+) -> Result<Tensor> {
+    let w = weight.size();
+    let (channels, patch) = (w[1], w[2]);
+    let size = pixels.size();
+    if size.len() != 4 || size[1] != channels || size[2] != image_size || size[3] != image_size {
+        bail!("{tower} tower expects pixel values [N, {channels}, {image_size}, {image_size}], got {size:?}");
+    }
+    Ok(pixels
+        .to_kind(weight.kind())
+        .conv2d(weight, bias, [patch; 2], [0; 2], [1; 2], 1)
+        .flatten(2, -1)
+        .transpose(1, 2))
+}
+
+/// Resolves each of `transformers`' `hidden_states[i]` indices with [`resolve_layer`].
+pub fn resolve_layers(indices: &[i64], num_layers: i64) -> Result<Vec<usize>> {
+    indices
+        .iter()
+        .map(|&i| resolve_layer(i, num_layers))
         .collect()
 }
 
