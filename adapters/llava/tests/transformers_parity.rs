@@ -20,15 +20,15 @@ use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{
-    ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
-};
-use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor};
+use lmms_ft_core::testing::{conversation_from_messages, max_abs_diff};
 use lmms_ft_llava::anyres::{anyres_image_tokens, video_tokens, Tiling};
 use lmms_ft_llava::config::{Architecture, LlavaConfig};
 use lmms_ft_llava::family::Llava;
-use lmms_ft_llava::model::{Batch, LlavaModel};
+use lmms_ft_llava::model::LlavaModel;
+
+mod common;
+use common::{fixture, ints};
 use tch::{Device, Kind, Tensor};
 
 /// Placeholder tokens per image as lmms-ft computes them from the config; `alone`: the
@@ -51,12 +51,6 @@ fn expected_tokens(config: &LlavaConfig, size: [i64; 2], alone: bool) -> i64 {
     )
 }
 
-fn ints(v: &serde_json::Value) -> Vec<i64> {
-    v.as_array()
-        .map(|a| a.iter().map(|x| x.as_i64().unwrap()).collect())
-        .unwrap_or_default()
-}
-
 /// The fixture's four frames of 56 × 70 RGB8.
 fn fixture_video(dir: &Path) -> VideoClip {
     let raw = std::fs::read(dir.join("video.rgb")).unwrap();
@@ -71,72 +65,40 @@ fn fixture_video(dir: &Path) -> VideoClip {
     }
 }
 
-fn sample_names(meta: &serde_json::Value) -> Vec<String> {
-    ["text", "image", "two_images", "video"]
-        .into_iter()
-        .filter(|n| meta["samples"].get(n).is_some())
-        .map(str::to_string)
-        .collect()
-}
 
 fn check_variant(variant: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join(variant);
-    let printed = run_oracle(
-        "llava_fixture.py",
-        &[
-            out.to_str().unwrap(),
-            variant,
-            hf_configs().to_str().unwrap(),
-        ],
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    let config = LlavaConfig::from_hf_json(&json).unwrap();
-    let oracle: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    let fx = fixture(variant);
+    let (config, out, reference, meta) = (&fx.config, fx.dir(), &fx.reference, &fx.meta);
     assert_eq!(
         config.num_parameters(),
-        oracle["num_parameters"].as_u64().unwrap(),
+        fx.printed["num_parameters"].as_u64().unwrap(),
         "{variant}: parameter count"
     );
 
-    let model = LlavaModel::load(&config, &out, Device::Cpu, Kind::Float).unwrap();
-    let reference: HashMap<String, Tensor> =
-        Tensor::read_safetensors(out.join("reference.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("reference.json")).unwrap())
-            .unwrap();
-    let names = sample_names(&meta);
+    let model = LlavaModel::load(config, out, Device::Cpu, Kind::Float).unwrap();
+    let names = fx.sample_names();
     let video_arch = config.architecture.video();
     assert_eq!(names.len(), if video_arch { 4 } else { 3 }, "{variant}: samples");
     for name in &names {
         let name = name.as_str();
-        let get = |k: &str| reference.get(&format!("{name}.{k}"));
+        let get = |k: &str| fx.get(name, k);
         let sample = &meta["samples"][name];
-        let ids = get("input_ids").unwrap();
-        let sizes: Vec<[i64; 2]> = sample["image_sizes"]
-            .as_array()
-            .unwrap()
+        let batch = fx.batch(name);
+        let alone = batch.image_sizes.len() == 1;
+        let counts: Vec<i64> = batch
+            .image_sizes
             .iter()
-            .map(|s| [s[0].as_i64().unwrap(), s[1].as_i64().unwrap()])
+            .map(|&s| expected_tokens(config, s, alone))
             .collect();
-        let alone = sizes.len() == 1;
-        let counts: Vec<i64> = sizes
-            .iter()
-            .map(|&s| expected_tokens(&config, s, alone))
-            .collect();
-        let theirs = ints(&sample["tokens_per_image"]);
         assert_eq!(
-            counts, theirs,
+            counts,
+            ints(&sample["tokens_per_image"]),
             "{variant}/{name}: placeholder tokens per image"
         );
-        let video_frames = ints(&sample["video_frames"]);
         let grid = config.vision.image_size() / config.vision.patch_size();
         let stride = config.video_pool.map(|(_, s)| s);
-        let video_counts: Vec<i64> = video_frames
+        let video_counts: Vec<i64> = batch
+            .video_frames
             .iter()
             .map(|&f| video_tokens(f, grid, stride))
             .collect();
@@ -145,27 +107,6 @@ fn check_variant(variant: &str) {
             ints(&sample["tokens_per_video"]),
             "{variant}/{name}: placeholder tokens per video"
         );
-        // OneVision tiles an image only when it is its sample's only one.
-        let image_anyres = match get("batch_num_images") {
-            Some(n) => {
-                let n: Vec<i64> = Vec::try_from(n.flatten(0, -1)).unwrap();
-                n.iter().flat_map(|&k| vec![k == 1; k as usize]).collect()
-            }
-            None => vec![],
-        };
-
-        let labels = get("labels").unwrap();
-        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
-        let batch = Batch {
-            input_ids: ids.shallow_clone(),
-            labels: Some(labels.shallow_clone()),
-            pixel_values: get("pixel_values").map(Tensor::shallow_clone),
-            image_sizes: sizes,
-            image_anyres,
-            pixel_values_videos: get("pixel_values_videos").map(Tensor::shallow_clone),
-            video_frames,
-            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
-        };
         for (_, mut v) in model.var_store().variables() {
             v.zero_grad();
         }
@@ -211,7 +152,7 @@ fn check_variant(variant: &str) {
         );
         eprintln!("{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {expected:.6}, {compared} grads");
     }
-    check_pipeline(variant, &out, &config, &reference, &meta);
+    check_pipeline(variant, out, config, reference, meta);
 }
 
 fn check_pipeline(
@@ -242,7 +183,8 @@ fn check_pipeline(
     let image_a = load_image(&dir.join("image_a.png"), &limits).unwrap();
     let image_b = load_image(&dir.join("image_b.png"), &limits).unwrap();
     let std = Tensor::from_slice(&processor.transform.normalize.unwrap().1).view([1, 3, 1, 1]);
-    for name in sample_names(meta) {
+    let names = ["text", "image", "two_images", "video"];
+    for name in names.into_iter().filter(|n| meta["samples"].get(n).is_some()) {
         let name = name.as_str();
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
         let sample = &meta["samples"][name];
