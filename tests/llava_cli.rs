@@ -1,7 +1,9 @@
 //! `lmms-ft evaluate` end to end on tiny LLaVA checkpoints saved by transformers
-//! (`scripts/oracle/llava_fixture.py`): LLaVA-1.5 (pad-to-square, Vicuna training template)
-//! and LLaVA-NeXT with Mistral text (anyres, Hub template). Per-sample losses under the label
-//! rule, their label counts and the token-weighted mean equal the oracle's.
+//! (`scripts/oracle/llava_fixture.py`): LLaVA-1.5 (pad-to-square, Vicuna training template),
+//! LLaVA-NeXT with Mistral text (anyres, Hub template), LLaVA-NeXT-Video (registered as its
+//! own family; Vicuna training template with `<video>`) and LLaVA-OneVision (anyres_max, one
+//! tile per image of the two-image sample). Per-sample losses under the label rule, their
+//! label counts and the token-weighted mean equal the oracle's.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -94,4 +96,14 @@ fn evaluate_llava_1_5_matches_transformers() {
 #[test]
 fn evaluate_llava_next_mistral_matches_transformers() {
     check_evaluate("next_mistral");
+}
+
+#[test]
+fn evaluate_llava_next_video_matches_transformers() {
+    check_evaluate("next_video");
+}
+
+#[test]
+fn evaluate_llava_onevision_matches_transformers() {
+    check_evaluate("onevision");
 }

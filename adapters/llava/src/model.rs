@@ -339,15 +339,16 @@ impl Model for LlavaModel {
         })
     }
 
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
+    /// Decoder layers and vision encoder blocks (the projector is two linears, not worth it).
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.decoder.set_gradient_checkpointing(on);
         match &mut self.tower {
             Tower::Clip(t) => t.set_gradient_checkpointing(on),
             Tower::Siglip(t) => t.set_gradient_checkpointing(on),
         }
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
     }
 }

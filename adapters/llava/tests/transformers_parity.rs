@@ -177,6 +177,16 @@ fn check_pipeline(
         variant == "llava",
         "{variant}: pad-to-square choice"
     );
+    if !config.architecture.video() {
+        // No transformers oracle takes a video for these (LlavaProcessor has no video path):
+        // a video is refused with the hint to give its frames as images.
+        let clip = VideoClip {
+            frames: vec![RgbImage::new(56, 56)],
+            sampled_fps: 1.0,
+        };
+        let err = format!("{:#}", processor.process(&[], &[clip]).unwrap_err());
+        assert!(err.contains("frames as images"), "{variant}: {err}");
+    }
     let collator = Llava::collator(config);
     let model = LlavaModel::load(config, dir, Device::Cpu, Kind::Float).unwrap();
     let limits = ImageLimits::default();
