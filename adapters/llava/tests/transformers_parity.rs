@@ -126,7 +126,7 @@ fn check_variant(variant: &str) {
         loss.backward();
         let vars = model.var_store().variables();
         let mut compared = 0;
-        for (key, expected) in &reference {
+        for (key, expected) in reference {
             if let Some(param) = key.strip_prefix(&format!("{name}.grad.")) {
                 let var = vars
                     .get(param)
@@ -195,7 +195,6 @@ fn check_pipeline(
     let std = Tensor::from_slice(&processor.transform.normalize.unwrap().1).view([1, 3, 1, 1]);
     let names = ["text", "image", "two_images", "video"];
     for name in names.into_iter().filter(|n| meta["samples"].get(n).is_some()) {
-        let name = name.as_str();
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
         let sample = &meta["samples"][name];
         let conv = conversation_from_messages(&sample["messages"]);
