@@ -154,16 +154,23 @@ impl EncoderLayer {
     /// Whether any parameter of the block (LoRA factors included) trains.
     pub fn has_trainable(&self) -> bool {
         let a = &self.self_attn;
-        [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &self.fc1, &self.fc2]
-            .into_iter()
-            .flat_map(linear_tensors)
-            .chain([
-                &self.layer_norm1.weight,
-                &self.layer_norm1.bias,
-                &self.layer_norm2.weight,
-                &self.layer_norm2.bias,
-            ])
-            .any(|t| t.requires_grad())
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ]
+        .into_iter()
+        .flat_map(linear_tensors)
+        .chain([
+            &self.layer_norm1.weight,
+            &self.layer_norm1.bias,
+            &self.layer_norm2.weight,
+            &self.layer_norm2.bias,
+        ])
+        .any(|t| t.requires_grad())
     }
 
     pub fn new(p: &Path, c: &EncoderConfig, init: ParamInit) -> EncoderLayer {

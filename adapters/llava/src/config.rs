@@ -176,7 +176,10 @@ fn parse_video_pool(root: &Value) -> Result<(PoolMode, i64)> {
         other => bail!("spatial_pool_mode must be \"average\", \"max\" or \"conv\", got {other:?}"),
     };
     let stride = int(root, "spatial_pool_stride", 2)?;
-    ensure!(stride > 0, "spatial_pool_stride must be positive, got {stride}");
+    ensure!(
+        stride > 0,
+        "spatial_pool_stride must be positive, got {stride}"
+    );
     Ok((mode, stride))
 }
 
@@ -204,7 +207,9 @@ impl HfConfig for LlavaConfig {
             Some("llava_next") => Architecture::LlavaNext,
             Some("llava_next_video") => Architecture::LlavaNextVideo,
             Some("llava_onevision") => Architecture::LlavaOnevision,
-            other => bail!("not a LLaVA / LLaVA-NeXT / NeXT-Video / OneVision config (model_type {other:?})"),
+            other => bail!(
+                "not a LLaVA / LLaVA-NeXT / NeXT-Video / OneVision config (model_type {other:?})"
+            ),
         };
         let onevision = architecture == Architecture::LlavaOnevision;
         // OneVision's text model defaults to Qwen2, the others' to Llama.
@@ -226,7 +231,11 @@ impl HfConfig for LlavaConfig {
             .get("vision_config")
             .filter(|v| !v.is_null())
             .unwrap_or(&default_v);
-        let tower_default = if onevision { "siglip_vision_model" } else { "clip_vision_model" };
+        let tower_default = if onevision {
+            "siglip_vision_model"
+        } else {
+            "clip_vision_model"
+        };
         let vision = match string(vision_json, "model_type", tower_default)? {
             "clip_vision_model" => VisionConfig::Clip(ClipVisionConfig::from_hf_json(vision_json).context("in vision_config")?),
             "siglip_vision_model" => {
@@ -249,13 +258,14 @@ impl HfConfig for LlavaConfig {
             })?],
         };
         let strategy_default = if onevision { "full" } else { "default" };
-        let select_strategy = match string(root, "vision_feature_select_strategy", strategy_default)? {
-            "default" => SelectStrategy::Default,
-            "full" => SelectStrategy::Full,
-            other => bail!(
-                "vision_feature_select_strategy must be \"default\" or \"full\", got {other:?}"
-            ),
-        };
+        let select_strategy =
+            match string(root, "vision_feature_select_strategy", strategy_default)? {
+                "default" => SelectStrategy::Default,
+                "full" => SelectStrategy::Full,
+                other => bail!(
+                    "vision_feature_select_strategy must be \"default\" or \"full\", got {other:?}"
+                ),
+            };
         let image_grid_pinpoints = match root.get("image_grid_pinpoints") {
             None | Some(Value::Null) => default_pinpoints(architecture),
             Some(Value::Array(a)) => a

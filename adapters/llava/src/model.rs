@@ -232,7 +232,10 @@ impl LlavaModel {
             start += tiles_of(tiling);
             let base = f.get(0);
             let Some(tiling) = tiling else {
-                out.push(Tensor::cat(&[base, newline.to_kind(f.kind()).view([1, dim])], 0));
+                out.push(Tensor::cat(
+                    &[base, newline.to_kind(f.kind()).view([1, dim])],
+                    0,
+                ));
                 continue;
             };
             ensure!(
@@ -275,7 +278,13 @@ impl LlavaModel {
         let mut embeds = self.decoder.embed(&batch.input_ids);
         if let Some(pixels) = &batch.pixel_values {
             let feats = self.image_features(pixels, batch)?;
-            embeds = scatter(&embeds, &batch.input_ids, self.config.image_token_id, &feats, "image")?;
+            embeds = scatter(
+                &embeds,
+                &batch.input_ids,
+                self.config.image_token_id,
+                &feats,
+                "image",
+            )?;
         }
         if let Some(frames) = &batch.pixel_values_videos {
             let id = self
@@ -309,7 +318,13 @@ impl LlavaModel {
 }
 
 /// `masked_scatter` of `feats` (`[tokens, H]`) into the positions of `token` in `ids`.
-fn scatter(embeds: &Tensor, ids: &Tensor, token: i64, feats: &Tensor, what: &str) -> Result<Tensor> {
+fn scatter(
+    embeds: &Tensor,
+    ids: &Tensor,
+    token: i64,
+    feats: &Tensor,
+    what: &str,
+) -> Result<Tensor> {
     let mask = ids.eq(token);
     let placeholders = mask.sum(Kind::Int64).int64_value(&[]);
     ensure!(

@@ -538,7 +538,12 @@ impl LlavaProcessor {
             None
         };
         let multi_image_pad = (config.architecture == Architecture::LlavaOnevision)
-            .then(|| transform.normalize.map(|(mean, _)| mean).unwrap_or(OPENAI_CLIP_MEAN))
+            .then(|| {
+                transform
+                    .normalize
+                    .map(|(mean, _)| mean)
+                    .unwrap_or(OPENAI_CLIP_MEAN)
+            })
             .map(|mean| mean.map(|m| (m as f64 * 255.0) as u8));
         Ok(LlavaProcessor {
             transform,
@@ -569,7 +574,8 @@ impl LlavaProcessor {
             (None, _) => (vec![img.clone()], self.tokens_per_image),
             (Some(any), None) => {
                 let (tiles, tiling) = any.tiles(img, self.tile, self.transform.resample)?;
-                let n = anyres_image_tokens(size, tiling, any.grid, any.base_tokens, any.max_patches);
+                let n =
+                    anyres_image_tokens(size, tiling, any.grid, any.base_tokens, any.max_patches);
                 (tiles, n)
             }
         };

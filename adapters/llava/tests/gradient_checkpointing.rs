@@ -64,7 +64,10 @@ fn compare(label: &str, model: &mut LlavaModel, batch: &Batch, blocks: u64) {
             nonzero += 1;
         }
     }
-    assert!(nonzero * 2 > plain.len(), "{label}: most gradients are zero");
+    assert!(
+        nonzero * 2 > plain.len(),
+        "{label}: most gradients are zero"
+    );
     eprintln!(
         "{label}: {} gradients equal, {recomputed} blocks recomputed, loss {loss_plain:.6}",
         plain.len()

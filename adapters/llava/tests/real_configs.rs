@@ -150,7 +150,10 @@ fn video_family_configs_count_like_transformers() {
             "next-video-defaults",
             json!({"model_type": "llava_next_video", "text_config": {"vocab_size": 32064}}),
         ),
-        ("onevision-defaults", json!({"model_type": "llava_onevision"})),
+        (
+            "onevision-defaults",
+            json!({"model_type": "llava_onevision"}),
+        ),
     ];
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<std::path::PathBuf> = configs
@@ -193,7 +196,10 @@ fn video_family_configs_count_like_transformers() {
     assert!(matches!(bare.vision, VisionConfig::Siglip(_)));
     assert_eq!(bare.select_strategy, SelectStrategy::Full);
     assert_eq!(bare.vision_feature_layers, vec![-1]);
-    assert_eq!((bare.image_token_id, bare.video_token_id), (151646, Some(151647)));
+    assert_eq!(
+        (bare.image_token_id, bare.video_token_id),
+        (151646, Some(151647))
+    );
 }
 
 #[test]

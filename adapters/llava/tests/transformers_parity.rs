@@ -65,7 +65,6 @@ fn fixture_video(dir: &Path) -> VideoClip {
     }
 }
 
-
 fn check_variant(variant: &str) {
     let fx = fixture(variant);
     let (config, out, reference, meta) = (&fx.config, fx.dir(), &fx.reference, &fx.meta);
@@ -78,7 +77,11 @@ fn check_variant(variant: &str) {
     let model = LlavaModel::load(config, out, Device::Cpu, Kind::Float).unwrap();
     let names = fx.sample_names();
     let video_arch = config.architecture.video();
-    assert_eq!(names.len(), if video_arch { 4 } else { 3 }, "{variant}: samples");
+    assert_eq!(
+        names.len(),
+        if video_arch { 4 } else { 3 },
+        "{variant}: samples"
+    );
     for name in &names {
         let name = name.as_str();
         let get = |k: &str| fx.get(name, k);
@@ -194,7 +197,10 @@ fn check_pipeline(
     let image_b = load_image(&dir.join("image_b.png"), &limits).unwrap();
     let std = Tensor::from_slice(&processor.transform.normalize.unwrap().1).view([1, 3, 1, 1]);
     let names = ["text", "image", "two_images", "video"];
-    for name in names.into_iter().filter(|n| meta["samples"].get(n).is_some()) {
+    for name in names
+        .into_iter()
+        .filter(|n| meta["samples"].get(n).is_some())
+    {
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
         let sample = &meta["samples"][name];
         let conv = conversation_from_messages(&sample["messages"]);
@@ -270,17 +276,33 @@ fn check_pipeline(
             let ours = Tensor::from_slice(&media.video_pixels).view([-1, 3, s, s]);
             let theirs = theirs.flatten(0, 1);
             assert_eq!(ours.size(), theirs.size(), "{variant}/{name}: frames");
-            let vstd = Tensor::from_slice(&processor.video.as_ref().unwrap().transform.normalize.unwrap().1)
-                .view([1, 3, 1, 1]);
+            let vstd = Tensor::from_slice(
+                &processor
+                    .video
+                    .as_ref()
+                    .unwrap()
+                    .transform
+                    .normalize
+                    .unwrap()
+                    .1,
+            )
+            .view([1, 3, 1, 1]);
             let diff = ((&ours - &theirs) * &vstd).abs().max().double_value(&[]);
             // NeXT-Video's frames need no resize (shortest edge 56), only the center crop;
             // OneVision's are resized by torchvision in transformers, by PIL's filter here.
-            let tolerance = if variant == "next_video" { 1e-6 } else { 3.0 / 255.0 };
+            let tolerance = if variant == "next_video" {
+                1e-6
+            } else {
+                3.0 / 255.0
+            };
             assert!(
                 diff <= tolerance,
                 "{variant}/{name}: video pixel values differ by {diff}"
             );
-            eprintln!("{variant}/{name}: video frames within {:.3}/255", diff * 255.0);
+            eprintln!(
+                "{variant}/{name}: video frames within {:.3}/255",
+                diff * 255.0
+            );
         }
         let batch = collator
             .collate(vec![Llava::sample(text, media)], Device::Cpu)
