@@ -14,6 +14,7 @@ VARIANT:
                llava-v1.6-mistral template.
   next_video   LLaVA-NeXT-Video: NeXT images + average-pooled (stride 2) video frames, Llama text,
                llava-1.5 tokenizer with a `<video>` token added, the NeXT-Video template.
+  next_video_max  The same with spatial_pool_mode = "max".
   onevision    LLaVA-OneVision: SigLIP + Qwen2 (tied), anyres_max_1 (so the tiny single image is
                downscaled), one tile + newline per image of a multi-image sample, bilinear-pooled
                video frames ending in one newline; interleave-qwen tokenizer plus `<video>`.
@@ -149,7 +150,7 @@ elif variant in ("next_vicuna", "next_mistral"):
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=template)
     vision_prefix = "model.vision_tower."
-elif variant == "next_video":
+elif variant in ("next_video", "next_video_max"):
     real = os.path.join(shared, "llava-hf--llava-1.5-7b-hf")
     text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=4096)
@@ -161,7 +162,8 @@ elif variant == "next_video":
     config = LlavaNextVideoConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
                                   video_token_index=tokenizer.convert_tokens_to_ids("<video>"), pad_token_id=32001,
                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                  image_grid_pinpoints=pinpoints, spatial_pool_mode="average", spatial_pool_stride=2,
+                                  image_grid_pinpoints=pinpoints, spatial_pool_stride=2,
+                                  spatial_pool_mode="max" if variant == "next_video_max" else "average",
                                   image_seq_length=16, video_seq_length=4)
     # The template transformers' NeXT-Video conversion script writes: llava-1.5's plus videos.
     template = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -212,7 +214,8 @@ elif variant == "onevision":
 else:
     raise SystemExit(f"unknown variant {variant}")
 
-Model = {"next_video": LlavaNextVideoForConditionalGeneration, "onevision": LlavaOnevisionForConditionalGeneration}.get(
+Model = {"next_video": LlavaNextVideoForConditionalGeneration, "next_video_max": LlavaNextVideoForConditionalGeneration,
+         "onevision": LlavaOnevisionForConditionalGeneration}.get(
     variant, LlavaNextForConditionalGeneration if variant.startswith("next") else LlavaForConditionalGeneration)
 model = Model(config).float().eval()
 model.save_pretrained(out)
@@ -253,7 +256,7 @@ samples = {
 }
 media = {"text": [], "image": [img_b], "two_images": [img_a, img_b]}
 videos = {name: [] for name in samples}
-if variant in ("next_video", "onevision"):
+if variant in ("next_video", "next_video_max", "onevision"):
     # Four frames, 56 wide x 70 high: NeXT-Video's shortest edge needs no resize, only the center
     # crop; OneVision resizes them to 56 x 56.
     frames = np.stack([np.asarray(noise_image(56, 70, 20 + i)) for i in range(4)])
@@ -290,7 +293,7 @@ def hub_name(runtime):
 # template); the others train on their Hub template.
 with open(os.path.join(os.path.dirname(__file__), "../../adapters/llava/src/vicuna_training.jinja")) as f:
     VICUNA_TRAINING = f.read()
-vicuna = variant in ("llava", "llava_multi", "next_vicuna", "next_video")
+vicuna = variant in ("llava", "llava_multi", "next_vicuna", "next_video", "next_video_max")
 qwen = variant in ("interleave", "onevision")
 answer_prefix = {"interleave": "<|im_start|>assistant\n\n", "onevision": "<|im_start|>assistant\n"}.get(
     variant, "[/INST]" if variant == "next_mistral" else "ASSISTANT: ")

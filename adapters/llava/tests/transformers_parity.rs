@@ -1,5 +1,5 @@
 //! The LLaVA family (1.5, a feature-layer list, Interleave, NeXT with Vicuna and Mistral text,
-//! NeXT-Video, OneVision) against `transformers` 5.23 on tiny random checkpoints saved by
+//! NeXT-Video with average and max pooling, OneVision) against `transformers` 5.23 on tiny random checkpoints saved by
 //! `scripts/oracle/llava_fixture.py`, fed with transformers' own processor outputs: per-image
 //! and per-video placeholder counts (exact), logits (max abs diff ≤ 1e-4), loss (relative
 //! ≤ 1e-5) and the gradients of named parameters (≤ 1e-4 relative to their largest entry),
@@ -168,7 +168,7 @@ fn check_pipeline(
     let template = Llava::template(config, dir).unwrap();
     let vicuna = matches!(
         variant,
-        "llava" | "llava_multi" | "next_vicuna" | "next_video"
+        "llava" | "llava_multi" | "next_vicuna" | "next_video" | "next_video_max"
     );
     assert_eq!(
         template.training_template, vicuna,
@@ -348,6 +348,11 @@ fn llava_next_mistral_matches_transformers() {
 #[test]
 fn llava_next_video_matches_transformers() {
     check_variant("next_video");
+}
+
+#[test]
+fn llava_next_video_max_pooling_matches_transformers() {
+    check_variant("next_video_max");
 }
 
 #[test]
