@@ -436,7 +436,8 @@ impl LlavaProcessor {
     /// Reads `preprocessor_config.json` (Hub layout) or the `image_processor` entry of the
     /// `processor_config.json` transformers 5 writes, with transformers' defaults for the
     /// processor type (inferred from the tower when the file names none); for the video
-    /// architectures also `video_preprocessor_config.json` or the `video_processor` entry.
+    /// architectures also `video_preprocessor_config.json` or the `video_processor` entry,
+    /// else the image settings.
     pub fn from_dir(config: &LlavaConfig, dir: &Path) -> Result<LlavaProcessor> {
         let nested = read_json(dir, "processor_config.json")?;
         let entry = |file: &str, key: &str| -> Result<Value> {
@@ -452,7 +453,13 @@ impl LlavaProcessor {
         let mut processor = Self::from_settings(config, &settings)
             .with_context(|| format!("image processor settings in {}", dir.display()))?;
         if config.architecture.video() {
-            let video = entry("video_preprocessor_config.json", "video_processor")?;
+            // Repos converted before transformers had video processors keep one
+            // `preprocessor_config.json` for both; its resize and normalisation then apply to
+            // frames too.
+            let video = match entry("video_preprocessor_config.json", "video_processor")? {
+                Value::Null => settings.clone(),
+                v => v,
+            };
             processor.video = Some(
                 FrameProcessor::from_settings(config, &video)
                     .with_context(|| format!("video processor settings in {}", dir.display()))?,
@@ -690,5 +697,43 @@ mod tests {
         // 300 wide × 100 high into 50×100 (h×w): width-limited (1/3 < 1/2), so w = 100 and
         // h = ceil(100 / 3) = 34.
         assert_eq!(patch_output_size(100, 300, [50, 100]), (34, 100));
+    }
+
+    /// A OneVision directory with only the Hub's `preprocessor_config.json` (no video
+    /// processor file): frames get the image settings' exact 384 resize and 0.5 mean / std,
+    /// not the video class defaults (OpenAI CLIP statistics); multi-image padding uses
+    /// int(0.5 × 255) = 127.
+    #[test]
+    fn video_settings_fall_back_to_the_image_processor() {
+        let config = <LlavaConfig as lmms_ft_core::family::HfConfig>::from_hf_json(
+            &serde_json::json!({"model_type": "llava_onevision"}),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let settings = serde_json::json!({
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "size": {"height": 384, "width": 384},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        });
+        std::fs::write(
+            dir.path().join("preprocessor_config.json"),
+            settings.to_string(),
+        )
+        .unwrap();
+        let p = LlavaProcessor::from_dir(&config, dir.path()).unwrap();
+        let frames = p.video.unwrap();
+        let half = ([0.5f32; 3], [0.5f32; 3]);
+        assert_eq!(frames.transform.normalize, Some(half));
+        assert_eq!(
+            frames.transform.resize,
+            Some(ResizeTo::Exact {
+                height: 384,
+                width: 384
+            })
+        );
+        assert_eq!(frames.transform.crop, None);
+        assert_eq!((frames.grid, frames.pool_stride), (27, None));
+        assert_eq!(p.multi_image_pad, Some([127, 127, 127]));
+        assert_eq!(p.anyres.unwrap().max_patches, Some(9));
     }
 }
