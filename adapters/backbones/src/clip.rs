@@ -64,6 +64,8 @@ pub struct ClipVisionTower {
     layers: Vec<EncoderLayer>,
     /// Only the pooled output uses it; kept so checkpoints load and save unchanged.
     pub post_layernorm: LayerNorm,
+    /// Recompute each encoder block in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl ClipVisionTower {
@@ -89,7 +91,13 @@ impl ClipVisionTower {
             layers: encoder_layers(p, &c.encoder, init),
             post_layernorm: LayerNorm::new(&(p / "post_layernorm"), h, c.encoder.layer_norm_eps),
             config: c.clone(),
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Trades compute for memory in training (see [`select_hidden_states`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// `transformers`' `hidden_states[i]` for each requested `i` (0 = embeddings after
@@ -107,6 +115,11 @@ impl ClipVisionTower {
             .expand([n, 1, h], false);
         let x = Tensor::cat(&[cls, patches], 1) + self.position_embedding.weight.unsqueeze(0);
         let x = self.pre_layrnorm.forward(&x);
-        Ok(select_hidden_states(x, &self.layers, &wanted))
+        Ok(select_hidden_states(
+            x,
+            &self.layers,
+            &wanted,
+            self.gradient_checkpointing,
+        ))
     }
 }

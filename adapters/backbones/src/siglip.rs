@@ -90,6 +90,8 @@ pub struct SiglipVisionTower {
     pub post_layernorm: LayerNorm,
     #[allow(dead_code)]
     head: Option<PoolingHead>,
+    /// Recompute each encoder block in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl SiglipVisionTower {
@@ -130,7 +132,13 @@ impl SiglipVisionTower {
             post_layernorm: LayerNorm::new(&(p / "post_layernorm"), h, c.encoder.layer_norm_eps),
             head,
             config: c.clone(),
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Trades compute for memory in training (see [`select_hidden_states`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// `transformers`' `hidden_states[i]` for each requested `i` (0 = embeddings, negative
@@ -146,6 +154,11 @@ impl SiglipVisionTower {
             c.image_size,
         )?;
         let x = x + self.position_embedding.weight.unsqueeze(0);
-        Ok(select_hidden_states(x, &self.layers, &wanted))
+        Ok(select_hidden_states(
+            x,
+            &self.layers,
+            &wanted,
+            self.gradient_checkpointing,
+        ))
     }
 }

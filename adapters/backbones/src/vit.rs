@@ -3,6 +3,7 @@
 //! LayerNorm → two-layer MLP → residual) and differ only in the MLP activation.
 
 use anyhow::{bail, Result};
+use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
 use lmms_ft_core::nn::{linear_params, sdpa, LayerNorm, Linear, ParamInit};
 use serde_json::Value;
 use tch::nn::{Init, Path};
@@ -116,6 +117,18 @@ struct Attention {
     heads: i64,
 }
 
+impl ShallowClone for Attention {
+    fn shallow_clone(&self) -> Self {
+        Attention {
+            q_proj: self.q_proj.shallow_clone(),
+            k_proj: self.k_proj.shallow_clone(),
+            v_proj: self.v_proj.shallow_clone(),
+            out_proj: self.out_proj.shallow_clone(),
+            heads: self.heads,
+        }
+    }
+}
+
 impl Attention {
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, t, h) = x.size3().expect("[B, T, H]");
@@ -140,7 +153,42 @@ pub struct EncoderLayer {
     act: Activation,
 }
 
+impl ShallowClone for EncoderLayer {
+    fn shallow_clone(&self) -> Self {
+        EncoderLayer {
+            layer_norm1: self.layer_norm1.shallow_clone(),
+            self_attn: self.self_attn.shallow_clone(),
+            layer_norm2: self.layer_norm2.shallow_clone(),
+            fc1: self.fc1.shallow_clone(),
+            fc2: self.fc2.shallow_clone(),
+            act: self.act,
+        }
+    }
+}
+
 impl EncoderLayer {
+    /// Whether any parameter of the block (LoRA factors included) trains.
+    pub fn has_trainable(&self) -> bool {
+        let a = &self.self_attn;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ]
+        .into_iter()
+        .flat_map(linear_tensors)
+        .chain([
+            &self.layer_norm1.weight,
+            &self.layer_norm1.bias,
+            &self.layer_norm2.weight,
+            &self.layer_norm2.bias,
+        ])
+        .any(|t| t.requires_grad())
+    }
+
     pub fn new(p: &Path, c: &EncoderConfig, init: ParamInit) -> EncoderLayer {
         let h = c.hidden_size;
         let a = p / "self_attn";
@@ -231,13 +279,27 @@ pub fn resolve_layer(index: i64, num_layers: i64) -> Result<usize> {
 }
 
 /// Runs `layers` on `x`, returning the hidden states at the requested (resolved) indices,
-/// in request order; layers past the deepest requested one are not run.
-pub fn select_hidden_states(x: Tensor, layers: &[EncoderLayer], wanted: &[usize]) -> Vec<Tensor> {
+/// in request order; layers past the deepest requested one are not run. With
+/// `checkpointing` (and grad enabled) each block that has something to train keeps only its
+/// input and runs again in backward.
+pub fn select_hidden_states(
+    x: Tensor,
+    layers: &[EncoderLayer],
+    wanted: &[usize],
+    checkpointing: bool,
+) -> Vec<Tensor> {
     let deepest = wanted.iter().copied().max().unwrap_or(0);
+    let checkpointing = checkpointing && grad_enabled();
     let mut states = Vec::with_capacity(deepest + 1);
     states.push(x);
     for layer in layers.iter().take(deepest) {
-        let next = layer.forward(states.last().expect("non-empty"));
+        let h = states.last().expect("non-empty");
+        let next = if checkpointing && (h.requires_grad() || layer.has_trainable()) {
+            let layer = layer.shallow_clone();
+            checkpoint(&[h], move |xs| layer.forward(&xs[0]))
+        } else {
+            layer.forward(h)
+        };
         states.push(next);
     }
     wanted.iter().map(|&i| states[i].shallow_clone()).collect()
