@@ -172,6 +172,9 @@ fn check_against_transformers(
             labels: None,
             pixel_values: Some(pixels),
             image_sizes: vec![[h, w]],
+            image_anyres: Vec::new(),
+            pixel_values_videos: None,
+            video_frames: Vec::new(),
             num_label_tokens: 0,
         };
         let logits = tch::no_grad(|| model.forward(&batch, false))
