@@ -172,7 +172,7 @@ pub fn validate_data(cfg: &Config) -> Result<()> {
         .as_ref()
         .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
     let media = MediaOptions::from_config(&cfg.data);
-    let has_model = cfg.model.id.is_some() || cfg.model.path.is_some();
+    let has_model = cfg.model.id.is_some() || cfg.model.path.is_some() || cfg.model.kind.is_some();
     let data_pipeline = if has_model {
         let (dir, family) = resolve_model(cfg)?;
         let implementation = family.family;
