@@ -17,7 +17,8 @@
 //! * Stage 2 with LoRA on the LLM (and the projector saved with the adapter): `peft` loads
 //!   the adapter over stage 1's output without a warning, and its logits equal those of the
 //!   checkpoint `lmms-ft merge-lora` writes (≤ 1e-4), differing from stage 1's.
-//! * Qwen2 + SigLIP compose too (ChatML template, `"full"` strategy, tied embeddings).
+//! * Qwen2 + SigLIP compose too (ChatML template, `"full"` strategy, tied embeddings, an
+//!   existing `<image>` token reused, the `"linear"` projector).
 //! * Bad `[model]` input (unknown kind, missing directory, unsupported LLM or tower, compose
 //!   keys without a kind, kind with a path) fails with a message naming the problem.
 
@@ -371,9 +372,10 @@ fn build_llava_in_two_stages_loads_in_transformers() {
 }
 
 /// Qwen2 (tied embeddings, a vocabulary padded past its tokenizer, whose tokenizer already
-/// has `<image>`, so the id is reused and no row added) + SigLIP (no class token: `"full"` strategy; its unused pooling head kept):
-/// composed with the ChatML template, stage 1 leaves both sources bit-equal, and the output
-/// agrees with transformers.
+/// has `<image>`, so the id is reused and no row added) + SigLIP (no class token: `"full"`
+/// strategy; its unused pooling head kept), with the `"linear"` projector: composed with
+/// the ChatML template, stage 1 leaves both sources bit-equal, the projector's second layer
+/// starts as the identity, and the output agrees with transformers.
 #[test]
 fn qwen2_and_siglip_compose_and_load_in_transformers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -399,6 +401,8 @@ fn qwen2_and_siglip_compose_and_load_in_transformers() {
     ));
     // The shipped stage-1 config names CLIP's strategy; SigLIP wants every token.
     sets.push("model.vision_feature_select_strategy=full".into());
+    // LLaVA-1.0's single linear projector, as two layers with an identity activation.
+    sets.push("model.projector=linear".into());
     train("build-llava-stage1.toml", &sets).unwrap_or_else(|e| panic!("stage 1: {e}"));
     let composed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("composed/config.json")).unwrap())
@@ -409,6 +413,15 @@ fn qwen2_and_siglip_compose_and_load_in_transformers() {
     );
     assert_eq!(composed["vision_feature_select_strategy"], "full");
     assert_eq!(composed["tie_word_embeddings"], true);
+    assert_eq!(composed["projector_hidden_act"], "linear");
+    let skeleton = out.join("composed");
+    let config = Llava::config(&skeleton).unwrap();
+    let initial = Llava::load(&config, &skeleton, Device::Cpu, Kind::Float).unwrap();
+    let w2 = &initial.var_store().variables()["multi_modal_projector.linear_2.weight"];
+    assert!(
+        bit_equal(w2, &Tensor::eye(32, (Kind::Float, Device::Cpu))),
+        "a linear projector's second layer starts as the identity"
+    );
     assert!(std::fs::read_to_string(out.join("chat_template.jinja"))
         .unwrap()
         .contains("<|im_start|>"));
