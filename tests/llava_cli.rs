@@ -14,20 +14,12 @@ use std::process::Command;
 use ffmpeg::format::Pixel;
 use ffmpeg_next as ffmpeg;
 
-use lmms_ft_core::testing::{hf_configs, llava_record, run_oracle};
+use lmms_ft_core::testing::{cached_fixture, llava_record};
 use tch::Tensor;
 
 fn check_evaluate(variant: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    run_oracle(
-        "llava_fixture.py",
-        &[
-            dir.to_str().unwrap(),
-            variant,
-            hf_configs().to_str().unwrap(),
-        ],
-    );
+    let (dir, _) = cached_fixture("llava_fixture.py", variant);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -46,7 +38,7 @@ fn check_evaluate(variant: &str) {
         .map(|(name, images)| llava_record(&meta["samples"][name]["messages"], images))
         .collect();
     if meta["samples"].get("video").is_some() {
-        write_lossless_video(&dir.join("video.rgb"), &dir.join("clip.mkv"));
+        write_lossless_video(&dir.join("video.rgb"), &tmp.path().join("clip.mkv"));
         // The video part comes first in the user turn, as `<image>` does for images.
         let mut record = llava_record(&meta["samples"]["video"]["messages"], &[]);
         let first = &mut record["conversations"][0]["value"];
@@ -68,7 +60,7 @@ fn check_evaluate(variant: &str) {
             "--image-folder",
             dir.to_str().unwrap(),
             "--video-folder",
-            dir.to_str().unwrap(),
+            tmp.path().to_str().unwrap(),
             "--set",
             "data.video_num_frames=4",
             "--json",

@@ -7,26 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use lmms_ft_core::testing::{hf_configs, llava_record, run_oracle};
+use lmms_ft_core::testing::{cached_fixture, llava_record};
 use tch::Tensor;
 
-/// The fixture checkpoint, made once per test binary.
+/// The fixture checkpoint (cached across test binaries and runs).
 fn fixture() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("model");
-        run_oracle(
-            "qwen2_vl_fixture.py",
-            &[
-                dir.to_str().unwrap(),
-                "qwen2_5_vl",
-                hf_configs().to_str().unwrap(),
-            ],
-        );
-        (tmp, dir)
-    })
-    .1
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| cached_fixture("qwen2_vl_fixture.py", "qwen2_5_vl").0)
 }
 
 fn lmms_ft(args: &[&str]) -> Output {

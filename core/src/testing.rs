@@ -63,6 +63,62 @@ pub fn run_oracle(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The fixture `scripts/oracle/<script> OUT VARIANT HF_CONFIGS` writes (a tiny checkpoint
+/// and reference outputs), and what the script printed. Each (script version, variant) is
+/// made once and then reused by every test binary and run, from a cache under the system temp
+/// dir: fixtures take seconds to make and some hundred MB each, and tests only read them.
+/// The scripts seed everything, so a cached fixture is the one the script would write now.
+/// Concurrent makers (parallel test binaries) each write a private directory and rename it
+/// into place; the first rename wins and the others use it.
+pub fn cached_fixture(script: &str, variant: &str) -> (PathBuf, String) {
+    use std::hash::{Hash, Hasher};
+    let path = repo_root().join("scripts/oracle").join(script);
+    let source = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (source, variant, oracle_python()).hash(&mut hasher);
+    let stem = format!("{}-{variant}-", script.trim_end_matches(".py"));
+    let root = std::env::temp_dir().join("lmms-ft-fixtures");
+    let dir = root.join(format!("{stem}{:016x}", hasher.finish()));
+    let printed = dir.join("oracle-stdout.txt");
+    if let Ok(text) = std::fs::read_to_string(&printed) {
+        return (dir, text);
+    }
+    std::fs::create_dir_all(&root).expect("creating the fixture cache");
+    // Versions made by older scripts are not used again; a day's grace keeps the ones that
+    // other checkouts (branches with other script versions) may be reading right now.
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+        if name.starts_with(&stem) && entry.path() != dir && stale {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let scratch = root.join(format!(".making-{}-{nanos}", std::process::id()));
+    let out = scratch.join("fixture");
+    let text = run_oracle(
+        script,
+        &[
+            out.to_str().unwrap(),
+            variant,
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    std::fs::write(out.join("oracle-stdout.txt"), &text).expect("writing the oracle output");
+    let moved = std::fs::rename(&out, &dir);
+    let _ = std::fs::remove_dir_all(&scratch);
+    if moved.is_err() && !printed.is_file() {
+        panic!("cannot move the fixture into {}", dir.display());
+    }
+    (dir, text)
+}
+
 /// Maximum absolute difference of two tensors (as f64), after checking shapes agree.
 pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");

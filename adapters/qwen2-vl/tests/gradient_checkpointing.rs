@@ -19,7 +19,7 @@ fn serial() -> MutexGuard<'static, ()> {
 use lmms_ft_core::autograd::recomputations;
 use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
 use lmms_ft_core::nn::{count_shifted_labels, LoraAdapter};
-use lmms_ft_core::testing::{hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_core::testing::{cached_fixture, max_abs_diff};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
 use lmms_ft_qwen2_vl::rope::{position_ids, RopeSpec};
@@ -141,16 +141,7 @@ fn compare(label: &str, model: &mut Qwen2VlModel, batch: &Batch, blocks: u64) {
 }
 
 fn check_variant(variant: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join(variant);
-    run_oracle(
-        "qwen2_vl_fixture.py",
-        &[
-            out.to_str().unwrap(),
-            variant,
-            hf_configs().to_str().unwrap(),
-        ],
-    );
+    let (out, _) = cached_fixture("qwen2_vl_fixture.py", variant);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     let config = Qwen2VlConfig::from_hf_json(&json).unwrap();

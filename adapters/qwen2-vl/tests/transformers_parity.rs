@@ -12,7 +12,9 @@ use lmms_ft_core::family::{
     ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
 };
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
+use lmms_ft_core::testing::{
+    cached_fixture, conversation_from_messages, hf_configs, max_abs_diff, run_oracle,
+};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
 use lmms_ft_qwen2_vl::family::Qwen2Vl;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
@@ -26,16 +28,7 @@ fn grids(t: Option<&Tensor>) -> Vec<[i64; 3]> {
 }
 
 fn check_variant(variant: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join(variant);
-    let printed = run_oracle(
-        "qwen2_vl_fixture.py",
-        &[
-            out.to_str().unwrap(),
-            variant,
-            hf_configs().to_str().unwrap(),
-        ],
-    );
+    let (out, printed) = cached_fixture("qwen2_vl_fixture.py", variant);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     let config = Qwen2VlConfig::from_hf_json(&json).unwrap();
@@ -264,25 +257,8 @@ fn qwen2_5_vl_matches_transformers() {
 /// checkpoint of the other variant is rejected with a message naming the mismatch.
 #[test]
 fn sharded_bf16_and_wrong_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let q2 = dir.path().join("qwen2_vl");
-    let q25 = dir.path().join("qwen2_5_vl");
-    run_oracle(
-        "qwen2_vl_fixture.py",
-        &[
-            q2.to_str().unwrap(),
-            "qwen2_vl",
-            hf_configs().to_str().unwrap(),
-        ],
-    );
-    run_oracle(
-        "qwen2_vl_fixture.py",
-        &[
-            q25.to_str().unwrap(),
-            "qwen2_5_vl",
-            hf_configs().to_str().unwrap(),
-        ],
-    );
+    let (q2, _) = cached_fixture("qwen2_vl_fixture.py", "qwen2_vl");
+    let (q25, _) = cached_fixture("qwen2_vl_fixture.py", "qwen2_5_vl");
     let read_config = |d: &std::path::Path| {
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();

@@ -8,13 +8,12 @@ use std::path::{Path, PathBuf};
 
 use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{hf_configs, run_oracle};
+use lmms_ft_core::testing::cached_fixture;
 use lmms_ft_llava::config::LlavaConfig;
 use lmms_ft_llava::model::Batch;
 use tch::Tensor;
 
 pub struct Fixture {
-    _dir: tempfile::TempDir,
     pub path: PathBuf,
     /// The oracle's last printed line (parameter count, tensor names).
     pub printed: serde_json::Value,
@@ -25,16 +24,7 @@ pub struct Fixture {
 
 /// Writes the fixture `variant` into a temp dir and reads it back.
 pub fn fixture(variant: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(variant);
-    let printed = run_oracle(
-        "llava_fixture.py",
-        &[
-            path.to_str().unwrap(),
-            variant,
-            hf_configs().to_str().unwrap(),
-        ],
-    );
+    let (path, printed) = cached_fixture("llava_fixture.py", variant);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path.join("config.json")).unwrap()).unwrap();
     let config = LlavaConfig::from_hf_json(&json).unwrap();
@@ -45,7 +35,6 @@ pub fn fixture(variant: &str) -> Fixture {
     let meta = serde_json::from_str(&std::fs::read_to_string(path.join("reference.json")).unwrap())
         .unwrap();
     Fixture {
-        _dir: dir,
         path,
         printed: serde_json::from_str(printed.lines().last().unwrap()).unwrap(),
         config,

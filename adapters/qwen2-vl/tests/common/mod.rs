@@ -1,18 +1,17 @@
-//! The tiny Qwen2-VL checkpoint of `scripts/oracle/qwen2_vl_fixture.py`, made once per test
-//! binary, with its four reference samples turned into model batches.
+//! The tiny Qwen2-VL checkpoint of `scripts/oracle/qwen2_vl_fixture.py`, made once (cached across test binaries and runs)
+//!, with its four reference samples turned into model batches.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{hf_configs, run_oracle};
+use lmms_ft_core::testing::cached_fixture;
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::{Batch, Media};
 use tch::Tensor;
 
 pub struct Fixture {
-    _tmp: Option<tempfile::TempDir>,
     pub dir: PathBuf,
     pub config: Qwen2VlConfig,
     /// text, one image, two images, video.
@@ -31,21 +30,7 @@ fn grids(t: Option<&Tensor>) -> Vec<[i64; 3]> {
 
 pub fn fixture() -> &'static Fixture {
     static FX: OnceLock<Fixture> = OnceLock::new();
-    FX.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("qwen2_vl");
-        run_oracle(
-            "qwen2_vl_fixture.py",
-            &[
-                dir.to_str().unwrap(),
-                "qwen2_vl",
-                hf_configs().to_str().unwrap(),
-            ],
-        );
-        let mut fx = load(dir);
-        fx._tmp = Some(tmp);
-        fx
-    })
+    FX.get_or_init(|| load(cached_fixture("qwen2_vl_fixture.py", "qwen2_vl").0))
 }
 
 /// A fixture directory another process already made.
@@ -81,7 +66,6 @@ pub fn load(dir: PathBuf) -> Fixture {
         })
         .collect();
     Fixture {
-        _tmp: None,
         dir,
         config,
         batches,
