@@ -466,6 +466,7 @@ impl ShallowClone for Linear {
             weight: self.weight.shallow_clone(),
             bias: ShallowClone::shallow_clone(&self.bias),
             lora: ShallowClone::shallow_clone(&self.lora),
+            quant: self.quant.as_ref().map(|q| q.shallow_clone()),
         }
     }
 }
