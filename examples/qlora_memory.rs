@@ -114,10 +114,11 @@ fn child(a: &Args, qlora: bool) -> Result<()> {
             ParamInit::Normal { std: 0.02 },
         ))
     })?;
-    let spec = QuantSpec::from_config(&Config::default().quant)?;
-    let done = materialize_random(&mut model, &pending, qlora.then_some(&spec), 0.02)?;
+    // Embeddings and norms to bf16 first, so their fp32 init is gone before the linears.
     let mut root = Model::var_store(&model).root();
     root.bfloat16();
+    let spec = QuantSpec::from_config(&Config::default().quant)?;
+    let done = materialize_random(&mut model, &pending, qlora.then_some(&spec), 0.02)?;
     let build_seconds = start.elapsed().as_secs_f64();
     let rss_model = proc_gib("/proc/self/status", "VmRSS:")?;
     model.set_gradient_checkpointing(a.checkpointing);

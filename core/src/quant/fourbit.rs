@@ -191,7 +191,7 @@ pub fn dequantize_4bit_as(packed: &Tensor, state: &QuantState4bit, kind: Kind) -
     let lo = bytes_flat.bitwise_and(15);
     let q = Tensor::stack(&[hi, lo], 1).reshape([-1]).narrow(0, 0, n);
     let code = code_4bit(state.quant_type).to_device(device);
-    let vals = code.index_select(0, &q.to_kind(Kind::Int64));
+    let vals = code.index_select(0, &q.to_kind(Kind::Int));
     let out = scale_by_blocks(&vals, &absmax.to_device(device), state.blocksize);
     Ok(out.to_kind(kind).reshape(state.shape.as_slice()))
 }

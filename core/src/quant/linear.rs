@@ -10,8 +10,8 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use super::{
-    dequantize_4bit_as, linear_4bit, quantize_4bit, Absmax4bit, BlockwiseState, QuantState4bit,
-    QuantType,
+    ceil_div, dequantize_4bit_as, dynamic_code, linear_4bit, quantize_4bit, Absmax4bit,
+    BlockwiseState, QuantState4bit, QuantType, NESTED_BLOCKSIZE,
 };
 use crate::autograd::{custom_function, grad_enabled};
 
@@ -98,6 +98,47 @@ impl QuantWeight {
         })
     }
 
+    /// A random 4-bit `[out, in]` weight made directly in packed form (uniform codes, block
+    /// scales around `2.2 · std`, giving an RMS of about `std`), never dense: for benchmarks
+    /// and tests of models too large to hold unquantised. `kind` is what it dequantises to.
+    pub fn random(shape: &[i64], opts: &QuantOptions, std: f64, kind: Kind) -> Result<QuantWeight> {
+        if shape.len() != 2 || shape.iter().any(|&d| d <= 0) {
+            bail!("a random 4-bit weight needs a 2-D non-empty shape, got {shape:?}");
+        }
+        let n: i64 = shape.iter().product();
+        let blocks = ceil_div(n, opts.blocksize);
+        let device = tch::Device::Cpu;
+        let packed = Tensor::randint(256, [ceil_div(n, 2), 1], (Kind::Uint8, device));
+        let scale = 2.2 * std;
+        let absmax = if opts.double_quant {
+            let blocks2 = ceil_div(blocks, NESTED_BLOCKSIZE);
+            Absmax4bit::Nested {
+                qabsmax: Tensor::randint(256, [blocks], (Kind::Uint8, device)),
+                offset: Tensor::from(scale as f32),
+                state2: BlockwiseState {
+                    absmax: Tensor::full([blocks2], scale / 2.0, (Kind::Float, device)),
+                    code: dynamic_code(),
+                    blocksize: NESTED_BLOCKSIZE,
+                },
+            }
+        } else {
+            Absmax4bit::Plain(
+                (Tensor::rand([blocks], (Kind::Float, device)) + 0.5) * scale,
+            )
+        };
+        Ok(QuantWeight {
+            packed,
+            state: QuantState4bit {
+                absmax,
+                shape: shape.to_vec(),
+                dtype: kind,
+                blocksize: opts.blocksize,
+                quant_type: opts.quant_type,
+            },
+            compute_dtype: opts.compute_dtype,
+        })
+    }
+
     /// A second handle on the same storage (for closures the autograd graph keeps).
     pub fn shallow_clone(&self) -> QuantWeight {
         QuantWeight {
@@ -118,20 +159,25 @@ impl QuantWeight {
     }
 
     /// `x Wᵀ + bias` in the compute dtype, cast back to `x`'s dtype, differentiable in `x`
-    /// through a hand-written backward that dequantises again (see the module docs). `bias`
-    /// joins outside the custom function, so a trainable bias gets its gradient from the
-    /// ordinary graph.
+    /// through a hand-written backward that dequantises again (see the module docs). A
+    /// frozen bias is fused into the matmul (one rounding, as a dense `linear`); a trainable
+    /// one joins outside the custom function, so it gets its gradient from the ordinary graph.
     pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let in_kind = x.kind();
         let compute = self.compute_dtype.unwrap_or(in_kind);
         let xc = x.to_kind(compute);
+        let (fused, outside) = match bias {
+            Some(b) if b.requires_grad() => (None, Some(b)),
+            Some(b) => (Some(b.to_kind(compute)), None),
+            None => (None, None),
+        };
         let y = if grad_enabled() && xc.requires_grad() {
             let fw = self.shallow_clone();
             let bw = self.shallow_clone();
             let mut forward_err = None;
             let mut outs = custom_function(
                 &[&xc],
-                |xs| match linear_4bit(&xs[0], &fw.packed, &fw.state, None) {
+                |xs| match linear_4bit(&xs[0], &fw.packed, &fw.state, fused.as_ref()) {
                     Ok(y) => vec![y],
                     Err(e) => {
                         forward_err = Some(e);
@@ -153,9 +199,9 @@ impl QuantWeight {
             }
             outs.swap_remove(0)
         } else {
-            linear_4bit(&xc, &self.packed, &self.state, None)?
+            linear_4bit(&xc, &self.packed, &self.state, fused.as_ref())?
         };
-        let y = match bias {
+        let y = match outside {
             Some(b) => y + b.to_kind(compute),
             None => y,
         };

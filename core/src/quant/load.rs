@@ -199,19 +199,26 @@ pub struct Materialized {
     pub quantized_bytes: i64,
 }
 
-/// Gives every deferred linear weight its storage: quantised (when `spec` selects it) or
-/// dense, produced by `fill(name, shape)` one layer at a time.
+/// A deferred weight made real.
+enum Made {
+    Dense(Tensor),
+    Quant(QuantWeight),
+}
+
+/// Gives every deferred linear weight its storage, one layer at a time: `make(name, shape,
+/// quantise)` returns a dense tensor or, when `spec` selects the layer and passes its options,
+/// possibly a quantised weight directly.
 fn finish(
     model: &mut dyn Trainable,
     deferred: &Deferred,
     spec: Option<&QuantSpec>,
-    fill: &mut dyn FnMut(&str, &[i64]) -> Result<Tensor>,
+    make: &mut dyn FnMut(&str, &[i64], Option<&QuantOptions>) -> Result<Made>,
 ) -> Result<Materialized> {
     let mut names = Vec::new();
     model.visit_linears(&mut |name, _| names.push(name.to_string()));
     let selected: HashSet<String> = names
         .iter()
-        .filter(|n| spec.is_some_and(|s| s.selects(model, n)))
+        .filter(|n| spec.is_some_and(|s| s.selects(&*model, n)))
         .cloned()
         .collect();
     let mut done = Materialized::default();
@@ -227,11 +234,21 @@ fn finish(
         }
         let step = (|| -> Result<()> {
             let shape = linear.weight.size();
-            let dense = fill(&var, &shape)?;
-            match spec.filter(|_| selected.contains(name)) {
-                Some(spec) => {
-                    let q = QuantWeight::quantize(&dense, &spec.options)
-                        .with_context(|| format!("quantising {var}"))?;
+            let opts = spec
+                .filter(|_| selected.contains(name))
+                .map(|s| &s.options);
+            let made = match make(&var, &shape, opts)? {
+                Made::Dense(dense) => match opts {
+                    Some(o) => Made::Quant(
+                        QuantWeight::quantize(&dense, o)
+                            .with_context(|| format!("quantising {var}"))?,
+                    ),
+                    None => Made::Dense(dense),
+                },
+                quant => quant,
+            };
+            match made {
+                Made::Quant(q) => {
                     done.quantized += 1;
                     done.quantized_bytes += q.nbytes();
                     linear.quant = Some(q);
@@ -240,7 +257,7 @@ fn finish(
                         .map_err(|_| anyhow::anyhow!("the VarStore lock is poisoned"))?;
                     vars.named_variables.remove(&var);
                 }
-                None => {
+                Made::Dense(dense) => {
                     tch::no_grad(|| linear.weight.set_data(&dense));
                     done.dense += 1;
                 }
@@ -263,7 +280,7 @@ pub fn materialize(
     let device = model.var_store().device();
     let kind = deferred.kind;
     let mut maps: HashMap<PathBuf, memmap2::Mmap> = HashMap::new();
-    let mut fill = |var: &str, shape: &[i64]| -> Result<Tensor> {
+    let mut fill = |var: &str, shape: &[i64], _: Option<&QuantOptions>| -> Result<Made> {
         let src = deferred
             .sources
             .get(var)
@@ -288,14 +305,16 @@ pub fn materialize(
         // Always a fresh tensor: `to_kind` of a same-kind CPU view would alias the mapping.
         let dense = Tensor::empty(shape, (kind, device));
         tch::no_grad(|| dense.shallow_clone().copy_(&t));
-        Ok(dense)
+        drop(t);
+        release(map, &view);
+        Ok(Made::Dense(dense))
     };
     finish(model, deferred, Some(spec), &mut fill)
 }
 
-/// [`materialize`] for models without a checkpoint (benchmarks, from-scratch tests): every
-/// deferred weight is drawn from N(0, std) layer by layer; with a `spec`, selected layers are
-/// quantised right away, so the dense model never exists as a whole.
+/// [`materialize`] for models without a checkpoint (benchmarks): dense layers are drawn from
+/// N(0, std) one at a time, and the layers `spec` selects are made random directly in 4-bit
+/// ([`QuantWeight::random`]), so the dense LLM never exists, not even one layer at a time.
 pub fn materialize_random(
     model: &mut dyn Trainable,
     deferred: &Deferred,
@@ -304,10 +323,29 @@ pub fn materialize_random(
 ) -> Result<Materialized> {
     let device = model.var_store().device();
     let kind = deferred.kind;
-    let mut fill = |_: &str, shape: &[i64]| -> Result<Tensor> {
-        Ok((Tensor::randn(shape, (Kind::Float, device)) * std).to_kind(kind))
+    let mut fill = |_: &str, shape: &[i64], quant: Option<&QuantOptions>| -> Result<Made> {
+        Ok(match quant {
+            Some(o) => Made::Quant(QuantWeight::random(shape, o, std, kind)?),
+            None => Made::Dense(Tensor::empty(shape, (kind, device)).normal_(0.0, std)),
+        })
     };
     finish(model, deferred, spec, &mut fill)
+}
+
+/// Drops the pages of a consumed checkpoint tensor from this process's mapping, so the
+/// resident set does not grow by the file size while a large checkpoint streams through
+/// (the kernel keeps them in the page cache; reading them again costs no I/O).
+fn release(map: &memmap2::Mmap, view: &safetensors::tensor::TensorView<'_>) {
+    let base = map.as_ptr() as usize;
+    let data = view.data();
+    let page = 4096;
+    let start = (data.as_ptr() as usize - base) / page * page;
+    let end = data.as_ptr() as usize - base + data.len();
+    // SAFETY: the mapping is read-only and file-backed; after MADV_DONTNEED its pages read
+    // back from the file unchanged, and nothing borrows the released range any more.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+    };
 }
 
 /// Loads a model for QLoRA: runs `load` (the family's ordinary loader) with linear weights
