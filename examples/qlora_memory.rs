@@ -52,7 +52,13 @@ fn batch(c: &Qwen2VlConfig, seq: i64, image: i64) -> Result<Batch> {
     ids.extend((0..text - text / 2).map(|i| 3000 + i % 1000));
     let labels: Vec<i64> = ids
         .iter()
-        .map(|&t| if t == c.image_token_id { IGNORE_INDEX } else { t })
+        .map(|&t| {
+            if t == c.image_token_id {
+                IGNORE_INDEX
+            } else {
+                t
+            }
+        })
         .collect();
     let spec = RopeSpec {
         image_token_id: c.image_token_id,

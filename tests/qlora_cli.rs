@@ -100,18 +100,22 @@ fn qlora_run_writes_a_peft_adapter_that_merges_into_the_dense_base() {
     assert_ok(&train(fx, &data, &out, &[]));
 
     assert!(out.join("adapter_config.json").is_file());
-    assert!(!out.join("model.safetensors").exists(), "QLoRA saves no base weights");
-    let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "QLoRA saves no base weights"
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(
         config["base_model_name_or_path"],
         fx.dir.display().to_string().as_str()
     );
     let keys = read_safetensors(&out.join("adapter_model.safetensors")).unwrap();
     assert!(!keys.is_empty());
-    assert!(keys.keys().all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")));
+    assert!(keys
+        .keys()
+        .all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")));
     let cfg = lmms_ft_core::config::from_file(&out.join("lmms-ft-config.toml")).unwrap();
     assert_eq!(cfg.quant.quant_type, "nf4");
 
@@ -181,6 +185,11 @@ fn bad_quant_settings_are_clear_errors() {
     assert!(err.contains("quant.blocksize"), "{err}");
     let err = stderr_of(&train(fx, &data, &out, &["train.llm=full"]));
     assert!(err.contains("train.llm"), "{err}");
-    let err = stderr_of(&train(fx, &data, &out, &["quant.modules=[\"no_such_proj\"]"]));
+    let err = stderr_of(&train(
+        fx,
+        &data,
+        &out,
+        &["quant.modules=[\"no_such_proj\"]"],
+    ));
     assert!(err.contains("quant.modules"), "{err}");
 }

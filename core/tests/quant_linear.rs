@@ -53,8 +53,14 @@ fn matches_a_dense_linear_on_the_dequantised_weight() {
                 let (yd, gxd) = run(&x, &g, |x| x.linear(&dense, Some(&bias)));
                 let (ry, rg) = (rel(&y, &yd), rel(&gx, &gxd));
                 eprintln!("{qt} nested={nested} {kind:?}: forward {ry:.2e}, grad {rg:.2e}");
-                assert!(ry <= 1e-5, "{qt} {nested} {kind:?}: forward differs by {ry}");
-                assert!(rg <= 1e-5, "{qt} {nested} {kind:?}: input grad differs by {rg}");
+                assert!(
+                    ry <= 1e-5,
+                    "{qt} {nested} {kind:?}: forward differs by {ry}"
+                );
+                assert!(
+                    rg <= 1e-5,
+                    "{qt} {nested} {kind:?}: input grad differs by {rg}"
+                );
             }
         }
     }
@@ -98,8 +104,16 @@ fn lora_on_a_4bit_base_equals_lora_on_the_dense_base() {
     let (yd, gd) = run(&x, &g, |x| ld.forward(x));
     assert!(rel(&yq, &yd) <= 1e-6 && rel(&gq, &gd) <= 1e-6);
     for (name, tq, td) in [
-        ("lora_A", &lq.lora.as_ref().unwrap().a, &ld.lora.as_ref().unwrap().a),
-        ("lora_B", &lq.lora.as_ref().unwrap().b, &ld.lora.as_ref().unwrap().b),
+        (
+            "lora_A",
+            &lq.lora.as_ref().unwrap().a,
+            &ld.lora.as_ref().unwrap().a,
+        ),
+        (
+            "lora_B",
+            &lq.lora.as_ref().unwrap().b,
+            &ld.lora.as_ref().unwrap().b,
+        ),
     ] {
         let r = rel(&tq.grad(), &td.grad());
         assert!(r <= 1e-6, "{name} grad differs by {r}");
@@ -147,7 +161,11 @@ fn matches_bitsandbytes_linear4bit_forward_and_backward() {
         // order only). bf16: both round the product to bf16, whose unit in the last place is
         // 2^-8 of the value, and add the bias in a different order; allow two ulps of the
         // largest magnitude.
-        let tol = if compute == Kind::Float { 1e-5 } else { 2.0 / 256.0 };
+        let tol = if compute == Kind::Float {
+            1e-5
+        } else {
+            2.0 / 256.0
+        };
         assert!(ry <= tol, "{name}: forward differs from bnb by {ry}");
         assert!(rg <= tol, "{name}: input grad differs from bnb by {rg}");
     }

@@ -14,7 +14,12 @@ use tch::{Device, Kind, Tensor};
 fn status_mib(key: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with(key)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1024.0
 }
 
 extern "C" {
@@ -58,7 +63,9 @@ fn quantised_loading_stays_well_below_the_dense_size() {
             .collect();
         Tensor::write_safetensors(&vars, dir.path().join("model.safetensors")).unwrap();
     }
-    let ckpt_mib = std::fs::metadata(dir.path().join("model.safetensors")).unwrap().len() as f64
+    let ckpt_mib = std::fs::metadata(dir.path().join("model.safetensors"))
+        .unwrap()
+        .len() as f64
         / (1 << 20) as f64;
 
     let spec = QuantSpec::from_config(&Config::default().quant).unwrap();
@@ -81,7 +88,10 @@ fn quantised_loading_stays_well_below_the_dense_size() {
         done.quantized
     );
     assert_eq!(done.quantized, 6 * 7);
-    assert!(ckpt_mib > 150.0, "checkpoint too small to measure: {ckpt_mib} MiB");
+    assert!(
+        ckpt_mib > 150.0,
+        "checkpoint too small to measure: {ckpt_mib} MiB"
+    );
     assert!(
         dense_growth > 0.9 * ckpt_mib,
         "control: a dense load should hold the whole checkpoint, grew {dense_growth:.0} MiB"

@@ -82,7 +82,11 @@ fn logits(model: &Qwen2VlModel) -> BTreeMap<String, Tensor> {
     })
 }
 
-fn peft_check(adapter: &std::path::Path, merged: &std::path::Path, ours: &BTreeMap<String, Tensor>) -> serde_json::Value {
+fn peft_check(
+    adapter: &std::path::Path,
+    merged: &std::path::Path,
+    ours: &BTreeMap<String, Tensor>,
+) -> serde_json::Value {
     let fx = common::fixture();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ours.safetensors");
@@ -114,7 +118,9 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
         }
     });
     assert!(
-        quantised_names.iter().all(|n| n.starts_with("model.layers.")),
+        quantised_names
+            .iter()
+            .all(|n| n.starts_with("model.layers.")),
         "only LLM decoder linears are quantised: {quantised_names:?}"
     );
     let vars = Model::var_store(&q).variables();
@@ -129,7 +135,10 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
         .map(|k| max_abs_diff(&base_dense[k], &base_quant[k]))
         .fold(0.0, f64::max);
     eprintln!("logits gap of the NF4 base vs the dense base: {gap:.3e}");
-    assert!(gap > 0.0, "the quantised base computes exactly the dense one");
+    assert!(
+        gap > 0.0,
+        "the quantised base computes exactly the dense one"
+    );
 
     let mut d = dense();
     let (lora_losses, _) = train(&mut d);
@@ -145,8 +154,7 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     let drop_lora = lora_losses[..4].iter().sum::<f64>() - lora_losses[12..].iter().sum::<f64>();
-    let drop_qlora =
-        qlora_losses[..4].iter().sum::<f64>() - qlora_losses[12..].iter().sum::<f64>();
+    let drop_qlora = qlora_losses[..4].iter().sum::<f64>() - qlora_losses[12..].iter().sum::<f64>();
     eprintln!(
         "step-1 gap {d0:.2e} (quantisation alone), worst gap {worst:.2e}; loss drop over the \
          4-step cycles: lora {drop_lora:.4}, qlora {drop_qlora:.4}"
@@ -176,8 +184,14 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
     .unwrap();
     assert_eq!(config["base_model_name_or_path"], base_name.as_str());
     let keys = read_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(keys.len(), 2 * 14, "lora_A and lora_B of the 14 adapted layers only");
-    assert!(keys.keys().all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")));
+    assert_eq!(
+        keys.len(),
+        2 * 14,
+        "lora_A and lora_B of the 14 adapted layers only"
+    );
+    assert!(keys
+        .keys()
+        .all(|k| k.contains(".lora_A.") || k.contains(".lora_B.")));
     assert!(keys.values().all(|t| t.kind() == Kind::Float));
 
     let q_logits = logits(&q);
@@ -197,7 +211,10 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
         eprintln!("LoRA-on-dense vs peft, {name}: {v}");
         assert!(v["peft_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
         assert!(v["merged_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
-        assert!(v["base_vs_ours"].as_f64().unwrap() > 1e-3, "{name}: adapter inert: {v}");
+        assert!(
+            v["base_vs_ours"].as_f64().unwrap() > 1e-3,
+            "{name}: adapter inert: {v}"
+        );
     }
     let r = peft_check(&adapter, &merged, &q_logits);
     for (name, v) in r.as_object().unwrap() {
@@ -206,6 +223,9 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
         // measured above as `gap` without the adapter. The adapter moves the activations
         // the error acts on, so allow twice that.
         let diff = v["peft_vs_ours"].as_f64().unwrap();
-        assert!(diff <= 2.0 * gap + 1e-5, "{name}: {diff} vs quantisation gap {gap}: {v}");
+        assert!(
+            diff <= 2.0 * gap + 1e-5,
+            "{name}: {diff} vs quantisation gap {gap}: {v}"
+        );
     }
 }

@@ -122,9 +122,7 @@ impl QuantWeight {
                 },
             }
         } else {
-            Absmax4bit::Plain(
-                (Tensor::rand([blocks], (Kind::Float, device)) + 0.5) * scale,
-            )
+            Absmax4bit::Plain((Tensor::rand([blocks], (Kind::Float, device)) + 0.5) * scale)
         };
         Ok(QuantWeight {
             packed,

@@ -205,6 +205,9 @@ enum Made {
     Quant(QuantWeight),
 }
 
+/// Makes one deferred weight: `(variable name, shape, quantisation options if selected)`.
+type MakeWeight<'a> = dyn FnMut(&str, &[i64], Option<&QuantOptions>) -> Result<Made> + 'a;
+
 /// Gives every deferred linear weight its storage, one layer at a time: `make(name, shape,
 /// quantise)` returns a dense tensor or, when `spec` selects the layer and passes its options,
 /// possibly a quantised weight directly.
@@ -212,7 +215,7 @@ fn finish(
     model: &mut dyn Trainable,
     deferred: &Deferred,
     spec: Option<&QuantSpec>,
-    make: &mut dyn FnMut(&str, &[i64], Option<&QuantOptions>) -> Result<Made>,
+    make: &mut MakeWeight<'_>,
 ) -> Result<Materialized> {
     let mut names = Vec::new();
     model.visit_linears(&mut |name, _| names.push(name.to_string()));
@@ -234,9 +237,7 @@ fn finish(
         }
         let step = (|| -> Result<()> {
             let shape = linear.weight.size();
-            let opts = spec
-                .filter(|_| selected.contains(name))
-                .map(|s| &s.options);
+            let opts = spec.filter(|_| selected.contains(name)).map(|s| &s.options);
             let made = match make(&var, &shape, opts)? {
                 Made::Dense(dense) => match opts {
                     Some(o) => Made::Quant(
