@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lmms_ft_core::nn::{Linear, LoraAdapter};
-use lmms_ft_core::quant::{QuantOptions, QuantType, QuantWeight};
+use lmms_ft_core::quant::{dequantize_4bit, quantize_4bit, QuantOptions, QuantType, QuantWeight};
 use lmms_ft_core::tch::{Device, Kind, Tensor};
 use lmms_ft_core::testing::run_oracle;
 
@@ -62,6 +62,35 @@ fn matches_a_dense_linear_on_the_dequantised_weight() {
                     "{qt} {nested} {kind:?}: input grad differs by {rg}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn chunked_quantisation_equals_one_shot() {
+    tch::manual_seed(4);
+    // 2.1 M values: three chunks, an odd count and a partial last block.
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for nested in [false, true] {
+            let w = (Tensor::randn([1031, 2049], (Kind::Float, Device::Cpu)) * 0.05).to_kind(kind);
+            let o = opts(QuantType::Nf4, nested, None);
+            let q = QuantWeight::quantize(&w, &o).unwrap();
+            let (packed, state) = quantize_4bit(&w, o.quant_type, o.blocksize, nested).unwrap();
+            assert!(
+                q.packed.equal(&packed),
+                "{kind:?} {nested}: packed codes differ"
+            );
+            assert!(
+                q.state
+                    .absmax_f32()
+                    .unwrap()
+                    .equal(&state.absmax_f32().unwrap()),
+                "{kind:?} {nested}: block scales differ"
+            );
+            assert!(q
+                .dequantize(kind)
+                .unwrap()
+                .equal(&dequantize_4bit(&packed, &state).unwrap()));
         }
     }
 }

@@ -10,10 +10,15 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 use super::{
-    ceil_div, dequantize_4bit_as, dynamic_code, linear_4bit, quantize_4bit, Absmax4bit,
+    ceil_div, compress_absmax, dequantize_4bit_as, dynamic_code, quantize_4bit, Absmax4bit,
     BlockwiseState, QuantState4bit, QuantType, NESTED_BLOCKSIZE,
 };
 use crate::autograd::{custom_function, grad_enabled};
+
+/// Values (de)quantised per step by [`QuantWeight::quantize_as`] and
+/// [`QuantWeight::dequantize`]: 2^19, a multiple of every 4-bit block size (and even, so no
+/// chunk but the last needs padding), keeping their temporaries near 10 MiB.
+pub const QUANT_CHUNK: i64 = 1 << 19;
 
 /// How a weight is quantised (bnb's `BitsAndBytesConfig` 4-bit fields).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,28 +79,54 @@ fn shallow_state(s: &QuantState4bit) -> QuantState4bit {
 }
 
 impl QuantWeight {
-    /// Quantises a dense `[out, in]` weight. The dense tensor is only read; dropping it
-    /// afterwards is what frees its memory.
-    pub fn quantize(weight: &Tensor, opts: &QuantOptions) -> Result<QuantWeight> {
+    /// Quantises a dense `[out, in]` weight (any float dtype; it may be a view of a mapped
+    /// checkpoint) into codes that dequantise to `kind`. Works through the flat weight in
+    /// chunks of [`QUANT_CHUNK`] values (a multiple of every block size), so the fp32 and
+    /// index temporaries of quantisation stay a few tens of MiB whatever the layer's size;
+    /// blocks are independent, so the bytes equal one-shot [`quantize_4bit`]'s.
+    pub fn quantize_as(weight: &Tensor, opts: &QuantOptions, kind: Kind) -> Result<QuantWeight> {
         if weight.dim() != 2 {
             bail!(
                 "only 2-D linear weights can be quantised, got shape {:?}",
                 weight.size()
             );
         }
-        let (packed, state) = tch::no_grad(|| {
-            quantize_4bit(
-                &weight.detach(),
-                opts.quant_type,
-                opts.blocksize,
-                opts.double_quant,
-            )
-        })?;
+        let flat = weight.detach().reshape([-1]);
+        let n = flat.size()[0];
+        let mut packed = Vec::new();
+        let mut absmax = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = QUANT_CHUNK.min(n - start);
+            let (p, s) = tch::no_grad(|| {
+                quantize_4bit(
+                    &flat.narrow(0, start, len),
+                    opts.quant_type,
+                    opts.blocksize,
+                    false,
+                )
+            })?;
+            packed.push(p);
+            absmax.push(s.absmax_f32()?);
+            start += len;
+        }
+        let absmax = compress_absmax(Tensor::cat(&absmax, 0), opts.double_quant)?;
         Ok(QuantWeight {
-            packed,
-            state,
+            packed: Tensor::cat(&packed, 0),
+            state: QuantState4bit {
+                absmax,
+                shape: weight.size(),
+                dtype: kind,
+                blocksize: opts.blocksize,
+                quant_type: opts.quant_type,
+            },
             compute_dtype: opts.compute_dtype,
         })
+    }
+
+    /// [`QuantWeight::quantize_as`] dequantising to the weight's own dtype.
+    pub fn quantize(weight: &Tensor, opts: &QuantOptions) -> Result<QuantWeight> {
+        QuantWeight::quantize_as(weight, opts, weight.kind())
     }
 
     /// A random 4-bit `[out, in]` weight made directly in packed form (uniform codes, block
@@ -146,14 +177,59 @@ impl QuantWeight {
         }
     }
 
-    /// The dense weight in `kind` (a fresh tensor; nothing keeps it).
+    /// The dense weight in `kind` (a fresh tensor; nothing keeps it). Dequantises
+    /// [`QUANT_CHUNK`] values at a time into the output, so the only weight-sized tensor is the
+    /// result itself (a one-shot dequantisation of a 7B MLP layer holds about 1 GB of
+    /// index and fp32 temporaries). Values are per element, so they equal the one-shot ones.
     pub fn dequantize(&self, kind: Kind) -> Result<Tensor> {
-        dequantize_4bit_as(&self.packed, &self.state, kind)
+        let n = self.state.numel();
+        if n <= QUANT_CHUNK {
+            return dequantize_4bit_as(&self.packed, &self.state, kind);
+        }
+        let bs = self.state.blocksize;
+        let absmax = self.state.absmax_f32()?;
+        let packed = self.packed.reshape([-1]);
+        let out = Tensor::empty([n], (kind, self.packed.device()));
+        let mut start = 0;
+        while start < n {
+            let len = QUANT_CHUNK.min(n - start);
+            let chunk = QuantState4bit {
+                absmax: Absmax4bit::Plain(absmax.narrow(0, start / bs, ceil_div(len, bs))),
+                shape: vec![len],
+                dtype: kind,
+                blocksize: bs,
+                quant_type: self.state.quant_type,
+            };
+            let vals =
+                dequantize_4bit_as(&packed.narrow(0, start / 2, ceil_div(len, 2)), &chunk, kind)?;
+            out.narrow(0, start, len).copy_(&vals);
+            start += len;
+        }
+        Ok(out.reshape(self.state.shape.as_slice()))
     }
 
     /// Resident bytes of the quantised weight.
     pub fn nbytes(&self) -> i64 {
         self.state.nbytes()
+    }
+
+    /// `x Wᵀ + bias` with the weight dequantised to `x`'s dtype for this call only
+    /// (`bnb.matmul_4bit`'s forward).
+    fn dense_linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let [_, in_features] = self.state.shape[..] else {
+            bail!(
+                "4-bit linear needs a 2-D weight, the state has shape {:?}",
+                self.state.shape
+            );
+        };
+        if x.size().last() != Some(&in_features) {
+            bail!(
+                "4-bit linear: input {:?} does not end in in_features = {in_features}",
+                x.size()
+            );
+        }
+        let w = self.dequantize(x.kind())?;
+        Ok(x.linear(&w, bias))
     }
 
     /// `x Wᵀ + bias` in the compute dtype, cast back to `x`'s dtype, differentiable in `x`
@@ -175,7 +251,7 @@ impl QuantWeight {
             let mut forward_err = None;
             let mut outs = custom_function(
                 &[&xc],
-                |xs| match linear_4bit(&xs[0], &fw.packed, &fw.state, fused.as_ref()) {
+                |xs| match fw.dense_linear(&xs[0], fused.as_ref()) {
                     Ok(y) => vec![y],
                     Err(e) => {
                         forward_err = Some(e);
@@ -197,7 +273,7 @@ impl QuantWeight {
             }
             outs.swap_remove(0)
         } else {
-            linear_4bit(&xc, &self.packed, &self.state, fused.as_ref())?
+            self.dense_linear(&xc, fused.as_ref())?
         };
         let y = match outside {
             Some(b) => y + b.to_kind(compute),

@@ -281,7 +281,7 @@ pub fn materialize(
     let device = model.var_store().device();
     let kind = deferred.kind;
     let mut maps: HashMap<PathBuf, memmap2::Mmap> = HashMap::new();
-    let mut fill = |var: &str, shape: &[i64], _: Option<&QuantOptions>| -> Result<Made> {
+    let mut fill = |var: &str, shape: &[i64], quant: Option<&QuantOptions>| -> Result<Made> {
         let src = deferred
             .sources
             .get(var)
@@ -303,12 +303,22 @@ pub fn materialize(
             .with_context(|| format!("{}: {}", src.file.display(), src.tensor))?;
         let src_kind = kind_of(view.dtype())?;
         let t = tensor_view(view.data(), shape, src_kind);
-        // Always a fresh tensor: `to_kind` of a same-kind CPU view would alias the mapping.
-        let dense = Tensor::empty(shape, (kind, device));
-        tch::no_grad(|| dense.shallow_clone().copy_(&t));
+        let made = match quant {
+            // Straight from the mapping, chunk by chunk: no dense copy of the layer.
+            Some(o) => Made::Quant(
+                QuantWeight::quantize_as(&t, o, kind)
+                    .with_context(|| format!("quantising {var}"))?,
+            ),
+            None => {
+                // A fresh tensor: `to_kind` of a same-kind CPU view would alias the mapping.
+                let dense = Tensor::empty(shape, (kind, device));
+                tch::no_grad(|| dense.shallow_clone().copy_(&t));
+                Made::Dense(dense)
+            }
+        };
         drop(t);
         release(map, &view);
-        Ok(Made::Dense(dense))
+        Ok(made)
     };
     finish(model, deferred, Some(spec), &mut fill)
 }

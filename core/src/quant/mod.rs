@@ -17,6 +17,7 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 pub use blockwise::{dequantize_blockwise, dynamic_code, quantize_blockwise, NESTED_BLOCKSIZE};
+pub(crate) use fourbit::compress_absmax;
 pub use fourbit::{code_4bit, dequantize_4bit, dequantize_4bit_as, quantize_4bit, BLOCKSIZES};
 pub use linear::{QuantOptions, QuantWeight};
 pub(crate) use load::{defer_source, placeholder};
