@@ -161,17 +161,17 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
     );
     // Both train: the last cycle of the four samples is clearly below the first.
     assert!(drop_lora > 0.1 && drop_qlora > 0.1);
-    // QLoRA learns as much as LoRA (within 10 %), and its curve stays within 2 % of the
-    // dense curve at every step. The base's own quantisation error (`d0`) is the scale of
-    // the expected difference; training on a perturbed base may widen it, not multiply it.
+    // QLoRA learns as much as LoRA (within 10 %), and its curve stays within 0.05 nats of
+    // the dense curve at every step (0.4 % of the loss). The step-1 difference is the base's
+    // quantisation error alone (~2.5e-4 here); training on the perturbed base lets the two
+    // runs' adapters drift apart a little (observed up to ~0.02), but a QLoRA path that
+    // failed to train, trained the wrong parameters or mis-scaled gradients would differ by
+    // tenths of a nat within a few steps.
     assert!(
         (drop_lora - drop_qlora).abs() <= 0.1 * drop_lora,
         "loss drop {drop_qlora} vs {drop_lora}"
     );
-    assert!(
-        worst <= (0.02 * lora_losses[0]).max(4.0 * d0),
-        "QLoRA loss strays {worst} from LoRA's"
-    );
+    assert!(worst <= 0.05, "QLoRA loss strays {worst} from LoRA's");
 
     // Save: a PEFT adapter naming the dense base; no base weights, no 4-bit tensors.
     let tmp = tempfile::tempdir().unwrap();
