@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use lmms_ft_core::compose;
 use lmms_ft_core::config::{Config, Precision};
 use lmms_ft_core::data::dataset::Dataset;
 use lmms_ft_core::data::prepare::{dataset_options, prepare, MediaOptions};
@@ -26,8 +27,40 @@ use lmms_ft_core::train::run::Outcome;
 use tch::{Device, Kind};
 
 /// Config → model directory and the registered family that loads it: `model.path` if set
-/// (the family comes from its `config.json`), else `model.id` through the Hugging Face cache.
+/// (the family comes from its `config.json`), else `model.id` through the Hugging Face cache,
+/// or, with `model.kind`, a skeleton directory the registered composer of that kind writes
+/// under `train.output_dir` (see [`lmms_ft_core::compose`]).
 pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
+    let m = &cfg.model;
+    let parts = [
+        ("text_model", m.text_model.is_some()),
+        ("vision_tower", m.vision_tower.is_some()),
+        ("projector", m.projector.is_some()),
+        ("vision_feature_layer", m.vision_feature_layer.is_some()),
+        (
+            "vision_feature_select_strategy",
+            m.vision_feature_select_strategy.is_some(),
+        ),
+        ("image_aspect_ratio", m.image_aspect_ratio.is_some()),
+        ("chat_template", m.chat_template.is_some()),
+    ];
+    if let Some(kind) = &m.kind {
+        anyhow::ensure!(
+            m.id.is_none() && m.path.is_none(),
+            "model.kind = \"{kind}\" builds the model from model.text_model and model.vision_tower; remove model.id / model.path (or model.kind to load a checkpoint)"
+        );
+        let composer = compose::composer(kind)?;
+        let dir = cfg.train.output_dir.join(COMPOSED_DIR);
+        (composer.compose)(m, cfg.train.seed, &dir)
+            .with_context(|| format!("composing a `{kind}` model"))?;
+        let (family, _) = family_of_dir(&dir)?;
+        return Ok((dir, family));
+    }
+    if let Some((key, _)) = parts.iter().find(|(_, set)| *set) {
+        anyhow::bail!(
+            "model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")"
+        );
+    }
     let dir = match (&cfg.model.id, &cfg.model.path) {
         (Some(id), path) => {
             let entry = registry::resolve_model(id)?;
@@ -44,6 +77,10 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
     let (family, _) = family_of_dir(&dir)?;
     Ok((dir, family))
 }
+
+/// Where a composed model's skeleton (config, tokenizer, processor; no weights) is written,
+/// under `train.output_dir`.
+pub const COMPOSED_DIR: &str = "composed";
 
 /// The `config.json` of a model directory and the implemented family that loads it.
 fn family_of_dir(dir: &Path) -> Result<(Implemented, serde_json::Value)> {
@@ -135,7 +172,7 @@ pub fn validate_data(cfg: &Config) -> Result<()> {
         .as_ref()
         .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
     let media = MediaOptions::from_config(&cfg.data);
-    let has_model = cfg.model.id.is_some() || cfg.model.path.is_some();
+    let has_model = cfg.model.id.is_some() || cfg.model.path.is_some() || cfg.model.kind.is_some();
     let data_pipeline = if has_model {
         let (dir, family) = resolve_model(cfg)?;
         let implementation = family.family;

@@ -34,6 +34,29 @@ pub struct ModelSection {
     pub id: Option<String>,
     /// Local checkpoint directory; overrides the Hugging Face cache look-up.
     pub path: Option<PathBuf>,
+    /// Build the model from parts instead of loading a checkpoint: the name of a registered
+    /// composer (`"llava"`: an LLM + a vision tower + a new projector, as in the LLaVA
+    /// paper). Excludes `id` and `path`; the keys below describe the parts.
+    pub kind: Option<String>,
+    /// Directory of the LLM checkpoint to build on (e.g. a `LlamaForCausalLM`); its
+    /// tokenizer becomes the model's.
+    pub text_model: Option<PathBuf>,
+    /// Directory of the vision encoder checkpoint (e.g. `CLIPVisionModel`, `SiglipModel`).
+    pub vision_tower: Option<PathBuf>,
+    /// Projector between the two: `"mlp2x_gelu"` (LLaVA-1.5, the default) or `"linear"`.
+    pub projector: Option<String>,
+    /// Vision hidden-state index whose features are projected (default -2, LLaVA-1.5's).
+    pub vision_feature_layer: Option<i64>,
+    /// `"default"` drops the class token (CLIP's default) or `"full"` keeps every token
+    /// (SigLIP's default, since it has no class token).
+    pub vision_feature_select_strategy: Option<String>,
+    /// `"pad"` (LLaVA-1.5: expand to a square of the mean colour; the default) or
+    /// `"square"` (the tower's own resize / center crop).
+    pub image_aspect_ratio: Option<String>,
+    /// Chat template of the composed model: `"vicuna"` (LLaVA-1.5's `USER: / ASSISTANT:`)
+    /// or `"chatml"` (`<|im_start|>`, LLaVA-Interleave's); default by LLM: chatml for Qwen2,
+    /// vicuna otherwise.
+    pub chat_template: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

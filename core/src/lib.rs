@@ -5,6 +5,7 @@
 //! registering with [`register_family!`] and [`register_models!`].
 
 pub mod autograd;
+pub mod compose;
 pub mod config;
 pub mod data;
 pub mod eval;

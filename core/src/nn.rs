@@ -215,6 +215,17 @@ impl LayerNorm {
     }
 }
 
+impl crate::autograd::ShallowClone for LayerNorm {
+    fn shallow_clone(&self) -> Self {
+        LayerNorm {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            eps: self.eps,
+            dim: self.dim,
+        }
+    }
+}
+
 /// Token embedding table named `weight`.
 #[derive(Debug)]
 pub struct Embedding {

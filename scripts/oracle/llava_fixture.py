@@ -12,10 +12,17 @@ VARIANT:
                template.
   next_mistral LLaVA-NeXT + Mistral text (sliding window 4096), llava-1.5 tokenizer with the
                llava-v1.6-mistral template.
+  next_video   LLaVA-NeXT-Video: NeXT images + average-pooled (stride 2) video frames, Llama text,
+               llava-1.5 tokenizer with a `<video>` token added, the NeXT-Video template.
+  next_video_max  The same with spatial_pool_mode = "max".
+  onevision    LLaVA-OneVision: SigLIP + Qwen2 (tied), anyres_max_1 (so the tiny single image is
+               downscaled), one tile + newline per image of a multi-image sample, bilinear-pooled
+               video frames ending in one newline; interleave-qwen tokenizer plus `<video>`.
 
 Writes into OUT_DIR a checkpoint saved by `save_pretrained`, the processor and tokenizer, and
 `reference.safetensors` + `reference.json` holding, for three samples (text-only, one
-non-square image that needs a resize, two images over two turns): the processor's inputs,
+non-square image that needs a resize, two images over two turns, and for the video variants a
+four-frame video): the processor's inputs,
 logits, loss and the gradients of a few named parameters after one backward. Prints the
 checkpoint's tensor names and transformers' parameter count (meta device) as JSON on the
 last line.
@@ -23,6 +30,7 @@ last line.
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -39,6 +47,12 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     MistralConfig,
     Qwen2Config,
@@ -48,6 +62,9 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next_video.video_processing_llava_next_video import LlavaNextVideoVideoProcessor
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 out, variant, shared = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -133,10 +150,73 @@ elif variant in ("next_vicuna", "next_mistral"):
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=template)
     vision_prefix = "model.vision_tower."
+elif variant in ("next_video", "next_video_max"):
+    real = os.path.join(shared, "llava-hf--llava-1.5-7b-hf")
+    text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=16)
+    pinpoints = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    tokenizer = AutoTokenizer.from_pretrained(real)
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    config = LlavaNextVideoConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
+                                  video_token_index=tokenizer.convert_tokens_to_ids("<video>"), pad_token_id=32001,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                  image_grid_pinpoints=pinpoints, spatial_pool_stride=2,
+                                  spatial_pool_mode="max" if variant == "next_video_max" else "average",
+                                  image_seq_length=16, video_seq_length=4)
+    # The template transformers' NeXT-Video conversion script writes: llava-1.5's plus videos.
+    template = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+                "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+                "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+                "{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+                "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                 image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN,
+                                                 image_std=CLIP_STD)
+    video_processor = LlavaNextVideoVideoProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaNextVideoProcessor(video_processor=video_processor, image_processor=image_processor,
+                                        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                                        num_additional_image_tokens=1, chat_template=template)
+    vision_prefix = "model.vision_tower."
+elif variant == "onevision":
+    real = os.path.join(shared, "llava-hf--llava-interleave-qwen-7b-hf")
+    text = Qwen2Config(vocab_size=152000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=True)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6)
+    pinpoints = [[56 * i, 56 * j] for i in range(1, 4) for j in range(1, 4)]
+    tokenizer = Qwen2Tokenizer.from_pretrained(real)
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=151646,
+                                  video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_1",
+                                  tie_word_embeddings=True)
+    # The template transformers' OneVision conversion script writes.
+    template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+                "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+                "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+                "{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+                "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+                "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, image_grid_pinpoints=pinpoints,
+                                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video_processor = LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56}, image_mean=[0.5] * 3,
+                                                   image_std=[0.5] * 3)
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=video_processor, num_image_tokens=16,
+                                        vision_feature_select_strategy="full", chat_template=template,
+                                        vision_aspect_ratio="anyres_max_1")
+    vision_prefix = "model.vision_tower."
 else:
     raise SystemExit(f"unknown variant {variant}")
 
-Model = LlavaNextForConditionalGeneration if variant.startswith("next") else LlavaForConditionalGeneration
+Model = {"next_video": LlavaNextVideoForConditionalGeneration, "next_video_max": LlavaNextVideoForConditionalGeneration,
+         "onevision": LlavaOnevisionForConditionalGeneration}.get(
+    variant, LlavaNextForConditionalGeneration if variant.startswith("next") else LlavaForConditionalGeneration)
 model = Model(config).float().eval()
 model.save_pretrained(out)
 tokenizer.save_pretrained(out)
@@ -175,6 +255,18 @@ samples = {
     ],
 }
 media = {"text": [], "image": [img_b], "two_images": [img_a, img_b]}
+videos = {name: [] for name in samples}
+if variant in ("next_video", "next_video_max", "onevision"):
+    # Four frames, 56 wide x 70 high: NeXT-Video's shortest edge needs no resize, only the center
+    # crop; OneVision resizes them to 56 x 56.
+    frames = np.stack([np.asarray(noise_image(56, 70, 20 + i)) for i in range(4)])
+    frames.tofile(os.path.join(out, "video.rgb"))
+    samples["video"] = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Snow."}]},
+    ]
+    media["video"] = []
+    videos["video"] = [frames]
 track = [
     "model.language_model.layers.0.self_attn.q_proj.weight",
     "model.language_model.norm.weight",
@@ -183,7 +275,7 @@ track = [
     "model.multi_modal_projector.linear_2.bias",
     vision_prefix + "encoder.layers.0.self_attn.q_proj.weight",
     vision_prefix + "embeddings.patch_embedding.weight",
-] + (["model.image_newline"] if variant.startswith("next") else [])
+] + (["model.image_newline"] if variant.startswith("next") or variant == "onevision" else [])
 
 
 def hub_name(runtime):
@@ -199,23 +291,34 @@ def hub_name(runtime):
 
 # The training template lmms-ft uses for Vicuna-style checkpoints (Llama text, llava-1.5 Hub
 # template); the others train on their Hub template.
-vicuna = variant in ("llava", "llava_multi", "next_vicuna")
 with open(os.path.join(os.path.dirname(__file__), "../../adapters/llava/src/vicuna_training.jinja")) as f:
     VICUNA_TRAINING = f.read()
-answer_prefix = {"interleave": "<|im_start|>assistant\n\n"}.get(variant, "[/INST]" if variant == "next_mistral" else "ASSISTANT: ")
+vicuna = variant in ("llava", "llava_multi", "next_vicuna", "next_video", "next_video_max")
+qwen = variant in ("interleave", "onevision")
+answer_prefix = {"interleave": "<|im_start|>assistant\n\n", "onevision": "<|im_start|>assistant\n"}.get(
+    variant, "[/INST]" if variant == "next_mistral" else "ASSISTANT: ")
 generation_prompt = {"interleave": "<|im_start|>assistant\n"}.get(variant, answer_prefix)
-end_of_turn = "<|im_end|>" if variant == "interleave" else "</s>"
+end_of_turn = "<|im_end|>" if qwen else "</s>"
 
 
-def label_rule(messages, images, runs):
+def call(text_in, images, clips):
+    kwargs = {"videos": clips} if clips else {}
+    # One list of images per text: OneVision's processor then knows a sample's images belong
+    # together (`batch_num_images`) and gives each image of a multi-image sample one tile.
+    nested = [images] if images and variant == "onevision" else images or None
+    return processor(text=[text_in], images=nested, return_tensors="pt", **kwargs)
+
+
+def label_rule(messages, images, clips, runs):
     """The label rule, applied independently of lmms-ft: assistant contents plus the
     end-of-turn token right after each, located by character offsets in the text with every
     <image> expanded; the ids are what the processor makes of the training-template text."""
     kwargs = {"chat_template": VICUNA_TRAINING} if vicuna else {}
     text_in = processor.apply_chat_template(messages, tokenize=False, **kwargs)
-    batch = processor(text=[text_in], images=images or None, return_tensors="pt")
-    pieces = text_in.split("<image>")
-    expanded = pieces[0] + "".join("<image>" * n + p for n, p in zip(runs, pieces[1:]))
+    batch = call(text_in, images, clips)
+    pieces = re.split("(<image>|<video>)", text_in)
+    counts = {"<image>": iter(runs["<image>"]), "<video>": iter(runs["<video>"])}
+    expanded = "".join(p * next(counts[p]) if p in counts else p for p in pieces)
     spans, splits, cursor = [], [], 0
     for m in messages:
         if m["role"] != "assistant":
@@ -226,7 +329,7 @@ def label_rule(messages, images, runs):
         spans.append((start, start + len(content)))
         splits.append(at + len(generation_prompt))
         cursor = start + len(content)
-    if variant == "interleave":
+    if qwen:
         # The project's rule (core/src/data/template.rs): the generation prompt ends in "\n"
         # and the answer starts with "\n"; tokenised whole they merge into "\n\n", so the
         # answer is tokenised separately, as inference sees it after the prompt.
@@ -260,13 +363,16 @@ def label_rule(messages, images, runs):
 params = dict(model.named_parameters())
 tensors, meta = {}, {"variant": variant, "samples": {}}
 for name, messages in samples.items():
-    images = media[name]
+    images, clips = media[name], videos[name]
     text_in = processor.apply_chat_template(messages, tokenize=False)
-    batch = processor(text=[text_in], images=images or None, return_tensors="pt")
+    batch = call(text_in, images, clips)
     ids = batch["input_ids"]
-    # Every non-image token is labeled (the label rule is tested with the data pipeline).
+    video_id = getattr(config, "video_token_id", None)
+    # Every non-media token is labeled (the label rule is tested with the data pipeline).
     labels = ids.clone()
     labels[ids == config.image_token_id] = -100
+    if video_id is not None:
+        labels[ids == video_id] = -100
     model.zero_grad()
     result = model(**batch, labels=labels)
     result.loss.backward()
@@ -275,28 +381,33 @@ for name, messages in samples.items():
     tensors[f"{name}.logits"] = result.logits.detach().contiguous()
     if "pixel_values" in batch:
         tensors[f"{name}.pixel_values"] = batch["pixel_values"].contiguous()
-    if "image_sizes" in batch:
-        tensors[f"{name}.image_sizes"] = batch["image_sizes"].contiguous()
+    for key in ("image_sizes", "pixel_values_videos", "batch_num_images"):
+        if key in batch:
+            tensors[f"{name}.{key}"] = batch[key].contiguous()
     for p in track:
         if params[p].grad is not None:
             tensors[f"{name}.grad.{hub_name(p)}"] = params[p].grad.detach().clone().contiguous()
     # Placeholder tokens per image, read off the processor's expanded ids (runs of <image>).
-    runs, run = [], 0
-    for tok in ids[0].tolist() + [None]:
-        if tok == config.image_token_id:
-            run += 1
-        elif run:
-            runs.append(run)
-            run = 0
-    if len(runs) != len(images):  # adjacent images would merge; the samples avoid that
-        raise SystemExit(f"{name}: {len(runs)} placeholder runs for {len(images)} images")
-    rule_labels, rule_loss, train_ids = label_rule(messages, images, runs)
+    runs = {}
+    for token, wanted, n in (("<image>", config.image_token_id, len(images)), ("<video>", video_id, len(clips))):
+        found, run = [], 0
+        for tok in ids[0].tolist() + [None]:
+            if tok is not None and tok == wanted:
+                run += 1
+            elif run:
+                found.append(run)
+                run = 0
+        if len(found) != n:  # adjacent media would merge; the samples avoid that
+            raise SystemExit(f"{name}: {len(found)} {token} runs for {n}")
+        runs[token] = found
+    rule_labels, rule_loss, train_ids = label_rule(messages, images, clips, runs)
     tensors[f"{name}.rule_input_ids"] = train_ids
     tensors[f"{name}.rule_labels"] = rule_labels
     meta["samples"][name] = {"loss": result.loss.item(), "text": text_in, "num_images": len(images),
                              "messages": messages, "rule_loss": rule_loss,
                              "image_sizes": [[im.height, im.width] for im in images],
-                             "tokens_per_image": runs}
+                             "tokens_per_image": runs["<image>"], "tokens_per_video": runs["<video>"],
+                             "video_frames": [len(c) for c in clips]}
 save_file(tensors, os.path.join(out, "reference.safetensors"))
 with open(os.path.join(out, "reference.json"), "w") as f:
     json.dump(meta, f, indent=1)

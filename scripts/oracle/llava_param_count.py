@@ -11,9 +11,20 @@ import json
 import sys
 
 import torch
-from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 
-classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+classes = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "llava_next_video": LlavaNextVideoForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+}
 counts = {}
 for path in sys.argv[1:]:
     config = AutoConfig.from_pretrained(path)

@@ -4,15 +4,15 @@
 //! LLaVA reads intermediate hidden states, so the tower returns those rather than a pooled
 //! embedding.
 
-use anyhow::{bail, Result};
-use lmms_ft_core::nn::{Embedding, LayerNorm, ParamInit};
+use anyhow::Result;
+use lmms_ft_core::nn::{Embedding, LayerNorm, Linear, ParamInit};
 use serde_json::Value;
 use tch::nn::Path;
 use tch::Tensor;
 
 use crate::vit::{
-    encoder_layers, float, int, resolve_layer, select_hidden_states, string, weight_init,
-    Activation, EncoderConfig, EncoderLayer,
+    check_patching, embed_patches, encoder_layers, int, resolve_layers, select_hidden_states,
+    visit_encoder_linears, weight_init, EncoderConfig, EncoderLayer,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -27,26 +27,12 @@ impl ClipVisionConfig {
     /// Parses a `vision_config` with `CLIPVisionConfig`'s defaults for absent keys.
     pub fn from_hf_json(v: &Value) -> Result<ClipVisionConfig> {
         let c = ClipVisionConfig {
-            encoder: EncoderConfig {
-                hidden_size: int(v, "hidden_size", 768)?,
-                intermediate_size: int(v, "intermediate_size", 3072)?,
-                num_layers: int(v, "num_hidden_layers", 12)?,
-                num_heads: int(v, "num_attention_heads", 12)?,
-                layer_norm_eps: float(v, "layer_norm_eps", 1e-5)?,
-                hidden_act: Activation::parse(string(v, "hidden_act", "quick_gelu")?)?,
-            },
+            encoder: EncoderConfig::from_hf_json(v, 1e-5, "quick_gelu")?,
             num_channels: int(v, "num_channels", 3)?,
             image_size: int(v, "image_size", 224)?,
             patch_size: int(v, "patch_size", 32)?,
         };
-        c.encoder.validate()?;
-        if c.patch_size <= 0 || c.image_size < c.patch_size {
-            bail!(
-                "CLIP image_size {} is smaller than patch_size {}",
-                c.image_size,
-                c.patch_size
-            );
-        }
+        check_patching("CLIP", c.image_size, c.patch_size)?;
         Ok(c)
     }
 
@@ -78,9 +64,16 @@ pub struct ClipVisionTower {
     layers: Vec<EncoderLayer>,
     /// Only the pooled output uses it; kept so checkpoints load and save unchanged.
     pub post_layernorm: LayerNorm,
+    /// Recompute each encoder block in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl ClipVisionTower {
+    /// See [`visit_encoder_linears`]; `prefix` is the path the tower was built under.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        visit_encoder_linears(&mut self.layers, prefix, f);
+    }
+
     /// `p` is the path of `embeddings` / `pre_layrnorm` / `encoder` (the Hub's
     /// `vision_tower.vision_model`).
     pub fn new(p: &Path, c: &ClipVisionConfig, init: ParamInit) -> ClipVisionTower {
@@ -103,7 +96,13 @@ impl ClipVisionTower {
             layers: encoder_layers(p, &c.encoder, init),
             post_layernorm: LayerNorm::new(&(p / "post_layernorm"), h, c.encoder.layer_norm_eps),
             config: c.clone(),
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Trades compute for memory in training (see [`select_hidden_states`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// `transformers`' `hidden_states[i]` for each requested `i` (0 = embeddings after
@@ -111,35 +110,9 @@ impl ClipVisionTower {
     /// [N, C, S, S]` at the configured `image_size` (no position interpolation, as LLaVA).
     pub fn hidden_states(&self, pixels: &Tensor, layers: &[i64]) -> Result<Vec<Tensor>> {
         let c = &self.config;
-        let size = pixels.size();
-        if size.len() != 4
-            || size[1] != c.num_channels
-            || size[2] != c.image_size
-            || size[3] != c.image_size
-        {
-            bail!(
-                "CLIP tower expects pixel values [N, {}, {s}, {s}], got {size:?}",
-                c.num_channels,
-                s = c.image_size
-            );
-        }
-        let wanted = layers
-            .iter()
-            .map(|&i| resolve_layer(i, c.encoder.num_layers))
-            .collect::<Result<Vec<_>>>()?;
-        let n = size[0];
-        let pixels = pixels.to_kind(self.patch_embedding.kind());
-        let patches = pixels
-            .conv2d::<Tensor>(
-                &self.patch_embedding,
-                None,
-                [c.patch_size; 2],
-                [0; 2],
-                [1; 2],
-                1,
-            )
-            .flatten(2, -1)
-            .transpose(1, 2);
+        let wanted = resolve_layers(layers, c.encoder.num_layers)?;
+        let patches = embed_patches("CLIP", pixels, &self.patch_embedding, None, c.image_size)?;
+        let n = patches.size()[0];
         let h = c.encoder.hidden_size;
         let cls = self
             .class_embedding
@@ -147,6 +120,11 @@ impl ClipVisionTower {
             .expand([n, 1, h], false);
         let x = Tensor::cat(&[cls, patches], 1) + self.position_embedding.weight.unsqueeze(0);
         let x = self.pre_layrnorm.forward(&x);
-        Ok(select_hidden_states(x, &self.layers, &wanted))
+        Ok(select_hidden_states(
+            x,
+            &self.layers,
+            &wanted,
+            self.gradient_checkpointing,
+        ))
     }
 }

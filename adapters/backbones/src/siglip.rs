@@ -4,15 +4,15 @@
 //! configs set `vision_use_head = false`). The head's parameters are still built when the
 //! config asks for them, so such checkpoints load and count like `transformers`.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use lmms_ft_core::nn::{linear_params, Embedding, LayerNorm, Linear, ParamInit};
 use serde_json::Value;
 use tch::nn::{Init, Path};
 use tch::Tensor;
 
 use crate::vit::{
-    boolean, encoder_layers, float, int, resolve_layer, select_hidden_states, string, weight_init,
-    Activation, EncoderConfig, EncoderLayer,
+    boolean, check_patching, embed_patches, encoder_layers, int, resolve_layers,
+    select_hidden_states, visit_encoder_linears, weight_init, EncoderConfig, EncoderLayer,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -28,27 +28,13 @@ impl SiglipVisionConfig {
     /// Parses a `vision_config` with `SiglipVisionConfig`'s defaults for absent keys.
     pub fn from_hf_json(v: &Value) -> Result<SiglipVisionConfig> {
         let c = SiglipVisionConfig {
-            encoder: EncoderConfig {
-                hidden_size: int(v, "hidden_size", 768)?,
-                intermediate_size: int(v, "intermediate_size", 3072)?,
-                num_layers: int(v, "num_hidden_layers", 12)?,
-                num_heads: int(v, "num_attention_heads", 12)?,
-                layer_norm_eps: float(v, "layer_norm_eps", 1e-6)?,
-                hidden_act: Activation::parse(string(v, "hidden_act", "gelu_pytorch_tanh")?)?,
-            },
+            encoder: EncoderConfig::from_hf_json(v, 1e-6, "gelu_pytorch_tanh")?,
             num_channels: int(v, "num_channels", 3)?,
             image_size: int(v, "image_size", 224)?,
             patch_size: int(v, "patch_size", 16)?,
             vision_use_head: boolean(v, "vision_use_head", true)?,
         };
-        c.encoder.validate()?;
-        if c.patch_size <= 0 || c.image_size < c.patch_size {
-            bail!(
-                "SigLIP image_size {} is smaller than patch_size {}",
-                c.image_size,
-                c.patch_size
-            );
-        }
+        check_patching("SigLIP", c.image_size, c.patch_size)?;
         Ok(c)
     }
 
@@ -104,9 +90,16 @@ pub struct SiglipVisionTower {
     pub post_layernorm: LayerNorm,
     #[allow(dead_code)]
     head: Option<PoolingHead>,
+    /// Recompute each encoder block in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl SiglipVisionTower {
+    /// See [`visit_encoder_linears`]; `prefix` is the path the tower was built under.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        visit_encoder_linears(&mut self.layers, prefix, f);
+    }
+
     /// `p` is the path of `embeddings` / `encoder` / `post_layernorm` (the Hub's
     /// `vision_tower.vision_model`).
     pub fn new(p: &Path, c: &SiglipVisionConfig, init: ParamInit) -> SiglipVisionTower {
@@ -144,42 +137,33 @@ impl SiglipVisionTower {
             post_layernorm: LayerNorm::new(&(p / "post_layernorm"), h, c.encoder.layer_norm_eps),
             head,
             config: c.clone(),
+            gradient_checkpointing: false,
         }
+    }
+
+    /// Trades compute for memory in training (see [`select_hidden_states`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// `transformers`' `hidden_states[i]` for each requested `i` (0 = embeddings, negative
     /// from the end), each `[N, patches, H]`, for `pixels: [N, C, S, S]` at `image_size`.
     pub fn hidden_states(&self, pixels: &Tensor, layers: &[i64]) -> Result<Vec<Tensor>> {
         let c = &self.config;
-        let size = pixels.size();
-        if size.len() != 4
-            || size[1] != c.num_channels
-            || size[2] != c.image_size
-            || size[3] != c.image_size
-        {
-            bail!(
-                "SigLIP tower expects pixel values [N, {}, {s}, {s}], got {size:?}",
-                c.num_channels,
-                s = c.image_size
-            );
-        }
-        let wanted = layers
-            .iter()
-            .map(|&i| resolve_layer(i, c.encoder.num_layers))
-            .collect::<Result<Vec<_>>>()?;
-        let x = pixels
-            .to_kind(self.patch_weight.kind())
-            .conv2d(
-                &self.patch_weight,
-                Some(&self.patch_bias),
-                [c.patch_size; 2],
-                [0; 2],
-                [1; 2],
-                1,
-            )
-            .flatten(2, -1)
-            .transpose(1, 2);
+        let wanted = resolve_layers(layers, c.encoder.num_layers)?;
+        let x = embed_patches(
+            "SigLIP",
+            pixels,
+            &self.patch_weight,
+            Some(&self.patch_bias),
+            c.image_size,
+        )?;
         let x = x + self.position_embedding.weight.unsqueeze(0);
-        Ok(select_hidden_states(x, &self.layers, &wanted))
+        Ok(select_hidden_states(
+            x,
+            &self.layers,
+            &wanted,
+            self.gradient_checkpointing,
+        ))
     }
 }

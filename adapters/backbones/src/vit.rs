@@ -3,7 +3,9 @@
 //! LayerNorm → two-layer MLP → residual) and differ only in the MLP activation.
 
 use anyhow::{bail, Result};
+use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
 use lmms_ft_core::nn::{linear_params, sdpa, LayerNorm, Linear, ParamInit};
+use serde_json::Value;
 use tch::nn::{Init, Path};
 use tch::Tensor;
 
@@ -19,6 +21,8 @@ pub enum Activation {
     QuickGelu,
     Silu,
     Relu,
+    /// `linear`: the identity (transformers' `LinearActivation`).
+    Identity,
 }
 
 impl Activation {
@@ -29,7 +33,8 @@ impl Activation {
             "quick_gelu" => Activation::QuickGelu,
             "silu" | "swish" => Activation::Silu,
             "relu" => Activation::Relu,
-            other => bail!("unsupported activation `{other}` (supported: gelu, gelu_pytorch_tanh, gelu_new, quick_gelu, silu, relu)"),
+            "linear" => Activation::Identity,
+            other => bail!("unsupported activation `{other}` (supported: gelu, gelu_pytorch_tanh, gelu_new, quick_gelu, silu, relu, linear)"),
         })
     }
 
@@ -40,6 +45,7 @@ impl Activation {
             Activation::QuickGelu => x * (x * 1.702).sigmoid(),
             Activation::Silu => x.silu(),
             Activation::Relu => x.relu(),
+            Activation::Identity => x.shallow_clone(),
         }
     }
 }
@@ -69,6 +75,21 @@ pub struct EncoderConfig {
 }
 
 impl EncoderConfig {
+    /// Reads the encoder keys of a CLIP or SigLIP `vision_config`; the two towers differ only
+    /// in the defaults `transformers` gives absent keys.
+    pub fn from_hf_json(v: &Value, default_eps: f64, default_act: &str) -> Result<EncoderConfig> {
+        let c = EncoderConfig {
+            hidden_size: int(v, "hidden_size", 768)?,
+            intermediate_size: int(v, "intermediate_size", 3072)?,
+            num_layers: int(v, "num_hidden_layers", 12)?,
+            num_heads: int(v, "num_attention_heads", 12)?,
+            layer_norm_eps: float(v, "layer_norm_eps", default_eps)?,
+            hidden_act: Activation::parse(string(v, "hidden_act", default_act)?)?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.num_heads <= 0 || self.hidden_size % self.num_heads != 0 {
             bail!(
@@ -100,6 +121,18 @@ struct Attention {
     heads: i64,
 }
 
+impl ShallowClone for Attention {
+    fn shallow_clone(&self) -> Self {
+        Attention {
+            q_proj: self.q_proj.shallow_clone(),
+            k_proj: self.k_proj.shallow_clone(),
+            v_proj: self.v_proj.shallow_clone(),
+            out_proj: self.out_proj.shallow_clone(),
+            heads: self.heads,
+        }
+    }
+}
+
 impl Attention {
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, t, h) = x.size3().expect("[B, T, H]");
@@ -124,7 +157,42 @@ pub struct EncoderLayer {
     act: Activation,
 }
 
+impl ShallowClone for EncoderLayer {
+    fn shallow_clone(&self) -> Self {
+        EncoderLayer {
+            layer_norm1: self.layer_norm1.shallow_clone(),
+            self_attn: self.self_attn.shallow_clone(),
+            layer_norm2: self.layer_norm2.shallow_clone(),
+            fc1: self.fc1.shallow_clone(),
+            fc2: self.fc2.shallow_clone(),
+            act: self.act,
+        }
+    }
+}
+
 impl EncoderLayer {
+    /// Whether any parameter of the block (LoRA factors included) trains.
+    pub fn has_trainable(&self) -> bool {
+        let a = &self.self_attn;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ]
+        .into_iter()
+        .flat_map(linear_tensors)
+        .chain([
+            &self.layer_norm1.weight,
+            &self.layer_norm1.bias,
+            &self.layer_norm2.weight,
+            &self.layer_norm2.bias,
+        ])
+        .any(|t| t.requires_grad())
+    }
+
     pub fn new(p: &Path, c: &EncoderConfig, init: ParamInit) -> EncoderLayer {
         let h = c.hidden_size;
         let a = p / "self_attn";
@@ -156,11 +224,70 @@ impl EncoderLayer {
     }
 }
 
+/// Calls `f` with the Hub name (`{prefix}.encoder.layers.N.self_attn.q_proj`, ...) of every
+/// linear layer of an encoder stack, so a trainer can adapt or merge them, and so PEFT
+/// target lists written for the LLM can tell its `q_proj` from the tower's.
+pub fn visit_encoder_linears(
+    layers: &mut [EncoderLayer],
+    prefix: &str,
+    f: &mut dyn FnMut(&str, &mut Linear),
+) {
+    for (i, layer) in layers.iter_mut().enumerate() {
+        let p = format!("{prefix}.encoder.layers.{i}");
+        let a = &mut layer.self_attn;
+        f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
+        f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
+        f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+        f(&format!("{p}.self_attn.out_proj"), &mut a.out_proj);
+        f(&format!("{p}.mlp.fc1"), &mut layer.fc1);
+        f(&format!("{p}.mlp.fc2"), &mut layer.fc2);
+    }
+}
+
 /// Builds the `encoder.layers.N` stack under `p`.
 pub fn encoder_layers(p: &Path, c: &EncoderConfig, init: ParamInit) -> Vec<EncoderLayer> {
     let layers = p / "encoder" / "layers";
     (0..c.num_layers)
         .map(|i| EncoderLayer::new(&(&layers / i), c, init))
+        .collect()
+}
+
+/// A patch larger than the image would make the conv return no tokens at all.
+pub fn check_patching(tower: &str, image_size: i64, patch_size: i64) -> Result<()> {
+    if patch_size <= 0 || image_size < patch_size {
+        bail!("{tower} image_size {image_size} is smaller than patch_size {patch_size}");
+    }
+    Ok(())
+}
+
+/// The towers' conv patch embedding, as `[N, patches, H]` in the weight's dtype. The towers
+/// do not interpolate positions (as LLaVA runs them), so `pixels` must be `[N, C, S, S]` at
+/// the configured `image_size`; channels and patch size come from the conv weight.
+pub fn embed_patches(
+    tower: &str,
+    pixels: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    image_size: i64,
+) -> Result<Tensor> {
+    let w = weight.size();
+    let (channels, patch) = (w[1], w[2]);
+    let size = pixels.size();
+    if size.len() != 4 || size[1] != channels || size[2] != image_size || size[3] != image_size {
+        bail!("{tower} tower expects pixel values [N, {channels}, {image_size}, {image_size}], got {size:?}");
+    }
+    Ok(pixels
+        .to_kind(weight.kind())
+        .conv2d(weight, bias, [patch; 2], [0; 2], [1; 2], 1)
+        .flatten(2, -1)
+        .transpose(1, 2))
+}
+
+/// Resolves each of `transformers`' `hidden_states[i]` indices with [`resolve_layer`].
+pub fn resolve_layers(indices: &[i64], num_layers: i64) -> Result<Vec<usize>> {
+    indices
+        .iter()
+        .map(|&i| resolve_layer(i, num_layers))
         .collect()
 }
 
@@ -176,13 +303,27 @@ pub fn resolve_layer(index: i64, num_layers: i64) -> Result<usize> {
 }
 
 /// Runs `layers` on `x`, returning the hidden states at the requested (resolved) indices,
-/// in request order; layers past the deepest requested one are not run.
-pub fn select_hidden_states(x: Tensor, layers: &[EncoderLayer], wanted: &[usize]) -> Vec<Tensor> {
+/// in request order; layers past the deepest requested one are not run. With
+/// `checkpointing` (and grad enabled) each block that has something to train keeps only its
+/// input and runs again in backward.
+pub fn select_hidden_states(
+    x: Tensor,
+    layers: &[EncoderLayer],
+    wanted: &[usize],
+    checkpointing: bool,
+) -> Vec<Tensor> {
     let deepest = wanted.iter().copied().max().unwrap_or(0);
+    let checkpointing = checkpointing && grad_enabled();
     let mut states = Vec::with_capacity(deepest + 1);
     states.push(x);
     for layer in layers.iter().take(deepest) {
-        let next = layer.forward(states.last().expect("non-empty"));
+        let h = states.last().expect("non-empty");
+        let next = if checkpointing && (h.requires_grad() || layer.has_trainable()) {
+            let layer = layer.shallow_clone();
+            checkpoint(&[h], move |xs| layer.forward(&xs[0]))
+        } else {
+            layer.forward(h)
+        };
         states.push(next);
     }
     wanted.iter().map(|&i| states[i].shallow_clone()).collect()

@@ -78,7 +78,65 @@ pub fn unpad_ranges(original: [i64; 2], current: [i64; 2]) -> (i64, i64, i64, i6
 /// grid features with one `image_newline` per row. `grid` is features per tile side
 /// (`image_size / patch_size`), `base` the base tile's feature count.
 pub fn next_image_tokens(original: [i64; 2], tiling: Tiling, grid: i64, base: i64) -> i64 {
+    anyres_image_tokens(original, tiling, grid, base, None)
+}
+
+/// Python's `a // b` for positive floats (`float_floor_div`): `(a - fmod(a, b)) / b`, floored
+/// and nudged up when that quotient lies more than half above its floor.
+fn py_floor_div(a: f64, b: f64) -> f64 {
+    let m = a % b;
+    let div = (a - m) / b;
+    let floor = div.floor();
+    if div - floor > 0.5 {
+        floor + 1.0
+    } else {
+        floor
+    }
+}
+
+/// OneVision's `anyres_max_N`: the `(height, width)` an unpadded feature map of `(h, w)` is
+/// bilinearly downscaled to when it holds more than 1.1² × N tiles' worth of features
+/// (`grid` per tile side), else `(h, w)` unchanged. Both `pack_image_features` and the
+/// processor's count use `int(h // ratio)`.
+pub fn anyres_max_shape(h: i64, w: i64, grid: i64, max_patches: i64) -> (i64, i64) {
+    let ratio = ((h * w) as f64 / (max_patches * grid * grid) as f64).sqrt();
+    if ratio > 1.1 {
+        (
+            py_floor_div(h as f64, ratio) as i64,
+            py_floor_div(w as f64, ratio) as i64,
+        )
+    } else {
+        (h, w)
+    }
+}
+
+/// Placeholder tokens of one anyres image, NeXT or OneVision (`max_patches` set): the base
+/// tile's features, then the unpadded (and, for OneVision, budget-limited) grid features with
+/// one `image_newline` per row.
+pub fn anyres_image_tokens(
+    original: [i64; 2],
+    tiling: Tiling,
+    grid: i64,
+    base: i64,
+    max_patches: Option<i64>,
+) -> i64 {
     let (r0, r1, c0, c1) = unpad_ranges(original, [tiling.rows * grid, tiling.cols * grid]);
-    let (rows, cols) = (r1 - r0, c1 - c0);
+    let (mut rows, mut cols) = (r1 - r0, c1 - c0);
+    if let Some(max) = max_patches {
+        (rows, cols) = anyres_max_shape(rows, cols, grid, max);
+    }
     base + rows * (cols + 1)
+}
+
+/// Placeholder tokens of one video of `frames` frames, each giving a `grid`×`grid` feature
+/// map: NeXT-Video pools it with a `stride` window (floor, as `AvgPool2d` / `MaxPool2d`);
+/// OneVision halves it bilinearly (ceil) and adds one `image_newline` after the last frame.
+pub fn video_tokens(frames: i64, grid: i64, pool_stride: Option<i64>) -> i64 {
+    match pool_stride {
+        Some(s) => frames * (grid / s) * (grid / s),
+        None => {
+            let half = (grid + 1) / 2;
+            frames * half * half + 1
+        }
+    }
 }

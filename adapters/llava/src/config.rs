@@ -1,10 +1,11 @@
-//! `config.json` of the LLaVA family (`llava`, `llava_next`), with `transformers`' defaults
-//! for every absent key: the composite config's own (`vision_feature_layer = -2`,
-//! `"default"` strategy, a CLIP ViT-L/14-336 tower when `vision_config` is missing), the
+//! `config.json` of the LLaVA family (`llava`, `llava_next`, `llava_next_video`,
+//! `llava_onevision`), with `transformers`' defaults for every absent key: the composite
+//! config's own (per `model_type`: feature layer, strategy, token ids, pinpoints, and the tower
+//! when `vision_config` is missing: CLIP ViT-L/14-336, or SigLIP-so400m for OneVision), the
 //! vision tower's (`CLIPVisionConfig` / `SiglipVisionConfig`) and the text model's
 //! (`LlamaConfig` / `MistralConfig` / `Qwen2Config`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_backbones::clip::ClipVisionConfig;
 use lmms_ft_backbones::siglip::SiglipVisionConfig;
 use lmms_ft_backbones::text_config::{parse_text_config, TextModel};
@@ -19,6 +20,35 @@ pub enum Architecture {
     Llava,
     /// `LlavaNextForConditionalGeneration`: anyres tiles, unpadding and `image_newline`.
     LlavaNext,
+    /// `LlavaNextVideoForConditionalGeneration`: NeXT images, and video frames whose features
+    /// are pooled spatially (`vision_resampler`) before the projector.
+    LlavaNextVideo,
+    /// `LlavaOnevisionForConditionalGeneration`: anyres with a feature budget
+    /// (`anyres_max_N`), one tile per image in multi-image samples, and video frames pooled
+    /// bilinearly after the projector with one `image_newline` closing each video.
+    LlavaOnevision,
+}
+
+impl Architecture {
+    /// Whether images are tiled anyres-style and packed with `image_newline`.
+    pub fn anyres(self) -> bool {
+        self != Architecture::Llava
+    }
+
+    /// Whether the architecture takes videos.
+    pub fn video(self) -> bool {
+        matches!(
+            self,
+            Architecture::LlavaNextVideo | Architecture::LlavaOnevision
+        )
+    }
+}
+
+/// NeXT-Video's `spatial_pool_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    Average,
+    Max,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,14 +120,67 @@ pub struct LlavaConfig {
     /// The original LLaVA's `image_aspect_ratio` (`"pad"`, `"square"`, `"anyres"`), when
     /// `config.json` carries it; the processor reads it (see `processor`).
     pub image_aspect_ratio: Option<String>,
+    /// `video_token_index` (NeXT-Video, OneVision).
+    pub video_token_id: Option<i64>,
+    /// NeXT-Video's `spatial_pool_mode` and `spatial_pool_stride`.
+    pub video_pool: Option<(PoolMode, i64)>,
+    /// OneVision's `vision_aspect_ratio = "anyres_max_N"`: N, the tile budget beyond which an
+    /// image's unpadded feature map is downscaled.
+    pub max_patches: Option<i64>,
 }
 
-/// `LlavaConfig`'s vision tower when `vision_config` is absent: CLIP ViT-L/14-336.
-fn default_vision() -> Value {
+/// The vision tower when `vision_config` is absent: CLIP ViT-L/14-336, or OneVision's
+/// SigLIP-so400m-384 without its pooling head.
+fn default_vision(arch: Architecture) -> Value {
+    if arch == Architecture::LlavaOnevision {
+        return json!({
+            "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+            "patch_size": 14, "image_size": 384, "num_hidden_layers": 26,
+            "num_attention_heads": 16, "vision_use_head": false,
+        });
+    }
     json!({
         "model_type": "clip_vision_model", "intermediate_size": 4096, "hidden_size": 1024,
         "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16,
     })
+}
+
+/// `image_grid_pinpoints` when absent: NeXT's five 336-pixel layouts, or OneVision's 6×6
+/// grid of 384-pixel multiples.
+fn default_pinpoints(arch: Architecture) -> Vec<[i64; 2]> {
+    if arch == Architecture::LlavaOnevision {
+        return (1..=6)
+            .flat_map(|h| (1..=6).map(move |w| [384 * h, 384 * w]))
+            .collect();
+    }
+    vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+}
+
+/// The `N` of `vision_aspect_ratio = "anyres_max_N"`.
+fn parse_max_patches(root: &Value) -> Result<i64> {
+    let ratio = string(root, "vision_aspect_ratio", "anyres_max_9")?;
+    ratio
+        .strip_prefix("anyres_max_")
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|&n| n > 0)
+        .with_context(|| {
+            format!("vision_aspect_ratio must be \"anyres_max_N\" with N > 0, got {ratio:?}")
+        })
+}
+
+fn parse_video_pool(root: &Value) -> Result<(PoolMode, i64)> {
+    let mode = match string(root, "spatial_pool_mode", "average")? {
+        "average" => PoolMode::Average,
+        "max" => PoolMode::Max,
+        "conv" => bail!("spatial_pool_mode \"conv\" (a learned pooling convolution) is not supported; \"average\" and \"max\" are"),
+        other => bail!("spatial_pool_mode must be \"average\", \"max\" or \"conv\", got {other:?}"),
+    };
+    let stride = int(root, "spatial_pool_stride", 2)?;
+    ensure!(
+        stride > 0,
+        "spatial_pool_stride must be positive, got {stride}"
+    );
+    Ok((mode, stride))
 }
 
 impl LlavaConfig {
@@ -122,21 +205,38 @@ impl HfConfig for LlavaConfig {
         let architecture = match root.get("model_type").and_then(Value::as_str) {
             Some("llava") => Architecture::Llava,
             Some("llava_next") => Architecture::LlavaNext,
-            other => bail!("not a LLaVA / LLaVA-NeXT config (model_type {other:?})"),
+            Some("llava_next_video") => Architecture::LlavaNextVideo,
+            Some("llava_onevision") => Architecture::LlavaOnevision,
+            other => bail!(
+                "not a LLaVA / LLaVA-NeXT / NeXT-Video / OneVision config (model_type {other:?})"
+            ),
         };
-        let empty = json!({});
-        let text_json = root
+        let onevision = architecture == Architecture::LlavaOnevision;
+        // OneVision's text model defaults to Qwen2, the others' to Llama.
+        let mut text_owned = root
             .get("text_config")
             .filter(|v| !v.is_null())
-            .unwrap_or(&empty);
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        if onevision && text_owned.get("model_type").is_none_or(Value::is_null) {
+            if let Some(obj) = text_owned.as_object_mut() {
+                obj.insert("model_type".into(), json!("qwen2"));
+            }
+        }
+        let text_json = &text_owned;
         let text = parse_text_config(text_json, boolean(root, "tie_word_embeddings", false)?)
             .context("in text_config")?;
-        let default_v = default_vision();
+        let default_v = default_vision(architecture);
         let vision_json = root
             .get("vision_config")
             .filter(|v| !v.is_null())
             .unwrap_or(&default_v);
-        let vision = match string(vision_json, "model_type", "clip_vision_model")? {
+        let tower_default = if onevision {
+            "siglip_vision_model"
+        } else {
+            "clip_vision_model"
+        };
+        let vision = match string(vision_json, "model_type", tower_default)? {
             "clip_vision_model" => VisionConfig::Clip(ClipVisionConfig::from_hf_json(vision_json).context("in vision_config")?),
             "siglip_vision_model" => {
                 VisionConfig::Siglip(SiglipVisionConfig::from_hf_json(vision_json).context("in vision_config")?)
@@ -144,7 +244,7 @@ impl HfConfig for LlavaConfig {
             other => bail!("vision_config.model_type `{other}` is not supported (clip_vision_model, siglip_vision_model)"),
         };
         let vision_feature_layers = match root.get("vision_feature_layer") {
-            None | Some(Value::Null) => vec![-2],
+            None | Some(Value::Null) => vec![if onevision { -1 } else { -2 }],
             Some(Value::Array(a)) if !a.is_empty() => a
                 .iter()
                 .map(|v| {
@@ -157,15 +257,17 @@ impl HfConfig for LlavaConfig {
                 format!("vision_feature_layer must be an integer or a non-empty list, got {v}")
             })?],
         };
-        let select_strategy = match string(root, "vision_feature_select_strategy", "default")? {
-            "default" => SelectStrategy::Default,
-            "full" => SelectStrategy::Full,
-            other => bail!(
-                "vision_feature_select_strategy must be \"default\" or \"full\", got {other:?}"
-            ),
-        };
+        let strategy_default = if onevision { "full" } else { "default" };
+        let select_strategy =
+            match string(root, "vision_feature_select_strategy", strategy_default)? {
+                "default" => SelectStrategy::Default,
+                "full" => SelectStrategy::Full,
+                other => bail!(
+                    "vision_feature_select_strategy must be \"default\" or \"full\", got {other:?}"
+                ),
+            };
         let image_grid_pinpoints = match root.get("image_grid_pinpoints") {
-            None | Some(Value::Null) => vec![[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+            None | Some(Value::Null) => default_pinpoints(architecture),
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|p| match p.as_array().map(|x| x.iter().filter_map(Value::as_i64).collect::<Vec<_>>()) {
@@ -175,6 +277,19 @@ impl HfConfig for LlavaConfig {
                 .collect::<Result<_>>()?,
             Some(v) => bail!("image_grid_pinpoints must be a list, got {v}"),
         };
+        let (image_default, video_default) = match architecture {
+            Architecture::Llava | Architecture::LlavaNext => (32000, None),
+            Architecture::LlavaNextVideo => (32001, Some(32000)),
+            Architecture::LlavaOnevision => (151646, Some(151647)),
+        };
+        let video_token_id = match video_default {
+            Some(d) => Some(int(
+                root,
+                "video_token_index",
+                int(root, "video_token_id", d)?,
+            )?),
+            None => None,
+        };
         let config = LlavaConfig {
             architecture,
             text,
@@ -182,7 +297,7 @@ impl HfConfig for LlavaConfig {
             image_token_id: int(
                 root,
                 "image_token_index",
-                int(root, "image_token_id", 32000)?,
+                int(root, "image_token_id", image_default)?,
             )?,
             vision_feature_layers,
             select_strategy,
@@ -193,21 +308,37 @@ impl HfConfig for LlavaConfig {
                 .get("image_aspect_ratio")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            video_token_id,
+            video_pool: (architecture == Architecture::LlavaNextVideo)
+                .then(|| parse_video_pool(root))
+                .transpose()?,
+            max_patches: onevision.then(|| parse_max_patches(root)).transpose()?,
         };
-        if config.image_token_id < 0 || config.image_token_id >= config.text.decoder.vocab_size {
-            bail!(
-                "image_token_index {} is outside the text model's vocabulary of {}",
-                config.image_token_id,
-                config.text.decoder.vocab_size
-            );
+        let vocab = config.text.decoder.vocab_size;
+        for (key, id) in [
+            ("image_token_index", Some(config.image_token_id)),
+            ("video_token_index", config.video_token_id),
+        ] {
+            if let Some(id) = id {
+                ensure!(
+                    (0..vocab).contains(&id),
+                    "{key} {id} is outside the text model's vocabulary of {vocab}"
+                );
+            }
         }
+        ensure!(
+            config.video_token_id != Some(config.image_token_id),
+            "image_token_index and video_token_index are both {}",
+            config.image_token_id
+        );
         Ok(config)
     }
 
     fn num_parameters(&self) -> u64 {
-        let newline = match self.architecture {
-            Architecture::Llava => 0,
-            Architecture::LlavaNext => self.text.decoder.hidden_size as u64,
+        let newline = if self.architecture.anyres() {
+            self.text.decoder.hidden_size as u64
+        } else {
+            0
         };
         self.text.decoder.num_parameters()
             + self.vision.num_parameters()

@@ -1,5 +1,6 @@
-//! The typed bundle the core drives for `llava` (1.5, Interleave) and `llava_next`
-//! checkpoints: config, image processor, chat template, collator and model.
+//! The typed bundle the core drives for `llava` (1.5, Interleave), `llava_next`,
+//! `llava_next_video` and `llava_onevision` checkpoints: config, image / video processor,
+//! chat template, collator and model.
 //!
 //! # Templates
 //!
@@ -39,6 +40,8 @@ use crate::model::{Batch, LlavaModel};
 use crate::processor::{LlavaMedia, LlavaProcessor};
 
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
+/// What NeXT-Video's and OneVision's templates write for a video.
+pub const VIDEO_PLACEHOLDER: &str = "<video>";
 
 /// Training template of the Vicuna-style checkpoints (see the module doc).
 pub const VICUNA_TRAINING_TEMPLATE: &str = include_str!("vicuna_training.jinja");
@@ -62,7 +65,8 @@ pub struct LlavaTemplate {
 
 impl LlavaTemplate {
     pub fn from_dir(config: &LlavaConfig, dir: &Path) -> Result<LlavaTemplate> {
-        let placeholders = MediaPlaceholders::new(IMAGE_PLACEHOLDER, None);
+        let video = config.video_token_id.map(|_| VIDEO_PLACEHOLDER);
+        let placeholders = MediaPlaceholders::new(IMAGE_PLACEHOLDER, video);
         let hub = discover_template(dir)?;
         let training_template = is_vicuna_style(config, &hub.source);
         let inner = if training_template {
@@ -161,29 +165,42 @@ impl Collator for LlavaCollator {
         let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?;
         let mut pixels = Vec::new();
         let mut image_sizes = Vec::new();
+        let mut image_anyres = Vec::new();
+        let mut video_pixels = Vec::new();
+        let mut video_frames = Vec::new();
         let mut tiles = 0;
         for s in samples {
             pixels.extend(s.media.pixels);
             image_sizes.extend(s.media.image_sizes);
+            image_anyres.extend(s.media.image_anyres);
+            video_pixels.extend(s.media.video_pixels);
+            video_frames.extend(s.media.video_frames);
             tiles += s.media.num_tiles;
         }
-        let pixel_values = (tiles > 0).then(|| {
-            Tensor::from_slice(&pixels)
-                .view([tiles as i64, 3, self.tile, self.tile])
-                .to_device(device)
-        });
+        let stack = |values: &[f32], n: i64| {
+            (n > 0).then(|| {
+                Tensor::from_slice(values)
+                    .view([n, 3, self.tile, self.tile])
+                    .to_device(device)
+            })
+        };
+        let pixel_values = stack(&pixels, tiles as i64);
+        let pixel_values_videos = stack(&video_pixels, video_frames.iter().sum());
         Ok(Batch {
             input_ids: padded.input_ids.to_device(device),
             labels: Some(padded.labels.to_device(device)),
             pixel_values,
             image_sizes,
+            image_anyres,
+            pixel_values_videos,
+            video_frames,
             num_label_tokens: count_shifted_labels(&labels, IGNORE_INDEX),
         })
     }
 }
 
-/// LLaVA-1.5, Interleave and LLaVA-NeXT share every piece; the architecture comes from
-/// `config.json`.
+/// LLaVA-1.5, Interleave, LLaVA-NeXT, NeXT-Video and OneVision share every piece; the
+/// architecture comes from `config.json`.
 pub struct Llava;
 
 impl Family for Llava {
@@ -221,6 +238,9 @@ impl Family for Llava {
     }
 
     fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Result<LlavaModel> {
+        if lmms_ft_core::compose::is_skeleton(dir) {
+            return crate::compose::load(config, dir, device, kind);
+        }
         LlavaModel::load(config, dir, device, kind)
     }
 }

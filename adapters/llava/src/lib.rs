@@ -2,16 +2,23 @@
 //! LLaVA-OneVision. Interleave checkpoints are `model_type = "llava"` with a Qwen2 text model,
 //! so they share the `llava` family with 1.5.
 //!
-//! Implemented: `llava` and `llava-next`: config parsing ([`config`]), models ([`model`]),
-//! anyres geometry ([`anyres`]), multi-layout checkpoint loading ([`weights`]), the image
-//! processors ([`processor`]) and the [`family::Llava`] bundle with its templates and
-//! collator. `llava-next-video` and `llava-onevision` stay registered as planned.
+//! All four are implemented by one [`family::Llava`] bundle: config parsing ([`config`]),
+//! models ([`model`], video features in [`video`]), anyres geometry ([`anyres`]),
+//! multi-layout checkpoint loading ([`weights`]), the image and video-frame processors
+//! ([`processor`]), templates and collator.
+//!
+//! Interleave video: `LlavaForConditionalGeneration` has no video input and transformers'
+//! `LlavaProcessor` no video path, so there is no oracle for a `<video>` placeholder; the
+//! llava-interleave recipe feeds a video as its frames, each an `<image>`, which is what a
+//! sample listing the frames as images gets here (a `video` entry is refused with that hint).
 
 pub mod anyres;
+pub mod compose;
 pub mod config;
 pub mod family;
 pub mod model;
 pub mod processor;
+pub mod video;
 pub mod weights;
 
 use lmms_ft_core::family::Erased;
@@ -43,8 +50,8 @@ register_family! {
     architectures: &["LlavaNextVideoForConditionalGeneration"],
     model_types: &["llava_next_video"],
     modes: MODES,
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Llava>::NEW),
 }
 
 register_family! {
@@ -52,8 +59,8 @@ register_family! {
     architectures: &["LlavaOnevisionForConditionalGeneration"],
     model_types: &["llava_onevision"],
     modes: MODES,
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Llava>::NEW),
 }
 
 register_models!(

@@ -1,7 +1,9 @@
-//! `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration`: vision tower →
-//! selected hidden states → two-layer projector → the features replace the `<image>`
-//! placeholder embeddings (NeXT: after anyres packing with `image_newline`) → the text
-//! decoder with plain 1-D rotary positions.
+//! `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
+//! `LlavaNextVideoForConditionalGeneration` and `LlavaOnevisionForConditionalGeneration`:
+//! vision tower → selected hidden states → two-layer projector → the features replace the
+//! `<image>` / `<video>` placeholder embeddings (anyres packing with `image_newline` for all
+//! but LLaVA-1.5; video pooling in [`crate::video`]) → the text decoder with plain 1-D rotary
+//! positions.
 
 use std::path::Path;
 
@@ -9,13 +11,13 @@ use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
 use lmms_ft_backbones::siglip::SiglipVisionTower;
-use lmms_ft_core::family::{Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
 use lmms_ft_core::nn::{rope_inv_freq, shifted_token_loss_sum, Linear, ParamInit};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::anyres::{unpad_ranges, Tiling};
-use crate::config::{Architecture, LlavaConfig, SelectStrategy, VisionConfig};
+use crate::anyres::{anyres_max_shape, unpad_ranges, Tiling};
+use crate::config::{LlavaConfig, SelectStrategy, VisionConfig};
 use crate::weights::load_llava;
 
 /// A device batch.
@@ -31,6 +33,14 @@ pub struct Batch {
     pub pixel_values: Option<Tensor>,
     /// `(height, width)` of each original image; required by NeXT, ignored by LLaVA.
     pub image_sizes: Vec<[i64; 2]>,
+    /// Per image, whether it was tiled anyres-style; `false` for each image of a OneVision
+    /// multi-image sample, which is one tile. Empty means every image was (NeXT always is).
+    pub image_anyres: Vec<bool>,
+    /// Video frames, `[frames, C, S, S]` (every video's frames concatenated) or
+    /// `[videos, frames, C, S, S]`.
+    pub pixel_values_videos: Option<Tensor>,
+    /// Frames of each video, in placeholder order; may be empty for 5-D video pixels.
+    pub video_frames: Vec<i64>,
     /// Labeled positions after the causal shift, counted on the host.
     pub num_label_tokens: i64,
 }
@@ -46,7 +56,7 @@ pub struct LlavaModel {
     tower: Tower,
     linear_1: Linear,
     linear_2: Linear,
-    image_newline: Option<Tensor>,
+    pub(crate) image_newline: Option<Tensor>,
     decoder: Decoder,
 }
 
@@ -67,7 +77,7 @@ impl LlavaModel {
         let vin = config.vision.hidden_size() * config.vision_feature_layers.len() as i64;
         let linear_1 = Linear::new(&(&pp / "linear_1"), vin, h, config.projector_bias, init);
         let linear_2 = Linear::new(&(&pp / "linear_2"), h, h, config.projector_bias, init);
-        let image_newline = (config.architecture == Architecture::LlavaNext).then(|| {
+        let image_newline = config.architecture.anyres().then(|| {
             let std = 1.0 / (h as f64).sqrt();
             root.var(
                 "image_newline",
@@ -113,8 +123,9 @@ impl LlavaModel {
         Ok(model)
     }
 
-    /// Projected features `[tiles, tokens_per_tile, H]` of a stack of tiles.
-    fn tile_features(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// Selected (strategy applied) and concatenated tower features of a stack of tiles,
+    /// before the projector: `[tiles, tokens_per_tile, layers × vision hidden]`.
+    pub(crate) fn selected_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let layers = &self.config.vision_feature_layers;
         let states = match &self.tower {
             Tower::Clip(t) => t.hidden_states(pixels, layers)?,
@@ -127,46 +138,72 @@ impl LlavaModel {
                 .collect(),
             SelectStrategy::Full => states,
         };
-        let selected = Tensor::cat(&states, -1);
-        let x = self.linear_1.forward(&selected);
-        Ok(self.linear_2.forward(&self.config.projector_act.apply(&x)))
+        Ok(Tensor::cat(&states, -1))
+    }
+
+    /// The two-layer projector.
+    pub(crate) fn project(&self, selected: &Tensor) -> Tensor {
+        let x = self.linear_1.forward(selected);
+        self.linear_2.forward(&self.config.projector_act.apply(&x))
+    }
+
+    /// Projected features `[tiles, tokens_per_tile, H]` of a stack of tiles.
+    fn tile_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.project(&self.selected_features(pixels)?))
     }
 
     /// Image features in placeholder order, `[total_tokens, H]`.
-    fn image_features(&self, pixels: &Tensor, sizes: &[[i64; 2]]) -> Result<Tensor> {
-        match self.config.architecture {
-            Architecture::Llava => {
-                ensure!(
-                    pixels.dim() == 4,
-                    "LLaVA pixel values must be [images, C, H, W], got {:?}",
-                    pixels.size()
-                );
-                Ok(self.tile_features(pixels)?.flatten(0, 1))
-            }
-            Architecture::LlavaNext => self.next_features(pixels, sizes),
+    fn image_features(&self, pixels: &Tensor, batch: &Batch) -> Result<Tensor> {
+        if self.config.architecture.anyres() {
+            return self.anyres_features(pixels, &batch.image_sizes, &batch.image_anyres);
         }
+        ensure!(
+            pixels.dim() == 4,
+            "LLaVA pixel values must be [images, C, H, W], got {:?}",
+            pixels.size()
+        );
+        Ok(self.tile_features(pixels)?.flatten(0, 1))
     }
 
-    /// `pack_image_features`: per image, the base tile's features, then the tile grid's
-    /// feature map unpadded to the image's aspect ratio with `image_newline` ending each row.
-    fn next_features(&self, pixels: &Tensor, sizes: &[[i64; 2]]) -> Result<Tensor> {
+    /// `pack_image_features`: per anyres image, the base tile's features, then the tile
+    /// grid's feature map unpadded to the image's aspect ratio (OneVision: then downscaled to
+    /// its `anyres_max` budget) with `image_newline` ending each row; per single-tile image
+    /// (OneVision multi-image samples), its features then one `image_newline`.
+    fn anyres_features(
+        &self,
+        pixels: &Tensor,
+        sizes: &[[i64; 2]],
+        anyres: &[bool],
+    ) -> Result<Tensor> {
         let c = &self.config;
         let tile = c.vision.image_size();
+        ensure!(
+            anyres.is_empty() || anyres.len() == sizes.len(),
+            "{} anyres flags for {} images",
+            anyres.len(),
+            sizes.len()
+        );
         let tilings = sizes
             .iter()
-            .map(|&s| {
+            .enumerate()
+            .map(|(i, &s)| {
                 ensure!(s[0] > 0 && s[1] > 0, "image size {s:?} must be positive");
+                if !anyres.get(i).copied().unwrap_or(true) {
+                    return Ok(None);
+                }
                 Tiling::new(s, &c.image_grid_pinpoints, tile)
                     .context("image_grid_pinpoints is empty")
+                    .map(Some)
             })
             .collect::<Result<Vec<_>>>()?;
+        let tiles_of = |t: &Option<Tiling>| t.as_ref().map_or(1, Tiling::num_tiles);
         let pixels = match pixels.dim() {
             4 => pixels.shallow_clone(),
             5 => {
                 let per: Vec<Tensor> = tilings
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| pixels.get(i as i64).narrow(0, 0, t.num_tiles()))
+                    .map(|(i, t)| pixels.get(i as i64).narrow(0, 0, tiles_of(t)))
                     .collect();
                 Tensor::cat(&per, 0)
             }
@@ -175,7 +212,7 @@ impl LlavaModel {
                 pixels.size()
             ),
         };
-        let total: i64 = tilings.iter().map(Tiling::num_tiles).sum();
+        let total: i64 = tilings.iter().map(tiles_of).sum();
         ensure!(
             pixels.size()[0] == total,
             "{} tiles given but the image sizes call for {total}",
@@ -191,9 +228,16 @@ impl LlavaModel {
         let mut out = Vec::with_capacity(sizes.len());
         let mut start = 0;
         for (size, tiling) in sizes.iter().zip(&tilings) {
-            let f = feats.narrow(0, start, tiling.num_tiles());
-            start += tiling.num_tiles();
+            let f = feats.narrow(0, start, tiles_of(tiling));
+            start += tiles_of(tiling);
             let base = f.get(0);
+            let Some(tiling) = tiling else {
+                out.push(Tensor::cat(
+                    &[base, newline.to_kind(f.kind()).view([1, dim])],
+                    0,
+                ));
+                continue;
+            };
             ensure!(
                 per_tile == grid * grid,
                 "{per_tile} features per tile cannot form a {grid}x{grid} grid (a CLS token kept with the \"full\" strategy?)"
@@ -206,33 +250,51 @@ impl LlavaModel {
                 .reshape([dim, rows * grid, cols * grid]);
             let (r0, r1, c0, c1) = unpad_ranges(*size, [rows * grid, cols * grid]);
             let map = map.narrow(1, r0, r1 - r0).narrow(2, c0, c1 - c0);
+            let map = match c.max_patches {
+                Some(max) => {
+                    let (h, w) = anyres_max_shape(r1 - r0, c1 - c0, grid, max);
+                    if (h, w) == (r1 - r0, c1 - c0) {
+                        map
+                    } else {
+                        map.unsqueeze(0)
+                            .upsample_bilinear2d([h, w], false, None, None)
+                            .squeeze_dim(0)
+                    }
+                }
+                None => map,
+            };
             let nl = newline
                 .to_kind(map.kind())
                 .view([dim, 1, 1])
-                .expand([dim, r1 - r0, 1], false);
+                .expand([dim, map.size()[1], 1], false);
             let map = Tensor::cat(&[map, nl], 2).flatten(1, 2).transpose(0, 1);
             out.push(Tensor::cat(&[base, map], 0));
         }
         Ok(Tensor::cat(&out, 0))
     }
 
-    /// Token embeddings with the `<image>` placeholders replaced by image features.
+    /// Token embeddings with the `<image>` / `<video>` placeholders replaced by features.
     fn embeddings(&self, batch: &Batch) -> Result<Tensor> {
-        let embeds = self.decoder.embed(&batch.input_ids);
-        let Some(pixels) = &batch.pixel_values else {
-            return Ok(embeds);
-        };
-        let feats = self
-            .image_features(pixels, &batch.image_sizes)?
-            .to_kind(embeds.kind());
-        let mask = batch.input_ids.eq(self.config.image_token_id);
-        let placeholders = mask.sum(Kind::Int64).int64_value(&[]);
-        ensure!(
-            placeholders == feats.size()[0],
-            "the batch has {placeholders} image tokens but its images give {} features",
-            feats.size()[0]
-        );
-        Ok(embeds.masked_scatter(&mask.unsqueeze(-1).expand_as(&embeds), &feats))
+        let mut embeds = self.decoder.embed(&batch.input_ids);
+        if let Some(pixels) = &batch.pixel_values {
+            let feats = self.image_features(pixels, batch)?;
+            embeds = scatter(
+                &embeds,
+                &batch.input_ids,
+                self.config.image_token_id,
+                &feats,
+                "image",
+            )?;
+        }
+        if let Some(frames) = &batch.pixel_values_videos {
+            let id = self
+                .config
+                .video_token_id
+                .context("this LLaVA architecture takes no videos")?;
+            let feats = self.video_features(frames, &batch.video_frames)?;
+            embeds = scatter(&embeds, &batch.input_ids, id, &feats, "video")?;
+        }
+        Ok(embeds)
     }
 
     /// Final hidden states `[B, T, H]`.
@@ -255,6 +317,27 @@ impl LlavaModel {
     }
 }
 
+/// `masked_scatter` of `feats` (`[tokens, H]`) into the positions of `token` in `ids`.
+fn scatter(
+    embeds: &Tensor,
+    ids: &Tensor,
+    token: i64,
+    feats: &Tensor,
+    what: &str,
+) -> Result<Tensor> {
+    let mask = ids.eq(token);
+    let placeholders = mask.sum(Kind::Int64).int64_value(&[]);
+    ensure!(
+        placeholders == feats.size()[0],
+        "the batch has {placeholders} {what} tokens but its {what}s give {} features",
+        feats.size()[0]
+    );
+    Ok(embeds.masked_scatter(
+        &mask.unsqueeze(-1).expand_as(embeds),
+        &feats.to_kind(embeds.kind()),
+    ))
+}
+
 impl Model for LlavaModel {
     type Batch = Batch;
 
@@ -271,7 +354,52 @@ impl Model for LlavaModel {
         })
     }
 
+    /// Decoder layers and vision encoder blocks (the projector is two linears, not worth it).
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.decoder.set_gradient_checkpointing(on);
+        match &mut self.tower {
+            Tower::Clip(t) => t.set_gradient_checkpointing(on),
+            Tower::Siglip(t) => t.set_gradient_checkpointing(on),
+        }
+    }
+
     fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let vision = "vision_tower.vision_model";
+        match &mut self.tower {
+            Tower::Clip(t) => t.visit_linears(vision, f),
+            Tower::Siglip(t) => t.visit_linears(vision, f),
+        }
+        f("multi_modal_projector.linear_1", &mut self.linear_1);
+        f("multi_modal_projector.linear_2", &mut self.linear_2);
+        self.decoder
+            .visit_linears("language_model.model", "language_model.lm_head", f);
+    }
+
+    fn component(&self, name: &str) -> Component {
+        if name.starts_with("vision_tower.") {
+            Component::Vision
+        } else if name.starts_with("multi_modal_projector.") || name == "image_newline" {
+            Component::Projector
+        } else {
+            Component::Llm
+        }
+    }
+
+    /// transformers 5 runs the text model as `model.language_model`, the tower as
+    /// `model.vision_tower` and the projector as `model.multi_modal_projector`.
+    fn runtime_name(&self, hub_name: &str) -> String {
+        if let Some(rest) = hub_name.strip_prefix("language_model.model.") {
+            format!("model.language_model.{rest}")
+        } else if let Some(rest) = hub_name.strip_prefix("language_model.") {
+            rest.to_string()
+        } else if let Some(rest) = hub_name.strip_prefix("vision_tower.vision_model.") {
+            format!("model.vision_tower.{rest}")
+        } else {
+            format!("model.{hub_name}")
+        }
     }
 }

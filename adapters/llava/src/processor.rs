@@ -8,6 +8,15 @@
 //!   resolution, resize keeping the aspect ratio, zero-pad to it centred, cut it into tiles,
 //!   and put the whole image squashed to one tile first; each tile then goes through the CLIP
 //!   steps.
+//! * **OneVision** (`LlavaOnevisionImageProcessor`): the same anyres tiling with tiles
+//!   resized to the exact size; but when a sample has several images, each is padded to a
+//!   square with the mean colour and becomes one tile (transformers does this when a
+//!   sample's images are passed together, `batch_num_images > 1`, as the OneVision recipe
+//!   treats multi-image data).
+//! * **Video frames** (`LlavaNextVideoVideoProcessor`, `LlavaOnevisionVideoProcessor`): each
+//!   frame through the per-tile steps of the video processor's config. transformers runs these
+//!   through torchvision on tensors; we resample with PIL's filter, which agrees within a few
+//!   levels of 255 (frames that need no resize are exact).
 //!
 //! Rescale and normalise follow the float order of `image_processing_backends.PilBackend`
 //! (`u8 as f64 × scale` → f32, then `(x − mean) / std` in f32), so unresized pixels are
@@ -35,7 +44,7 @@ use lmms_ft_core::data::{RgbImage, VideoClip};
 use lmms_ft_core::family::{MediaTokens, Processor};
 use serde_json::Value;
 
-use crate::anyres::{next_image_tokens, select_best_resolution, Tiling};
+use crate::anyres::{anyres_image_tokens, select_best_resolution, video_tokens, Tiling};
 use crate::config::{Architecture, LlavaConfig, VisionConfig};
 
 // transformers' decimal constants, rounded to f32 as numpy does for a float32 image.
@@ -188,6 +197,8 @@ pub struct AnyRes {
     /// Feature grid side of one tile and features of the base tile (for token counts).
     pub grid: i64,
     pub base_tokens: i64,
+    /// OneVision's `anyres_max_N` budget (see [`crate::anyres::anyres_max_shape`]).
+    pub max_patches: Option<i64>,
 }
 
 /// `get_patch_output_size`: the aspect-preserving size that fits `target = (h, w)`.
@@ -241,25 +252,49 @@ impl AnyRes {
     }
 }
 
-/// The image processor of a LLaVA / LLaVA-NeXT checkpoint.
+/// The image (and video frame) processor of a LLaVA-family checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlavaProcessor {
     pub transform: ImageTransform,
     /// Side of every tile the tower sees (its `image_size`).
     pub tile: u32,
-    /// LLaVA: placeholder tokens per image.
+    /// Placeholder tokens of a one-tile image (LLaVA; OneVision multi-image samples add one
+    /// `image_newline` to it).
     pub tokens_per_image: i64,
-    /// LLaVA-NeXT only.
+    /// All but LLaVA-1.5 / Interleave.
     pub anyres: Option<AnyRes>,
+    /// OneVision: the colour each image of a multi-image sample is padded to a square with
+    /// (`int(mean × 255)`) before becoming one tile, as `LlavaOnevisionImageProcessor` does
+    /// when a sample's images arrive together (`batch_num_images > 1`).
+    pub multi_image_pad: Option<[u8; 3]>,
+    /// NeXT-Video and OneVision.
+    pub video: Option<FrameProcessor>,
 }
 
-/// Processed images of one sample: every tile of every image, `[tiles][3][tile][tile]`.
+/// How video frames become tiles, and what each video costs in placeholder tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameProcessor {
+    /// The video processor's per-frame steps (resize, crop, rescale, normalise).
+    pub transform: ImageTransform,
+    /// Feature grid side of one frame (`image_size / patch_size`).
+    pub grid: i64,
+    /// NeXT-Video's pooling stride; `None` for OneVision (bilinear halving plus a newline).
+    pub pool_stride: Option<i64>,
+}
+
+/// Processed media of one sample: every tile of every image, `[tiles][3][tile][tile]`, and
+/// every frame of every video, `[frames][3][tile][tile]`.
 #[derive(Debug, Clone, Default)]
 pub struct LlavaMedia {
     pub pixels: Vec<f32>,
     pub num_tiles: usize,
     /// `(height, width)` of each original image (NeXT's unpadding needs them).
     pub image_sizes: Vec<[i64; 2]>,
+    /// Per image, whether it was tiled anyres-style (see [`crate::model::Batch`]).
+    pub image_anyres: Vec<bool>,
+    pub video_pixels: Vec<f32>,
+    /// Frames of each video.
+    pub video_frames: Vec<i64>,
 }
 
 fn read_json(dir: &Path, name: &str) -> Result<Option<Value>> {
@@ -336,137 +371,218 @@ fn resample(v: &Value) -> Result<ResampleFilter> {
     })
 }
 
+/// Defaults of one processor class.
+struct Defaults {
+    size: ResizeTo,
+    crop: bool,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+const CLIP_DEFAULTS: Defaults = Defaults {
+    size: ResizeTo::ShortestEdge(224),
+    crop: true,
+    mean: OPENAI_CLIP_MEAN,
+    std: OPENAI_CLIP_STD,
+};
+
+/// The per-tile steps a processor config describes, checked to produce tiles the tower
+/// takes.
+fn transform_from(
+    v: &Value,
+    d: &Defaults,
+    pad: impl FnOnce(&Value) -> Result<bool>,
+    tile: u32,
+) -> Result<(ImageTransform, ResizeTo)> {
+    let size = size_of(v, "size")?.unwrap_or(d.size);
+    let crop_size = match size_of(v, "crop_size")? {
+        Some(ResizeTo::Exact { height, width }) => Some((height, width)),
+        Some(ResizeTo::ShortestEdge(e)) => Some((e, e)),
+        None if !d.crop => None,
+        None => Some((224, 224)),
+    };
+    let mean = triple(v, "image_mean", d.mean)?;
+    let std = triple(v, "image_std", d.std)?;
+    let transform = ImageTransform {
+        pad_to_square: pad(v)?.then(|| mean.map(|m| (m as f64 * 255.0) as u8)),
+        resize: flag(v, "do_resize", true)?.then_some(size),
+        resample: resample(v)?,
+        crop: if flag(v, "do_center_crop", d.crop)? {
+            crop_size
+        } else {
+            None
+        },
+        rescale: flag(v, "do_rescale", true)?.then(|| {
+            v.get("rescale_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0 / 255.0)
+        }),
+        normalize: flag(v, "do_normalize", true)?.then_some((mean, std)),
+    };
+    let made = match (transform.crop, transform.resize) {
+        (Some((h, w)), _) | (None, Some(ResizeTo::Exact { height: h, width: w })) => (h, w),
+        _ => bail!("the processor neither crops nor resizes to a fixed size, so its tiles would not fit the vision tower"),
+    };
+    ensure!(
+        made == (tile, tile),
+        "the processor makes {}x{} tiles but the vision tower takes {tile}x{tile}",
+        made.0,
+        made.1
+    );
+    Ok((transform, size))
+}
+
 impl LlavaProcessor {
     /// Reads `preprocessor_config.json` (Hub layout) or the `image_processor` entry of the
     /// `processor_config.json` transformers 5 writes, with transformers' defaults for the
-    /// processor type (inferred from the tower when the file names none).
+    /// processor type (inferred from the tower when the file names none); for the video
+    /// architectures also `video_preprocessor_config.json` or the `video_processor` entry,
+    /// else the image settings.
     pub fn from_dir(config: &LlavaConfig, dir: &Path) -> Result<LlavaProcessor> {
-        let settings = match read_json(dir, "preprocessor_config.json")? {
-            Some(v) => v,
-            None => read_json(dir, "processor_config.json")?
-                .and_then(|n| n.get("image_processor").cloned())
-                .unwrap_or(Value::Null),
+        let nested = read_json(dir, "processor_config.json")?;
+        let entry = |file: &str, key: &str| -> Result<Value> {
+            Ok(match read_json(dir, file)? {
+                Some(v) => v,
+                None => nested
+                    .as_ref()
+                    .and_then(|n| n.get(key).cloned())
+                    .unwrap_or(Value::Null),
+            })
         };
-        Self::from_settings(config, &settings)
-            .with_context(|| format!("image processor settings in {}", dir.display()))
+        let settings = entry("preprocessor_config.json", "image_processor")?;
+        let mut processor = Self::from_settings(config, &settings)
+            .with_context(|| format!("image processor settings in {}", dir.display()))?;
+        if config.architecture.video() {
+            // Repos converted before transformers had video processors keep one
+            // `preprocessor_config.json` for both; its resize and normalisation then apply to
+            // frames too.
+            let video = match entry("video_preprocessor_config.json", "video_processor")? {
+                Value::Null => settings.clone(),
+                v => v,
+            };
+            processor.video = Some(
+                FrameProcessor::from_settings(config, &video)
+                    .with_context(|| format!("video processor settings in {}", dir.display()))?,
+            );
+        }
+        Ok(processor)
     }
 
+    /// The image processor alone (`video` stays `None`; see [`FrameProcessor`]).
     pub fn from_settings(config: &LlavaConfig, v: &Value) -> Result<LlavaProcessor> {
         let siglip_tower = matches!(config.vision, VisionConfig::Siglip(_));
         let kind = v
             .get("image_processor_type")
             .and_then(Value::as_str)
             .map(|s| s.trim_end_matches("Fast").trim_end_matches("Pil"))
-            .unwrap_or(if siglip_tower {
-                "SiglipImageProcessor"
-            } else if config.architecture == Architecture::LlavaNext {
-                "LlavaNextImageProcessor"
-            } else {
-                "CLIPImageProcessor"
+            .unwrap_or(match config.architecture {
+                Architecture::LlavaOnevision => "LlavaOnevisionImageProcessor",
+                Architecture::LlavaNext | Architecture::LlavaNextVideo => "LlavaNextImageProcessor",
+                Architecture::Llava if siglip_tower => "SiglipImageProcessor",
+                Architecture::Llava => "CLIPImageProcessor",
             });
-        let siglip = match kind {
-            "SiglipImageProcessor" => true,
-            "CLIPImageProcessor" | "LlavaImageProcessor" | "LlavaNextImageProcessor" => false,
-            other => bail!("image_processor_type `{other}` is not supported for LLaVA (CLIPImageProcessor, LlavaImageProcessor, LlavaNextImageProcessor, SiglipImageProcessor)"),
-        };
-        let (default_size, default_crop, default_mean, default_std) = if siglip {
-            let s = ResizeTo::Exact {
-                height: 224,
-                width: 224,
-            };
-            (s, false, STANDARD_MEAN_STD, STANDARD_MEAN_STD)
-        } else {
-            (
-                ResizeTo::ShortestEdge(224),
-                true,
-                OPENAI_CLIP_MEAN,
-                OPENAI_CLIP_STD,
-            )
-        };
-        let size = size_of(v, "size")?.unwrap_or(default_size);
-        let crop_size = match size_of(v, "crop_size")? {
-            Some(ResizeTo::Exact { height, width }) => Some((height, width)),
-            Some(ResizeTo::ShortestEdge(e)) => Some((e, e)),
-            None if siglip => None,
-            None => Some((224, 224)),
-        };
-        let mean = triple(v, "image_mean", default_mean)?;
-        let std = triple(v, "image_std", default_std)?;
-        let pad = match (&config.image_aspect_ratio, kind) {
-            (Some(ratio), _) => ratio == "pad",
-            (None, "LlavaImageProcessor") => flag(v, "do_pad", false)?,
-            (None, "CLIPImageProcessor") => config.architecture == Architecture::Llava,
-            _ => false,
-        };
-        let transform = ImageTransform {
-            pad_to_square: pad.then(|| mean.map(|m| (m as f64 * 255.0) as u8)),
-            resize: flag(v, "do_resize", true)?.then_some(size),
-            resample: resample(v)?,
-            crop: if flag(v, "do_center_crop", default_crop)? {
-                crop_size
-            } else {
-                None
+        let defaults = match kind {
+            "SiglipImageProcessor" => Defaults {
+                size: ResizeTo::Exact {
+                    height: 224,
+                    width: 224,
+                },
+                crop: false,
+                mean: STANDARD_MEAN_STD,
+                std: STANDARD_MEAN_STD,
             },
-            rescale: flag(v, "do_rescale", true)?.then(|| {
-                v.get("rescale_factor")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1.0 / 255.0)
-            }),
-            normalize: flag(v, "do_normalize", true)?.then_some((mean, std)),
-        };
-        let tile = config.vision.image_size() as u32;
-        let made = match (transform.crop, transform.resize) {
-            (Some((h, w)), _) | (None, Some(ResizeTo::Exact { height: h, width: w })) => (h, w),
-            _ => bail!("the processor neither crops nor resizes to a fixed size, so its tiles would not fit the vision tower"),
+            "LlavaOnevisionImageProcessor" => Defaults {
+                size: ResizeTo::Exact {
+                    height: 384,
+                    width: 384,
+                },
+                crop: false,
+                mean: OPENAI_CLIP_MEAN,
+                std: OPENAI_CLIP_STD,
+            },
+            "CLIPImageProcessor" | "LlavaImageProcessor" | "LlavaNextImageProcessor"
+            | "LlavaNextVideoImageProcessor" => CLIP_DEFAULTS,
+            other => bail!("image_processor_type `{other}` is not supported for LLaVA (CLIPImageProcessor, LlavaImageProcessor, LlavaNextImageProcessor, LlavaOnevisionImageProcessor, SiglipImageProcessor)"),
         };
         ensure!(
-            made == (tile, tile),
-            "the processor makes {}x{} tiles but the vision tower takes {tile}x{tile}",
-            made.0,
-            made.1
+            (kind == "LlavaOnevisionImageProcessor")
+                == (config.architecture == Architecture::LlavaOnevision),
+            "image_processor_type `{kind}` does not fit a {:?} checkpoint",
+            config.architecture
         );
-        let anyres = match config.architecture {
-            Architecture::Llava => None,
-            Architecture::LlavaNext => {
-                if let Some(p) = v.get("image_grid_pinpoints").filter(|p| !p.is_null()) {
-                    let ours: Vec<[i64; 2]> = serde_json::from_value(p.clone())
-                        .with_context(|| format!("image_grid_pinpoints {p}"))?;
-                    ensure!(
-                        ours == config.image_grid_pinpoints,
-                        "the processor's image_grid_pinpoints {ours:?} differ from config.json's {:?}, so token counts would not match the model",
-                        config.image_grid_pinpoints
-                    );
-                }
-                let base = match size {
-                    ResizeTo::Exact { height, width } => (height, width),
-                    ResizeTo::ShortestEdge(e) => (e, e),
-                };
-                Some(AnyRes {
-                    pinpoints: config.image_grid_pinpoints.clone(),
-                    base,
-                    grid: config.vision.image_size() / config.vision.patch_size(),
-                    base_tokens: config.tokens_per_tile(),
-                })
-            }
+        let pad = |v: &Value| {
+            Ok(match (&config.image_aspect_ratio, kind) {
+                (Some(ratio), _) => ratio == "pad",
+                (None, "LlavaImageProcessor") => flag(v, "do_pad", false)?,
+                (None, "CLIPImageProcessor") => config.architecture == Architecture::Llava,
+                _ => false,
+            })
         };
+        let tile = config.vision.image_size() as u32;
+        let (transform, size) = transform_from(v, &defaults, pad, tile)?;
+        let anyres = if config.architecture.anyres() {
+            if let Some(p) = v.get("image_grid_pinpoints").filter(|p| !p.is_null()) {
+                let ours: Vec<[i64; 2]> = serde_json::from_value(p.clone())
+                    .with_context(|| format!("image_grid_pinpoints {p}"))?;
+                ensure!(
+                    ours == config.image_grid_pinpoints,
+                    "the processor's image_grid_pinpoints {ours:?} differ from config.json's {:?}, so token counts would not match the model",
+                    config.image_grid_pinpoints
+                );
+            }
+            let base = match size {
+                ResizeTo::Exact { height, width } => (height, width),
+                ResizeTo::ShortestEdge(e) => (e, e),
+            };
+            Some(AnyRes {
+                pinpoints: config.image_grid_pinpoints.clone(),
+                base,
+                grid: config.vision.image_size() / config.vision.patch_size(),
+                base_tokens: config.tokens_per_tile(),
+                max_patches: config.max_patches,
+            })
+        } else {
+            None
+        };
+        let multi_image_pad = (config.architecture == Architecture::LlavaOnevision)
+            .then(|| {
+                transform
+                    .normalize
+                    .map(|(mean, _)| mean)
+                    .unwrap_or(OPENAI_CLIP_MEAN)
+            })
+            .map(|mean| mean.map(|m| (m as f64 * 255.0) as u8));
         Ok(LlavaProcessor {
             transform,
             tile,
             tokens_per_image: config.tokens_per_tile(),
             anyres,
+            multi_image_pad,
+            video: None,
         })
     }
 
-    /// One image's tiles appended to `media`; returns its placeholder token count.
-    pub fn image(&self, img: &RgbImage, media: &mut LlavaMedia) -> Result<usize> {
+    /// One image's tiles appended to `media`; returns its placeholder token count. `alone`:
+    /// whether it is its sample's only image (OneVision tiles only those).
+    pub fn image(&self, img: &RgbImage, alone: bool, media: &mut LlavaMedia) -> Result<usize> {
         let (w, h) = img.dimensions();
         ensure!(w > 0 && h > 0, "image is empty");
         let size = [h as i64, w as i64];
-        let (tiles, tokens) = match &self.anyres {
-            None => (vec![img.clone()], self.tokens_per_image),
-            Some(any) => {
+        let single = self.multi_image_pad.filter(|_| !alone);
+        let (tiles, tokens) = match (&self.anyres, single) {
+            (Some(_), Some(colour)) => {
+                let t = self.transform.pixels(&pad_to_square(img, colour))?;
+                self.transform.planes(&t, &mut media.pixels);
+                media.num_tiles += 1;
+                media.image_sizes.push(size);
+                media.image_anyres.push(false);
+                return Ok((self.tokens_per_image + 1) as usize);
+            }
+            (None, _) => (vec![img.clone()], self.tokens_per_image),
+            (Some(any), None) => {
                 let (tiles, tiling) = any.tiles(img, self.tile, self.transform.resample)?;
-                let n = next_image_tokens(size, tiling, any.grid, any.base_tokens);
+                let n =
+                    anyres_image_tokens(size, tiling, any.grid, any.base_tokens, any.max_patches);
                 (tiles, n)
             }
         };
@@ -476,7 +592,51 @@ impl LlavaProcessor {
         }
         media.num_tiles += tiles.len();
         media.image_sizes.push(size);
+        media.image_anyres.push(self.anyres.is_some());
         Ok(tokens as usize)
+    }
+}
+
+impl FrameProcessor {
+    /// The video processor of a NeXT-Video (`LlavaNextVideoVideoProcessor`: CLIP-style
+    /// shortest-edge resize and center crop) or OneVision (`LlavaOnevisionVideoProcessor`:
+    /// resize to the exact size) checkpoint, with that class's defaults.
+    pub fn from_settings(config: &LlavaConfig, v: &Value) -> Result<FrameProcessor> {
+        let defaults = match config.architecture {
+            Architecture::LlavaOnevision => Defaults {
+                size: ResizeTo::Exact {
+                    height: 384,
+                    width: 384,
+                },
+                crop: false,
+                mean: OPENAI_CLIP_MEAN,
+                std: OPENAI_CLIP_STD,
+            },
+            Architecture::LlavaNextVideo => CLIP_DEFAULTS,
+            other => bail!("{other:?} checkpoints take no videos"),
+        };
+        let tile = config.vision.image_size() as u32;
+        let (transform, _) = transform_from(v, &defaults, |_| Ok(false), tile)?;
+        Ok(FrameProcessor {
+            transform,
+            grid: config.vision.image_size() / config.vision.patch_size(),
+            pool_stride: config.video_pool.map(|(_, s)| s),
+        })
+    }
+
+    /// One video's frames appended to `media`; returns its placeholder token count.
+    pub fn video(&self, clip: &VideoClip, media: &mut LlavaMedia) -> Result<usize> {
+        ensure!(!clip.frames.is_empty(), "video has no frames");
+        for (i, frame) in clip.frames.iter().enumerate() {
+            let t = self
+                .transform
+                .pixels(frame)
+                .with_context(|| format!("frame {}", i + 1))?;
+            self.transform.planes(&t, &mut media.video_pixels);
+        }
+        let frames = clip.frames.len() as i64;
+        media.video_frames.push(frames);
+        Ok(video_tokens(frames, self.grid, self.pool_stride) as usize)
     }
 }
 
@@ -488,16 +648,27 @@ impl Processor for LlavaProcessor {
         images: &[RgbImage],
         videos: &[VideoClip],
     ) -> Result<(LlavaMedia, MediaTokens)> {
-        if !videos.is_empty() {
-            bail!("LLaVA-1.5 / Interleave / NeXT checkpoints take images only; this sample has {} video(s)", videos.len());
-        }
+        let frames = match (&self.video, videos.is_empty()) {
+            (_, true) => None,
+            (Some(f), false) => Some(f),
+            (None, false) => bail!("LLaVA-1.5 / Interleave / NeXT checkpoints take images only; this sample has {} video(s) (LLaVA-NeXT-Video and OneVision take videos; for Interleave, give the frames as images)", videos.len()),
+        };
         let mut media = LlavaMedia::default();
         let mut tokens = MediaTokens::default();
+        let alone = images.len() == 1;
         for (i, img) in images.iter().enumerate() {
             tokens.images.push(
-                self.image(img, &mut media)
+                self.image(img, alone, &mut media)
                     .with_context(|| format!("image {}", i + 1))?,
             );
+        }
+        if let Some(f) = frames {
+            for (i, clip) in videos.iter().enumerate() {
+                tokens.videos.push(
+                    f.video(clip, &mut media)
+                        .with_context(|| format!("video {}", i + 1))?,
+                );
+            }
         }
         Ok((media, tokens))
     }
@@ -526,5 +697,43 @@ mod tests {
         // 300 wide × 100 high into 50×100 (h×w): width-limited (1/3 < 1/2), so w = 100 and
         // h = ceil(100 / 3) = 34.
         assert_eq!(patch_output_size(100, 300, [50, 100]), (34, 100));
+    }
+
+    /// A OneVision directory with only the Hub's `preprocessor_config.json` (no video
+    /// processor file): frames get the image settings' exact 384 resize and 0.5 mean / std,
+    /// not the video class defaults (OpenAI CLIP statistics); multi-image padding uses
+    /// int(0.5 × 255) = 127.
+    #[test]
+    fn video_settings_fall_back_to_the_image_processor() {
+        let config = <LlavaConfig as lmms_ft_core::family::HfConfig>::from_hf_json(
+            &serde_json::json!({"model_type": "llava_onevision"}),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let settings = serde_json::json!({
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "size": {"height": 384, "width": 384},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        });
+        std::fs::write(
+            dir.path().join("preprocessor_config.json"),
+            settings.to_string(),
+        )
+        .unwrap();
+        let p = LlavaProcessor::from_dir(&config, dir.path()).unwrap();
+        let frames = p.video.unwrap();
+        let half = ([0.5f32; 3], [0.5f32; 3]);
+        assert_eq!(frames.transform.normalize, Some(half));
+        assert_eq!(
+            frames.transform.resize,
+            Some(ResizeTo::Exact {
+                height: 384,
+                width: 384
+            })
+        );
+        assert_eq!(frames.transform.crop, None);
+        assert_eq!((frames.grid, frames.pool_stride), (27, None));
+        assert_eq!(p.multi_image_pad, Some([127, 127, 127]));
+        assert_eq!(p.anyres.unwrap().max_patches, Some(9));
     }
 }

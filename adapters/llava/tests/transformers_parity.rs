@@ -1,112 +1,115 @@
-//! The LLaVA family (1.5, a feature-layer list, Interleave, NeXT with Vicuna and Mistral text)
-//! against `transformers` 5.23 on tiny random checkpoints saved by
+//! The LLaVA family (1.5, a feature-layer list, Interleave, NeXT with Vicuna and Mistral text,
+//! NeXT-Video with average and max pooling, OneVision) against `transformers` 5.23 on tiny random checkpoints saved by
 //! `scripts/oracle/llava_fixture.py`, fed with transformers' own processor outputs: per-image
-//! placeholder counts (exact), logits (max abs diff ≤ 1e-4), loss (relative ≤ 1e-5) and the
-//! gradients of named parameters (≤ 1e-4 relative to their largest entry), for a text-only,
-//! a one-image (non-square, resized) and a two-image two-turn sample. Also checks the
-//! parameter count computed from the saved config alone against transformers' count on the
-//! meta device.
+//! and per-video placeholder counts (exact), logits (max abs diff ≤ 1e-4), loss (relative
+//! ≤ 1e-5) and the gradients of named parameters (≤ 1e-4 relative to their largest entry),
+//! for a text-only, a one-image (non-square, resized) and a two-image two-turn sample, plus a
+//! four-frame video sample for the video architectures. Also checks the parameter count
+//! computed from the saved config alone against transformers' count on the meta device.
 //!
 //! Then the data path (`check_pipeline`): our template (the Vicuna training template for the
 //! Llama variants, the Hub one otherwise), processor and collator, built from the fixture
 //! directory, turn the same conversations and images into the ids transformers' processor
 //! makes of the same template text, the labels of the label rule (computed by the oracle from
 //! character offsets), transformers' pixel values (≤ 2/255 before normalisation, exact for a
-//! tile that needs no resize) and the same loss.
+//! tile that needs no resize; video frames the same, exact where no resize is needed) and the
+//! same loss.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
-use lmms_ft_core::family::{
-    ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
-};
-use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
-use lmms_ft_llava::anyres::{next_image_tokens, Tiling};
+use lmms_ft_core::data::{RgbImage, VideoClip};
+use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor};
+use lmms_ft_core::testing::{conversation_from_messages, max_abs_diff};
+use lmms_ft_llava::anyres::{anyres_image_tokens, video_tokens, Tiling};
 use lmms_ft_llava::config::{Architecture, LlavaConfig};
 use lmms_ft_llava::family::Llava;
-use lmms_ft_llava::model::{Batch, LlavaModel};
+use lmms_ft_llava::model::LlavaModel;
+
+mod common;
+use common::{fixture, ints};
 use tch::{Device, Kind, Tensor};
 
-/// Placeholder tokens per image as lmms-ft computes them from the config.
-fn expected_tokens(config: &LlavaConfig, size: [i64; 2]) -> i64 {
-    match config.architecture {
-        Architecture::Llava => config.tokens_per_tile(),
-        Architecture::LlavaNext => {
-            let tile = config.vision.image_size();
-            let tiling = Tiling::new(size, &config.image_grid_pinpoints, tile).unwrap();
-            next_image_tokens(
-                size,
-                tiling,
-                tile / config.vision.patch_size(),
-                config.tokens_per_tile(),
-            )
-        }
+/// Placeholder tokens per image as lmms-ft computes them from the config; `alone`: the
+/// sample's only image (OneVision tiles only those).
+fn expected_tokens(config: &LlavaConfig, size: [i64; 2], alone: bool) -> i64 {
+    if !config.architecture.anyres() {
+        return config.tokens_per_tile();
+    }
+    if config.architecture == Architecture::LlavaOnevision && !alone {
+        return config.tokens_per_tile() + 1;
+    }
+    let tile = config.vision.image_size();
+    let tiling = Tiling::new(size, &config.image_grid_pinpoints, tile).unwrap();
+    anyres_image_tokens(
+        size,
+        tiling,
+        tile / config.vision.patch_size(),
+        config.tokens_per_tile(),
+        config.max_patches,
+    )
+}
+
+/// The fixture's four frames of 56 × 70 RGB8.
+fn fixture_video(dir: &Path) -> VideoClip {
+    let raw = std::fs::read(dir.join("video.rgb")).unwrap();
+    let frames = raw
+        .chunks(56 * 70 * 3)
+        .map(|c| RgbImage::from_raw(56, 70, c.to_vec()).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(frames.len(), 4);
+    VideoClip {
+        frames,
+        sampled_fps: 1.0,
     }
 }
 
 fn check_variant(variant: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join(variant);
-    let printed = run_oracle(
-        "llava_fixture.py",
-        &[
-            out.to_str().unwrap(),
-            variant,
-            hf_configs().to_str().unwrap(),
-        ],
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    let config = LlavaConfig::from_hf_json(&json).unwrap();
-    let oracle: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    let fx = fixture(variant);
+    let (config, out, reference, meta) = (&fx.config, fx.dir(), &fx.reference, &fx.meta);
     assert_eq!(
         config.num_parameters(),
-        oracle["num_parameters"].as_u64().unwrap(),
+        fx.printed["num_parameters"].as_u64().unwrap(),
         "{variant}: parameter count"
     );
 
-    let model = LlavaModel::load(&config, &out, Device::Cpu, Kind::Float).unwrap();
-    let reference: HashMap<String, Tensor> =
-        Tensor::read_safetensors(out.join("reference.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("reference.json")).unwrap())
-            .unwrap();
-    for name in ["text", "image", "two_images"] {
-        let get = |k: &str| reference.get(&format!("{name}.{k}"));
+    let model = LlavaModel::load(config, out, Device::Cpu, Kind::Float).unwrap();
+    let names = fx.sample_names();
+    let video_arch = config.architecture.video();
+    assert_eq!(
+        names.len(),
+        if video_arch { 4 } else { 3 },
+        "{variant}: samples"
+    );
+    for name in &names {
+        let name = name.as_str();
+        let get = |k: &str| fx.get(name, k);
         let sample = &meta["samples"][name];
-        let ids = get("input_ids").unwrap();
-        let sizes: Vec<[i64; 2]> = sample["image_sizes"]
-            .as_array()
-            .unwrap()
+        let batch = fx.batch(name);
+        let alone = batch.image_sizes.len() == 1;
+        let counts: Vec<i64> = batch
+            .image_sizes
             .iter()
-            .map(|s| [s[0].as_i64().unwrap(), s[1].as_i64().unwrap()])
-            .collect();
-        let counts: Vec<i64> = sizes.iter().map(|&s| expected_tokens(&config, s)).collect();
-        let theirs: Vec<i64> = sample["tokens_per_image"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
+            .map(|&s| expected_tokens(config, s, alone))
             .collect();
         assert_eq!(
-            counts, theirs,
+            counts,
+            ints(&sample["tokens_per_image"]),
             "{variant}/{name}: placeholder tokens per image"
         );
-
-        let labels = get("labels").unwrap();
-        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
-        let batch = Batch {
-            input_ids: ids.shallow_clone(),
-            labels: Some(labels.shallow_clone()),
-            pixel_values: get("pixel_values").map(Tensor::shallow_clone),
-            image_sizes: sizes,
-            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
-        };
+        let grid = config.vision.image_size() / config.vision.patch_size();
+        let stride = config.video_pool.map(|(_, s)| s);
+        let video_counts: Vec<i64> = batch
+            .video_frames
+            .iter()
+            .map(|&f| video_tokens(f, grid, stride))
+            .collect();
+        assert_eq!(
+            video_counts,
+            ints(&sample["tokens_per_video"]),
+            "{variant}/{name}: placeholder tokens per video"
+        );
         for (_, mut v) in model.var_store().variables() {
             v.zero_grad();
         }
@@ -126,7 +129,7 @@ fn check_variant(variant: &str) {
         loss.backward();
         let vars = model.var_store().variables();
         let mut compared = 0;
-        for (key, expected) in &reference {
+        for (key, expected) in reference {
             if let Some(param) = key.strip_prefix(&format!("{name}.grad.")) {
                 let var = vars
                     .get(param)
@@ -152,7 +155,7 @@ fn check_variant(variant: &str) {
         );
         eprintln!("{variant}/{name}: logits max diff {logit_diff:.2e}, loss {ours:.6} vs {expected:.6}, {compared} grads");
     }
-    check_pipeline(variant, &out, &config, &reference, &meta);
+    check_pipeline(variant, out, config, reference, meta);
 }
 
 fn check_pipeline(
@@ -163,7 +166,10 @@ fn check_pipeline(
     meta: &serde_json::Value,
 ) {
     let template = Llava::template(config, dir).unwrap();
-    let vicuna = matches!(variant, "llava" | "llava_multi" | "next_vicuna");
+    let vicuna = matches!(
+        variant,
+        "llava" | "llava_multi" | "next_vicuna" | "next_video" | "next_video_max"
+    );
     assert_eq!(
         template.training_template, vicuna,
         "{variant}: template choice"
@@ -174,13 +180,27 @@ fn check_pipeline(
         variant == "llava",
         "{variant}: pad-to-square choice"
     );
+    if !config.architecture.video() {
+        // No transformers oracle takes a video for these (LlavaProcessor has no video path):
+        // a video is refused with the hint to give its frames as images.
+        let clip = VideoClip {
+            frames: vec![RgbImage::new(56, 56)],
+            sampled_fps: 1.0,
+        };
+        let err = format!("{:#}", processor.process(&[], &[clip]).unwrap_err());
+        assert!(err.contains("frames as images"), "{variant}: {err}");
+    }
     let collator = Llava::collator(config);
     let model = LlavaModel::load(config, dir, Device::Cpu, Kind::Float).unwrap();
     let limits = ImageLimits::default();
     let image_a = load_image(&dir.join("image_a.png"), &limits).unwrap();
     let image_b = load_image(&dir.join("image_b.png"), &limits).unwrap();
     let std = Tensor::from_slice(&processor.transform.normalize.unwrap().1).view([1, 3, 1, 1]);
-    for name in ["text", "image", "two_images"] {
+    let names = ["text", "image", "two_images", "video"];
+    for name in names
+        .into_iter()
+        .filter(|n| meta["samples"].get(n).is_some())
+    {
         let get = |k: &str| reference.get(&format!("{name}.{k}"));
         let sample = &meta["samples"][name];
         let conv = conversation_from_messages(&sample["messages"]);
@@ -189,7 +209,16 @@ fn check_pipeline(
             "two_images" => vec![image_a.clone(), image_b.clone()],
             _ => vec![],
         };
-        let (media, tokens) = processor.process(&images, &[]).unwrap();
+        let videos = match name {
+            "video" => vec![fixture_video(dir)],
+            _ => vec![],
+        };
+        let (media, tokens) = processor.process(&images, &videos).unwrap();
+        assert_eq!(
+            tokens.videos.iter().map(|&n| n as i64).collect::<Vec<_>>(),
+            ints(&sample["tokens_per_video"]),
+            "{variant}/{name}: processor video tokens"
+        );
         let text = template.encode(&conv, &tokens, false).unwrap();
         let ids: Vec<i64> = Vec::try_from(get("rule_input_ids").unwrap().flatten(0, -1)).unwrap();
         assert_eq!(text.input_ids, ids, "{variant}/{name}: input ids");
@@ -208,10 +237,17 @@ fn check_pipeline(
                 let per: Vec<Tensor> = media
                     .image_sizes
                     .iter()
+                    .zip(&media.image_anyres)
                     .enumerate()
-                    .map(|(i, &size)| {
-                        let t = Tiling::new(size, &config.image_grid_pinpoints, s).unwrap();
-                        theirs.get(i as i64).narrow(0, 0, t.num_tiles())
+                    .map(|(i, (&size, &anyres))| {
+                        let n = if anyres {
+                            Tiling::new(size, &config.image_grid_pinpoints, s)
+                                .unwrap()
+                                .num_tiles()
+                        } else {
+                            1
+                        };
+                        theirs.get(i as i64).narrow(0, 0, n)
                     })
                     .collect();
                 Tensor::cat(&per, 0)
@@ -234,6 +270,39 @@ fn check_pipeline(
                     "{variant}: unresized tile differs by {exact}"
                 );
             }
+        }
+        if let Some(theirs) = get("pixel_values_videos") {
+            let s = config.vision.image_size();
+            let ours = Tensor::from_slice(&media.video_pixels).view([-1, 3, s, s]);
+            let theirs = theirs.flatten(0, 1);
+            assert_eq!(ours.size(), theirs.size(), "{variant}/{name}: frames");
+            let vstd = Tensor::from_slice(
+                &processor
+                    .video
+                    .as_ref()
+                    .unwrap()
+                    .transform
+                    .normalize
+                    .unwrap()
+                    .1,
+            )
+            .view([1, 3, 1, 1]);
+            let diff = ((&ours - &theirs) * &vstd).abs().max().double_value(&[]);
+            // NeXT-Video's frames need no resize (shortest edge 56), only the center crop;
+            // OneVision's are resized by torchvision in transformers, by PIL's filter here.
+            let tolerance = if variant == "next_video" {
+                1e-6
+            } else {
+                3.0 / 255.0
+            };
+            assert!(
+                diff <= tolerance,
+                "{variant}/{name}: video pixel values differ by {diff}"
+            );
+            eprintln!(
+                "{variant}/{name}: video frames within {:.3}/255",
+                diff * 255.0
+            );
         }
         let batch = collator
             .collate(vec![Llava::sample(text, media)], Device::Cpu)
@@ -274,4 +343,19 @@ fn llava_next_vicuna_matches_transformers() {
 #[test]
 fn llava_next_mistral_matches_transformers() {
     check_variant("next_mistral");
+}
+
+#[test]
+fn llava_next_video_matches_transformers() {
+    check_variant("next_video");
+}
+
+#[test]
+fn llava_next_video_max_pooling_matches_transformers() {
+    check_variant("next_video_max");
+}
+
+#[test]
+fn llava_onevision_matches_transformers() {
+    check_variant("onevision");
 }

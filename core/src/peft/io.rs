@@ -408,7 +408,9 @@ pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
             .to_string();
         let weights = name.ends_with(".safetensors")
             || name == "model.safetensors.index.json"
-            || name.starts_with("adapter_");
+            || name.starts_with("adapter_")
+            // Run records (resolved config, compose manifest) describe a run, not the model.
+            || name.starts_with("lmms-ft-");
         if path.is_file() && !weights {
             std::fs::copy(&path, to.join(&name))
                 .with_context(|| format!("copying {}", path.display()))?;

@@ -1,0 +1,113 @@
+//! What the LLaVA tests share: a fixture written by `scripts/oracle/llava_fixture.py`, and its
+//! reference samples as model batches built from transformers' own processor outputs.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
+use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::testing::{hf_configs, run_oracle};
+use lmms_ft_llava::config::LlavaConfig;
+use lmms_ft_llava::model::Batch;
+use tch::Tensor;
+
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+    /// The oracle's last printed line (parameter count, tensor names).
+    pub printed: serde_json::Value,
+    pub config: LlavaConfig,
+    pub reference: HashMap<String, Tensor>,
+    pub meta: serde_json::Value,
+}
+
+/// Writes the fixture `variant` into a temp dir and reads it back.
+pub fn fixture(variant: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(variant);
+    let printed = run_oracle(
+        "llava_fixture.py",
+        &[
+            path.to_str().unwrap(),
+            variant,
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.join("config.json")).unwrap()).unwrap();
+    let config = LlavaConfig::from_hf_json(&json).unwrap();
+    let reference = Tensor::read_safetensors(path.join("reference.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let meta = serde_json::from_str(&std::fs::read_to_string(path.join("reference.json")).unwrap())
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        printed: serde_json::from_str(printed.lines().last().unwrap()).unwrap(),
+        config,
+        reference,
+        meta,
+    }
+}
+
+pub fn ints(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .map(|a| a.iter().map(|x| x.as_i64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+impl Fixture {
+    /// The samples the fixture holds, in order (`video` only for the video variants).
+    pub fn sample_names(&self) -> Vec<String> {
+        ["text", "image", "two_images", "video"]
+            .into_iter()
+            .filter(|n| self.meta["samples"].get(n).is_some())
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn get(&self, name: &str, key: &str) -> Option<&Tensor> {
+        self.reference.get(&format!("{name}.{key}"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sample `name` as transformers' processor made it, labels on every non-media token.
+    pub fn batch(&self, name: &str) -> Batch {
+        let sample = &self.meta["samples"][name];
+        let image_sizes: Vec<[i64; 2]> = sample["image_sizes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| [s[0].as_i64().unwrap(), s[1].as_i64().unwrap()])
+            .collect();
+        // OneVision tiles an image only when it is its sample's only one.
+        let image_anyres = match self.get(name, "batch_num_images") {
+            Some(n) => {
+                let n: Vec<i64> = Vec::try_from(n.flatten(0, -1)).unwrap();
+                n.iter().flat_map(|&k| vec![k == 1; k as usize]).collect()
+            }
+            None => vec![],
+        };
+        let labels = self.get(name, "labels").unwrap();
+        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
+        Batch {
+            input_ids: self.get(name, "input_ids").unwrap().shallow_clone(),
+            labels: Some(labels.shallow_clone()),
+            pixel_values: self.get(name, "pixel_values").map(Tensor::shallow_clone),
+            image_sizes,
+            image_anyres,
+            pixel_values_videos: self
+                .get(name, "pixel_values_videos")
+                .map(Tensor::shallow_clone),
+            video_frames: ints(&sample["video_frames"]),
+            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
+        }
+    }
+}
