@@ -140,6 +140,16 @@ void lmms_shim_list_push(void *list, at::Tensor *t) {
 
 int lmms_shim_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
 
+// Moves `t`'s accumulated `.grad` out (PyTorch's `p.grad = None` after reading it): returns a
+// new heap tensor, or null when no gradient reached `t`.
+at::Tensor* lmms_shim_take_grad(at::Tensor* t) {
+  at::Tensor& slot = t->mutable_grad();
+  if (!slot.defined()) return nullptr;
+  at::Tensor* out = new at::Tensor(std::move(slot));
+  slot.reset();
+  return out;
+}
+
 // Applies the Rust-backed Function. Ownership of `bwd_state` passes to the C++ side in every
 // case (it is dropped through `drop` when the graph node dies, or at once when nothing is
 // recorded or the call fails). On success writes `*n_out` new heap tensors into `out`

@@ -41,6 +41,7 @@ extern "C" {
     fn lmms_shim_string_set(err: *mut c_void, msg: *const c_char, len: usize);
     fn lmms_shim_list_push(list: *mut c_void, t: *mut C_tensor);
     fn lmms_shim_grad_enabled() -> c_int;
+    fn lmms_shim_take_grad(t: *mut C_tensor) -> *mut C_tensor;
     #[allow(clippy::too_many_arguments)]
     fn lmms_shim_apply(
         inputs: *const *mut C_tensor,
@@ -75,6 +76,15 @@ pub fn recomputations() -> u64 {
 pub fn grad_enabled() -> bool {
     // SAFETY: reads a thread-local flag.
     unsafe { lmms_shim_grad_enabled() != 0 }
+}
+
+/// Takes the `.grad` a backward pass accumulated into `t`, leaving none (PyTorch's
+/// `p.grad = None`), or `None` when no gradient reached it. tch can only zero a gradient,
+/// which keeps its memory and makes an unreached parameter look like one with a zero grad.
+pub fn take_grad(t: &Tensor) -> Option<Tensor> {
+    // SAFETY: `t` is a valid tensor; the shim returns an owned heap tensor or null.
+    let g = unsafe { lmms_shim_take_grad(ptr(t)) };
+    (!g.is_null()).then(|| unsafe { Tensor::from_ptr(g) })
 }
 
 fn check(err: *mut c_char) -> Result<(), TchError> {
@@ -466,6 +476,7 @@ impl ShallowClone for Linear {
             weight: self.weight.shallow_clone(),
             bias: ShallowClone::shallow_clone(&self.bias),
             lora: ShallowClone::shallow_clone(&self.lora),
+            quant: self.quant.as_ref().map(|q| q.shallow_clone()),
         }
     }
 }

@@ -24,6 +24,7 @@ pub struct Config {
     pub data: DataSection,
     pub train: TrainSection,
     pub lora: LoraSection,
+    pub quant: QuantSection,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -301,6 +302,38 @@ impl Default for LoraSection {
             target_modules: TargetModules::Names(Vec::new()),
             use_rslora: false,
             modules_to_save: Vec::new(),
+        }
+    }
+}
+
+/// How `train.mode = "qlora"` quantises the frozen base (bitsandbytes' 4-bit settings).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantSection {
+    /// `"nf4"` or `"fp4"` (`bnb_4bit_quant_type`).
+    #[serde(rename = "type")]
+    pub quant_type: String,
+    /// Quantise the block scales too (`bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
+    /// Values per absmax block (bnb uses 64).
+    pub blocksize: i64,
+    /// `"auto"` (the model's dtype), `"fp32"`, `"bf16"` or `"fp16"`
+    /// (`bnb_4bit_compute_dtype`).
+    pub compute_dtype: String,
+    /// Which linear layers to quantise, with `lora.target_modules`' syntax. The empty list
+    /// means every linear layer of the LLM except `lm_head` (not the vision tower or the
+    /// projector).
+    pub modules: TargetModules,
+}
+
+impl Default for QuantSection {
+    fn default() -> Self {
+        QuantSection {
+            quant_type: "nf4".into(),
+            double_quant: true,
+            blocksize: 64,
+            compute_dtype: "auto".into(),
+            modules: TargetModules::Names(Vec::new()),
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::generate::{
     generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker,
 };
 use crate::nn::Linear;
+use crate::quant::{load_quantized, QuantSpec};
 
 /// Label value for positions that do not contribute to the loss (as in `transformers`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -344,6 +345,14 @@ pub trait DynFamily: Send + Sync {
     /// The model alone (no processor or template), for weight-only tools such as
     /// `merge-lora`.
     fn load_model(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Trainable>>;
+    /// [`DynFamily::open`] for QLoRA: the linear layers `quant` selects are quantised to 4
+    /// bits while the checkpoint is read, never held dense as a whole (`quant::load`).
+    fn open_quantized(
+        &self,
+        dir: &Path,
+        opts: OpenOptions,
+        quant: &QuantSpec,
+    ) -> Result<Box<dyn Pipeline>>;
 }
 
 /// Derives [`DynFamily`] for a `Family`. Adapters register `&Erased::<MyFamily>::NEW`.
@@ -474,21 +483,54 @@ impl<F: Family> Pipeline for Opened<F> {
     }
 }
 
+fn open_with<F: Family>(
+    dir: &Path,
+    opts: OpenOptions,
+    quant: Option<&QuantSpec>,
+) -> Result<Box<dyn Pipeline>> {
+    let config = F::config(dir)?;
+    let encoder = Encoder::<F>::new(&config, dir, &opts.processor)?;
+    let mut stop_ids = encoder.template.stop_token_ids();
+    stop_ids.extend(generation_config_eos(dir));
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let load = || F::load(&config, dir, opts.device, opts.kind);
+    let model = match quant {
+        None => load()?,
+        Some(spec) => {
+            let (model, done) = load_quantized(opts.kind, spec, load)?;
+            tracing::info!(
+                quantized = done.quantized,
+                dense = done.dense,
+                "quantised {} linear layers to {} ({:.1} MiB)",
+                done.quantized,
+                spec.options.quant_type,
+                done.quantized_bytes as f64 / (1 << 20) as f64
+            );
+            model
+        }
+    };
+    Ok(Box::new(Opened::<F> {
+        encoder: Arc::new(encoder),
+        collator: Arc::new(F::collator(&config)),
+        model,
+        device: opts.device,
+        stop_ids,
+    }))
+}
+
 impl<F: Family> DynFamily for Erased<F> {
     fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>> {
-        let config = F::config(dir)?;
-        let encoder = Encoder::<F>::new(&config, dir, &opts.processor)?;
-        let mut stop_ids = encoder.template.stop_token_ids();
-        stop_ids.extend(generation_config_eos(dir));
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        Ok(Box::new(Opened::<F> {
-            encoder: Arc::new(encoder),
-            collator: Arc::new(F::collator(&config)),
-            model: F::load(&config, dir, opts.device, opts.kind)?,
-            device: opts.device,
-            stop_ids,
-        }))
+        open_with::<F>(dir, opts, None)
+    }
+
+    fn open_quantized(
+        &self,
+        dir: &Path,
+        opts: OpenOptions,
+        quant: &QuantSpec,
+    ) -> Result<Box<dyn Pipeline>> {
+        open_with::<F>(dir, opts, Some(quant))
     }
 
     fn open_data(&self, dir: &Path, opts: &ProcessorOptions) -> Result<Box<dyn DataPipeline>> {

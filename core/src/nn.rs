@@ -7,6 +7,8 @@ use std::sync::Arc;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
+use crate::quant::QuantWeight;
+
 /// How fresh parameters are filled. Loading a checkpoint overwrites them, so `Zeros` avoids
 /// spending time on random numbers; `Normal` is for training from scratch (the quickstart).
 #[derive(Debug, Clone, Copy)]
@@ -73,20 +75,33 @@ impl LoraAdapter {
 /// optional LoRA adapter the trainer attaches after loading.
 ///
 /// The base path goes through [`Linear::base_forward`] alone, so a quantised base weight
-/// (QLoRA's NF4) can replace the dense `weight` there without touching the adapter.
+/// (QLoRA's NF4) replaces the dense `weight` there without touching the adapter.
+///
+/// QLoRA is a storage variant of this same layer rather than a separate type, so every
+/// family's `visit_linears`, LoRA attachment, PEFT I/O and gradient checkpointing work on
+/// quantised models unchanged. When `quant` is set, `weight` is a storage-less placeholder
+/// (a zero scalar expanded to `[out, in]`) that only carries shape, dtype and device, and it
+/// is no longer in the `VarStore`, so it is neither trained nor saved.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    /// The frozen 4-bit base weight, when the layer is quantised.
+    pub quant: Option<QuantWeight>,
 }
 
 impl Linear {
+    /// Inside [`crate::quant::deferred`] the weight is a placeholder the quantising loader
+    /// fills later (so a model built for QLoRA never allocates its dense linears).
     pub fn new(p: &Path, input: i64, output: i64, bias: bool, init: ParamInit) -> Linear {
+        let weight = crate::quant::placeholder(p, "weight", &[output, input])
+            .unwrap_or_else(|| p.var("weight", &[output, input], init.weight()));
         Linear {
-            weight: p.var("weight", &[output, input], init.weight()),
+            weight,
             bias: bias.then(|| p.var("bias", &[output], Init::Const(0.0))),
             lora: None,
+            quant: None,
         }
     }
 
@@ -99,7 +114,14 @@ impl Linear {
     }
 
     pub fn base_forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match &self.quant {
+            // The quantised weight was validated when it was built, so a failure here is a
+            // shape mismatch with the input: a programming error, like in `x.linear` itself.
+            Some(q) => q
+                .linear(x, self.bias.as_ref())
+                .unwrap_or_else(|e| panic!("4-bit linear: {e:#}")),
+            None => x.linear(&self.weight, self.bias.as_ref()),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -114,8 +136,15 @@ impl Linear {
     }
 
     /// Folds the adapter into the base weight (in fp32, then back to the weight's dtype) and
-    /// removes it, as PEFT's `merge_and_unload`.
-    pub fn merge_lora(&mut self) {
+    /// removes it, as PEFT's `merge_and_unload`. A 4-bit base is refused: merging into it
+    /// would re-quantise the update away; merge into the bf16 base loaded normally instead.
+    pub fn merge_lora(&mut self) -> anyhow::Result<()> {
+        if self.quant.is_some() && self.lora.is_some() {
+            anyhow::bail!(
+                "refusing to merge a LoRA adapter into a 4-bit base weight; load the \
+                 unquantised base model and merge there"
+            );
+        }
         if let Some(lora) = self.lora.take() {
             let kind = self.weight.kind();
             let merged = (self.weight.to_kind(Kind::Float)
@@ -123,6 +152,7 @@ impl Linear {
             .to_kind(kind);
             tch::no_grad(|| self.weight.shallow_clone().copy_(&merged));
         }
+        Ok(())
     }
 }
 

@@ -132,6 +132,12 @@ pub fn load_into_renamed(
             }
             let kind =
                 kind_of(view.dtype()).with_context(|| format!("{}: {name}", file.display()))?;
+            // A weight the quantising loader fills later (see `quant::load`): checked here,
+            // copied (or quantised) there.
+            if crate::quant::defer_source(&target, &file, &name) {
+                filled.insert(target);
+                continue;
+            }
             let src = tensor_view(view.data(), &shape, kind);
             tch::no_grad(|| var.shallow_clone().copy_(&src));
             filled.insert(target);
@@ -160,7 +166,7 @@ pub fn load_into_renamed(
 }
 
 /// A CPU tensor viewing `data` without copying. The caller must drop it before `data`.
-fn tensor_view(data: &[u8], shape: &[i64], kind: Kind) -> Tensor {
+pub(crate) fn tensor_view(data: &[u8], shape: &[i64], kind: Kind) -> Tensor {
     let mut strides = vec![1i64; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         strides[i] = strides[i + 1] * shape[i + 1];

@@ -447,7 +447,7 @@ pub fn merge_lora(
 ) -> Result<usize> {
     load_adapter(model, adapter, &Arc::new(AtomicBool::new(false)))
         .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
-    let merged = super::merge_all(model);
+    let merged = super::merge_all(model)?;
     copy_model_files(base, out)?;
     save_hf_weights(model, out, shard_bytes)?;
     Ok(merged)

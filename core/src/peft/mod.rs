@@ -176,14 +176,18 @@ pub fn component_index(c: Component) -> usize {
     }
 }
 
-/// Folds every adapter into its base weight (PEFT's `merge_and_unload`).
-pub fn merge_all(model: &mut dyn Trainable) -> usize {
+/// Folds every adapter into its base weight (PEFT's `merge_and_unload`). Fails on a 4-bit
+/// base (see [`Linear::merge_lora`]).
+pub fn merge_all(model: &mut dyn Trainable) -> Result<usize> {
     let mut merged = 0;
-    model.visit_linears(&mut |_, linear| {
-        if linear.lora.is_some() {
-            linear.merge_lora();
+    let mut result = Ok(());
+    model.visit_linears(&mut |name, linear| {
+        if result.is_ok() && linear.lora.is_some() {
+            result = linear
+                .merge_lora()
+                .with_context(|| format!("merging the adapter of {name}"));
             merged += 1;
         }
     });
-    merged
+    result.map(|()| merged)
 }

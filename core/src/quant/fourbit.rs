@@ -110,22 +110,7 @@ pub fn quantize_4bit(
     let lo = q.slice(0, 1, None, 2);
     let packed = (hi * 16i64 + lo).unsqueeze(1);
 
-    let absmax = if compress_statistics {
-        let offset = absmax.mean(Kind::Float);
-        let code = dynamic_code().to_device(device);
-        let (qabsmax, absmax2) = quantize_blockwise(&(&absmax - &offset), &code, NESTED_BLOCKSIZE)?;
-        Absmax4bit::Nested {
-            qabsmax,
-            offset,
-            state2: BlockwiseState {
-                absmax: absmax2,
-                code,
-                blocksize: NESTED_BLOCKSIZE,
-            },
-        }
-    } else {
-        Absmax4bit::Plain(absmax)
-    };
+    let absmax = compress_absmax(absmax, compress_statistics)?;
     let state = QuantState4bit {
         absmax,
         shape: weight.size(),
@@ -134,6 +119,27 @@ pub fn quantize_4bit(
         quant_type,
     };
     Ok((packed, state))
+}
+
+/// The scale statistics of a 4-bit weight from its fp32 per-block absmax: kept as is, or
+/// (`compress_statistics`, bnb's double quantisation) minus their mean, 8-bit quantised in
+/// blocks of 256 with the dynamic code.
+pub(crate) fn compress_absmax(absmax: Tensor, compress_statistics: bool) -> Result<Absmax4bit> {
+    if !compress_statistics {
+        return Ok(Absmax4bit::Plain(absmax));
+    }
+    let offset = absmax.mean(Kind::Float);
+    let code = dynamic_code().to_device(absmax.device());
+    let (qabsmax, absmax2) = quantize_blockwise(&(&absmax - &offset), &code, NESTED_BLOCKSIZE)?;
+    Ok(Absmax4bit::Nested {
+        qabsmax,
+        offset,
+        state2: BlockwiseState {
+            absmax: absmax2,
+            code,
+            blocksize: NESTED_BLOCKSIZE,
+        },
+    })
 }
 
 /// Unpacks and rescales 4-bit codes back to a tensor of `state.shape` and `state.dtype`, as
@@ -191,7 +197,7 @@ pub fn dequantize_4bit_as(packed: &Tensor, state: &QuantState4bit, kind: Kind) -
     let lo = bytes_flat.bitwise_and(15);
     let q = Tensor::stack(&[hi, lo], 1).reshape([-1]).narrow(0, 0, n);
     let code = code_4bit(state.quant_type).to_device(device);
-    let vals = code.index_select(0, &q.to_kind(Kind::Int64));
+    let vals = code.index_select(0, &q.to_kind(Kind::Int));
     let out = scale_by_blocks(&vals, &absmax.to_device(device), state.blocksize);
     Ok(out.to_kind(kind).reshape(state.shape.as_slice()))
 }

@@ -7,6 +7,8 @@
 
 mod blockwise;
 mod fourbit;
+mod linear;
+mod load;
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +17,14 @@ use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
 pub use blockwise::{dequantize_blockwise, dynamic_code, quantize_blockwise, NESTED_BLOCKSIZE};
+pub(crate) use fourbit::compress_absmax;
 pub use fourbit::{code_4bit, dequantize_4bit, dequantize_4bit_as, quantize_4bit, BLOCKSIZES};
+pub use linear::{QuantOptions, QuantWeight};
+pub(crate) use load::{defer_source, placeholder};
+pub use load::{
+    deferred, load_quantized, materialize, materialize_random, Deferred, Materialized,
+    QuantModules, QuantSpec,
+};
 
 /// `ceil(a / b)` for positive `b` (`i64::div_ceil` is not stable).
 pub(crate) fn ceil_div(a: i64, b: i64) -> i64 {

@@ -225,13 +225,16 @@ impl Trainer {
                 self.step + 1
             );
         }
-        let inputs: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
-        let grads =
-            Tensor::f_run_backward(&[loss], &inputs, false, false).context("backward pass")?;
-        for (acc, g) in self.grads.iter_mut().zip(grads) {
-            if !g.defined() {
+        // `loss.backward()` rather than `autograd.grad(loss, params)`: parameters used inside
+        // a gradient-checkpointed block are reached only by the block's re-entrant inner
+        // backward, which fills their `.grad` and is skipped entirely by an `autograd.grad`
+        // restricted to the parameters (every LoRA factor would get no gradient). Each
+        // `.grad` is then moved out into the fp32 accumulator.
+        loss.f_backward().context("backward pass")?;
+        for (acc, p) in self.grads.iter_mut().zip(&self.params) {
+            let Some(g) = crate::autograd::take_grad(&p.tensor) else {
                 continue;
-            }
+            };
             let g = g.to_kind(Kind::Float);
             *acc = Some(match acc.take() {
                 Some(a) => a + g,

@@ -26,7 +26,7 @@ use tch::{Device, Kind};
 
 use super::metrics::{self, MetricsLog};
 use super::{checkpoint, plot, StepStats, TrainOptions, Trainer};
-use crate::config::{Config, DataSection, OnBadSample, Overlength};
+use crate::config::{ComponentMode, Config, DataSection, Mode, OnBadSample, Overlength};
 use crate::data::batch::length::{fit_length, Fitted};
 use crate::data::batch::sampler::{
     BatchSampler, LengthGroupedSampler, SamplerState, ShuffledSampler,
@@ -39,6 +39,7 @@ use crate::family::{
     BatchBuilder, DynFamily, EncodedSample, LoadedBatch, OpenOptions, Pipeline, ProcessorOptions,
 };
 use crate::peft::io::{copy_model_files, save_adapter, save_hf_weights};
+use crate::quant::QuantSpec;
 
 /// Name of the resolved configuration written into the output directory.
 pub const CONFIG_FILE: &str = "lmms-ft-config.toml";
@@ -368,14 +369,23 @@ pub fn train(
         .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
     let resume = resume_dir(cfg)?;
 
-    let mut pipeline = family.open(
-        model_dir,
-        OpenOptions {
-            device,
-            kind,
-            processor: ProcessorOptions::from_config(&cfg.data),
-        },
-    )?;
+    let open = OpenOptions {
+        device,
+        kind,
+        processor: ProcessorOptions::from_config(&cfg.data),
+    };
+    let mut pipeline = if t.mode == Mode::Qlora {
+        // The quantised base is frozen and never saved: only adapters (and modules_to_save)
+        // can train on top of it.
+        ensure!(
+            t.component_modes()[2] == ComponentMode::Lora,
+            "train.mode = \"qlora\" trains LoRA adapters on a frozen 4-bit LLM; \
+             train.llm must be \"lora\" (use mode = \"full\" or \"lora\" otherwise)"
+        );
+        family.open_quantized(model_dir, open, &QuantSpec::from_config(&cfg.quant)?)?
+    } else {
+        family.open(model_dir, open)?
+    };
     let mut records = read_records(train_path, &cfg.data)?;
     let sampler: Arc<dyn BatchSampler> = if t.group_by_length {
         let media = MediaOptions::from_config(&cfg.data);
