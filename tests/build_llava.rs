@@ -324,7 +324,7 @@ fn build_llava_in_two_stages_loads_in_transformers() {
     sets.push(format!("model.path={}", out1.display()));
     sets.push("train.llm=lora".into());
     sets.push(
-        "lora.modules_to_save=[\"multi_modal_projector.linear_1\",\"multi_modal_projector.linear_2\"]"
+        "lora.modules_to_save=[\"multi_modal_projector\"]"
             .into(),
     );
     train("build-llava-stage2.toml", &sets).unwrap_or_else(|e| panic!("stage 2 (LoRA): {e}"));

@@ -101,10 +101,18 @@ impl LoraSpec {
     }
 
     /// Whether a parameter (Hub name) belongs to a `modules_to_save` module and so trains
-    /// fully and is saved with the adapter.
+    /// fully and is saved with the adapter. PEFT wraps the whole matching module, so an entry
+    /// naming a container (LLaVA's `multi_modal_projector`) covers every parameter below it,
+    /// not only those whose immediate module matches.
     pub fn saves_module_of(&self, param: &str) -> bool {
-        let module = param.rsplit_once('.').map_or(param, |(m, _)| m);
-        self.modules_to_save.iter().any(|t| suffix_match(module, t))
+        let mut rest = param;
+        while let Some((module, _)) = rest.rsplit_once('.') {
+            if self.modules_to_save.iter().any(|t| suffix_match(module, t)) {
+                return true;
+            }
+            rest = module;
+        }
+        false
     }
 }
 
