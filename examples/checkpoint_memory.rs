@@ -12,12 +12,13 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use lmms_ft_core::family::{HfConfig, Model};
 use lmms_ft_core::nn::ParamInit;
+use lmms_ft_core::train::metrics::proc_kib;
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
-use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
-use lmms_ft_qwen2_vl::rope::{position_ids, RopeSpec};
-use tch::{Device, Kind, Tensor};
+use lmms_ft_qwen2_vl::model::Qwen2VlModel;
+use lmms_ft_qwen2_vl::synthetic::image_batch;
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Copy)]
 struct Shape {
@@ -60,71 +61,9 @@ fn config(s: Shape) -> Result<Qwen2VlConfig> {
     Qwen2VlConfig::from_hf_json(&json)
 }
 
-fn batch(c: &Qwen2VlConfig, s: Shape) -> Result<Batch> {
-    let patch = c.vision.patch_size;
-    let side = s.image / patch;
-    let grid = [1, side, side];
-    let image_tokens = side * side / (c.vision.spatial_merge_size * c.vision.spatial_merge_size);
-    if image_tokens + 16 > s.seq {
-        bail!(
-            "sequence of {} tokens cannot hold a {}-token image",
-            s.seq,
-            image_tokens
-        );
-    }
-    let text = s.seq - image_tokens;
-    let mut ids: Vec<i64> = (0..text / 2).map(|i| 2000 + i % 1000).collect();
-    ids.extend(std::iter::repeat_n(IMAGE_TOKEN, image_tokens as usize));
-    ids.extend((0..text - text / 2).map(|i| 3000 + i % 1000));
-    let labels: Vec<i64> = ids
-        .iter()
-        .map(|&t| if t == IMAGE_TOKEN { IGNORE_INDEX } else { t })
-        .collect();
-    let spec = RopeSpec {
-        image_token_id: IMAGE_TOKEN,
-        video_token_id: c.video_token_id,
-        spatial_merge_size: c.vision.spatial_merge_size,
-        tokens_per_second: None,
-    };
-    let pos = position_ids(
-        &ids,
-        &spec,
-        &mut std::iter::once(grid),
-        &mut std::iter::empty::<([i64; 3], f64)>(),
-    )?;
-    let patch_dim = c.vision.in_channels * c.vision.temporal_patch_size * patch * patch;
-    let n_labels = labels
-        .iter()
-        .skip(1)
-        .filter(|&&l| l != IGNORE_INDEX)
-        .count() as i64;
-    Ok(Batch {
-        input_ids: Tensor::from_slice(&ids).view([1, -1]),
-        labels: Some(Tensor::from_slice(&labels).view([1, -1])),
-        position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
-        images: Some(Media {
-            pixels: Tensor::randn([side * side, patch_dim], (Kind::Float, Device::Cpu)),
-            grids: vec![grid],
-        }),
-        videos: None,
-        num_label_tokens: n_labels,
-    })
-}
-
 /// `VmHWM` / `VmRSS` of this process in MiB.
 fn status_mib(key: &str) -> Result<f64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .with_context(|| format!("{key} not in /proc/self/status"))?;
-    let kb: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed status line")?
-        .parse()?;
-    Ok(kb / 1024.0)
+    Ok(proc_kib("/proc/self/status", key)? as f64 / 1024.0)
 }
 
 fn child(s: Shape, checkpointing: bool) -> Result<()> {
@@ -132,7 +71,7 @@ fn child(s: Shape, checkpointing: bool) -> Result<()> {
     let c = config(s)?;
     let mut model = Qwen2VlModel::new(&c, Device::Cpu, ParamInit::Normal { std: 0.02 });
     model.set_gradient_checkpointing(checkpointing);
-    let batch = batch(&c, s)?;
+    let batch = image_batch(&c, s.seq, s.image, Kind::Float)?;
     let rss_before = status_mib("VmRSS:")?;
     let start = std::time::Instant::now();
     let before = recomputations();

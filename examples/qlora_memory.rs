@@ -19,14 +19,15 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use lmms_ft_core::config::{Config, Scheduler};
-use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
+use lmms_ft_core::family::{HfConfig, Model};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::quant::{deferred, materialize_random, QuantSpec};
+use lmms_ft_core::train::metrics::proc_kib;
 use lmms_ft_core::train::{TrainOptions, Trainer};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
-use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
-use lmms_ft_qwen2_vl::rope::{position_ids, RopeSpec};
-use tch::{Device, Kind, Tensor};
+use lmms_ft_qwen2_vl::model::Qwen2VlModel;
+use lmms_ft_qwen2_vl::synthetic::image_batch;
+use tch::{Device, Kind};
 
 struct Args {
     config: PathBuf,
@@ -37,74 +38,9 @@ struct Args {
     min_free_gb: f64,
 }
 
-fn batch(c: &Qwen2VlConfig, seq: i64, image: i64) -> Result<Batch> {
-    let patch = c.vision.patch_size;
-    let side = image / patch;
-    let grid = [1, side, side];
-    let merge = c.vision.spatial_merge_size;
-    let image_tokens = side * side / (merge * merge);
-    if image_tokens + 16 > seq {
-        bail!("{seq} tokens cannot hold a {image_tokens}-token image");
-    }
-    let text = seq - image_tokens;
-    let mut ids: Vec<i64> = (0..text / 2).map(|i| 2000 + i % 1000).collect();
-    ids.extend(std::iter::repeat_n(c.image_token_id, image_tokens as usize));
-    ids.extend((0..text - text / 2).map(|i| 3000 + i % 1000));
-    let labels: Vec<i64> = ids
-        .iter()
-        .map(|&t| {
-            if t == c.image_token_id {
-                IGNORE_INDEX
-            } else {
-                t
-            }
-        })
-        .collect();
-    let spec = RopeSpec {
-        image_token_id: c.image_token_id,
-        video_token_id: c.video_token_id,
-        spatial_merge_size: merge,
-        tokens_per_second: None,
-    };
-    let pos = position_ids(
-        &ids,
-        &spec,
-        &mut std::iter::once(grid),
-        &mut std::iter::empty::<([i64; 3], f64)>(),
-    )?;
-    let patch_dim = c.vision.in_channels * c.vision.temporal_patch_size * patch * patch;
-    let n_labels = labels
-        .iter()
-        .skip(1)
-        .filter(|&&l| l != IGNORE_INDEX)
-        .count() as i64;
-    Ok(Batch {
-        input_ids: Tensor::from_slice(&ids).view([1, -1]),
-        labels: Some(Tensor::from_slice(&labels).view([1, -1])),
-        position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
-        images: Some(Media {
-            pixels: Tensor::randn([side * side, patch_dim], (Kind::Float, Device::Cpu))
-                .to_kind(Kind::BFloat16),
-            grids: vec![grid],
-        }),
-        videos: None,
-        num_label_tokens: n_labels,
-    })
-}
-
 /// A `/proc` status or meminfo field in GiB.
 fn proc_gib(file: &str, key: &str) -> Result<f64> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(key))
-        .with_context(|| format!("{key} not in {file}"))?;
-    let kb: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed line")?
-        .parse()?;
-    Ok(kb / (1024.0 * 1024.0))
+    Ok(proc_kib(file, key)? as f64 / (1024.0 * 1024.0))
 }
 
 fn child(a: &Args, qlora: bool) -> Result<()> {
@@ -134,7 +70,7 @@ fn child(a: &Args, qlora: bool) -> Result<()> {
     cfg.train.warmup_ratio = 0.0;
     let options = TrainOptions::from_config(&cfg, 1)?;
     let mut trainer = Trainer::new(&mut model, options)?;
-    let batch = batch(&c, a.seq, a.image)?;
+    let batch = image_batch(&c, a.seq, a.image, Kind::BFloat16)?;
     let start = std::time::Instant::now();
     let stats = trainer.train_step(&[()], |_| model.forward(&batch, true))?;
     let step_seconds = start.elapsed().as_secs_f64();

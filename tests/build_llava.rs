@@ -323,10 +323,7 @@ fn build_llava_in_two_stages_loads_in_transformers() {
     let mut sets = tiny_run(&src, &lora, 2);
     sets.push(format!("model.path={}", out1.display()));
     sets.push("train.llm=lora".into());
-    sets.push(
-        "lora.modules_to_save=[\"multi_modal_projector\"]"
-            .into(),
-    );
+    sets.push("lora.modules_to_save=[\"multi_modal_projector\"]".into());
     train("build-llava-stage2.toml", &sets).unwrap_or_else(|e| panic!("stage 2 (LoRA): {e}"));
     let merged = tmp.path().join("stage2-merged");
     let out = lmms_ft(&[

@@ -7,6 +7,7 @@ pub mod family;
 pub mod model;
 pub mod processor;
 pub mod rope;
+pub mod synthetic;
 pub mod vision;
 
 use lmms_ft_core::family::Erased;

@@ -114,8 +114,21 @@ pub fn read_rows(path: &Path) -> Result<Vec<serde_json::Value>> {
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_kib("/proc/self/status", "VmHWM:")
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+/// A `Key:  N kB` field of a Linux `/proc` file (`/proc/self/status`' `VmRSS:`,
+/// `/proc/meminfo`'s `MemAvailable:`), in KiB.
+pub fn proc_kib(file: &str, key: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("{key} not in {file}"))?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("malformed line in {file}: {line}"))
 }
