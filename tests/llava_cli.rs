@@ -1,6 +1,7 @@
 //! `lmms-ft evaluate` end to end on tiny LLaVA checkpoints saved by transformers
 //! (`scripts/oracle/llava_fixture.py`): LLaVA-1.5 (pad-to-square, Vicuna training template),
-//! LLaVA-NeXT with Mistral text (anyres, Hub template), LLaVA-NeXT-Video (registered as its
+//! LLaVA-NeXT with Vicuna and with Mistral text (anyres, Hub template), LLaVA-Interleave
+//! (SigLIP + Qwen2, ChatML), LLaVA-NeXT-Video (registered as its
 //! own family; Vicuna training template with `<video>`) and LLaVA-OneVision (anyres_max, one
 //! tile per image of the two-image sample). Per-sample losses under the label rule, their
 //! label counts and the token-weighted mean equal the oracle's. For the video variants the
@@ -180,4 +181,14 @@ fn evaluate_llava_next_video_matches_transformers() {
 #[test]
 fn evaluate_llava_onevision_matches_transformers() {
     check_evaluate("onevision");
+}
+
+#[test]
+fn evaluate_llava_interleave_matches_transformers() {
+    check_evaluate("interleave");
+}
+
+#[test]
+fn evaluate_llava_next_vicuna_matches_transformers() {
+    check_evaluate("next_vicuna");
 }
