@@ -44,6 +44,7 @@ use lmms_ft_core::compose::MANIFEST;
 use lmms_ft_core::config::ModelSection;
 use lmms_ft_core::data::template::load_dir_tokenizer;
 use lmms_ft_core::family::Model;
+use lmms_ft_core::hf_json::{boolean, float, int};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::register_composer;
 use lmms_ft_core::weights::{checkpoint_files, load_into, load_into_renamed, LoadOptions};
@@ -303,14 +304,8 @@ fn write_processor(
             .and_then(|v| v.get("image_processor").cloned())
             .unwrap_or_else(|| json!({})),
     };
-    let size = vision
-        .get("image_size")
-        .and_then(Value::as_i64)
-        .unwrap_or(224);
-    let patch = vision
-        .get("patch_size")
-        .and_then(Value::as_i64)
-        .unwrap_or(if siglip { 16 } else { 32 });
+    let size = int(vision, "image_size", 224)?;
+    let patch = int(vision, "patch_size", if siglip { 16 } else { 32 })?;
     let mut p = Map::new();
     if siglip {
         p.insert("size".into(), json!({"height": size, "width": size}));
@@ -383,10 +378,7 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
     let text = text_config(&text_dir)?;
     let (vision, siglip) = vision_config(&vision_dir)?;
     let projector = Projector::parse(model.projector.as_deref().unwrap_or("mlp2x_gelu"))?;
-    let layers = vision
-        .get("num_hidden_layers")
-        .and_then(Value::as_i64)
-        .unwrap_or(12);
+    let layers = int(&vision, "num_hidden_layers", 12)?;
     let layer = model.vision_feature_layer.unwrap_or(-2);
     ensure!(
         (-(layers + 1)..=layers).contains(&layer),
@@ -427,22 +419,10 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
     let vocab = source_vocab.max(image_token_id + 1);
     let mut text_config = text.clone();
     text_config["vocab_size"] = json!(vocab);
-    let tie = text
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let initializer_range = text
-        .get("initializer_range")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.02);
-    let image_size = vision
-        .get("image_size")
-        .and_then(Value::as_i64)
-        .unwrap_or(224);
-    let patch = vision
-        .get("patch_size")
-        .and_then(Value::as_i64)
-        .unwrap_or(32);
+    let tie = boolean(&text, "tie_word_embeddings", false)?;
+    let initializer_range = float(&text, "initializer_range", 0.02)?;
+    let image_size = int(&vision, "image_size", 224)?;
+    let patch = int(&vision, "patch_size", 32)?;
     ensure!(
         patch > 0 && image_size % patch == 0,
         "model.vision_tower: image_size {image_size} is not a multiple of patch_size {patch}"
