@@ -8,15 +8,13 @@
 //! fixture's four frames are written losslessly (PNG codec, RGB24, Matroska) and read back
 //! by the CLI's FFmpeg decoder with `data.video_num_frames = 4`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
 use ffmpeg::format::Pixel;
 use ffmpeg_next as ffmpeg;
 
-use lmms_ft_core::testing::{cached_fixture, llava_record};
-use tch::Tensor;
+use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture, llava_record};
 
 fn check_evaluate(variant: &str) {
     let tmp = tempfile::tempdir().unwrap();
@@ -24,11 +22,6 @@ fn check_evaluate(variant: &str) {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let reference: HashMap<String, Tensor> =
-        Tensor::read_safetensors(dir.join("reference.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
     let mut samples = vec![
         ("text", vec![]),
         ("image", vec!["image_b.png"]),
@@ -74,32 +67,8 @@ fn check_evaluate(variant: &str) {
         "{variant}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let (mut weighted, mut tokens) = (0.0, 0i64);
-    for (i, (name, _)) in samples.iter().enumerate() {
-        let row = &report["samples"][i];
-        assert_eq!(row["index"], i);
-        let expected = meta["samples"][name]["rule_loss"].as_f64().unwrap();
-        let loss = row["loss"].as_f64().unwrap();
-        assert!(
-            ((loss - expected) / expected).abs() <= 1e-5,
-            "{variant}/{name}: {loss} vs {expected}"
-        );
-        // Labeled positions after the causal shift, counted from the oracle's labels.
-        let labels: Vec<i64> =
-            Vec::try_from(reference[&format!("{name}.rule_labels")].flatten(0, -1)).unwrap();
-        let n = labels.iter().skip(1).filter(|&&l| l != -100).count() as i64;
-        assert_eq!(row["num_label_tokens"], n, "{variant}/{name}");
-        eprintln!("{variant}/{name}: loss {loss:.6} vs {expected:.6}, {n} label tokens");
-        weighted += expected * n as f64;
-        tokens += n;
-    }
-    let mean = report["mean_loss"].as_f64().unwrap();
-    assert!(
-        (mean - weighted / tokens as f64).abs() <= 1e-5 * mean,
-        "{variant}: mean {mean}"
-    );
+    let names: Vec<&str> = samples.iter().map(|(name, _)| *name).collect();
+    assert_evaluate_report(&dir, &out, &names, variant);
 }
 
 /// The fixture's four 56 × 70 RGB8 frames as a 4-fps Matroska file with the PNG codec, so

@@ -119,6 +119,46 @@ pub fn cached_fixture(script: &str, variant: &str) -> (PathBuf, String) {
     (dir, text)
 }
 
+/// Checks an `lmms-ft evaluate --json` report of the fixture's `samples` (in that order)
+/// against the oracle's `reference.json` / `reference.safetensors` in `fixture`: each loss
+/// under the label rule (≤ 1e-5 relative), each label count after the causal shift (counted
+/// from the oracle's labels), and the token-weighted mean. `what` names the case in failures.
+pub fn assert_evaluate_report(fixture: &Path, report: &Path, samples: &[&str], what: &str) {
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let meta = read_json(&fixture.join("reference.json"));
+    let report = read_json(report);
+    let reference: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(fixture.join("reference.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let (mut weighted, mut tokens) = (0.0, 0i64);
+    for (i, name) in samples.iter().enumerate() {
+        let row = &report["samples"][i];
+        assert_eq!(row["index"], i, "{what}/{name}");
+        let expected = meta["samples"][name]["rule_loss"].as_f64().unwrap();
+        let loss = row["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - expected) / expected).abs() <= 1e-5,
+            "{what}/{name}: {loss} vs {expected}"
+        );
+        let labels: Vec<i64> =
+            Vec::try_from(reference[&format!("{name}.rule_labels")].flatten(0, -1)).unwrap();
+        let n = labels.iter().skip(1).filter(|&&l| l != -100).count() as i64;
+        assert_eq!(row["num_label_tokens"], n, "{what}/{name}");
+        eprintln!("{what}/{name}: loss {loss:.6} vs {expected:.6}, {n} label tokens");
+        weighted += expected * n as f64;
+        tokens += n;
+    }
+    let mean = report["mean_loss"].as_f64().unwrap();
+    assert!(
+        (mean - weighted / tokens as f64).abs() <= 1e-5 * mean,
+        "{what}: mean {mean}"
+    );
+}
+
 /// Maximum absolute difference of two tensors (as f64), after checking shapes agree.
 pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");

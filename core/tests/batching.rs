@@ -208,6 +208,8 @@ fn right_padding_to_longest_sample() {
     #[rustfmt::skip]
     assert_eq!(vec_i64(&b.attention_mask), [1, 1, 1, 0, 0,  1, 1, 1, 1, 1,  1, 0, 0, 0, 0]);
     assert_eq!(b.lengths, [3, 5, 1]);
+    // Shifted label count, by hand: {2, 3} + {6, 7, 8} + {} (the first token of a row is never a target).
+    assert_eq!(b.num_label_tokens, 5);
 }
 
 #[test]
@@ -220,6 +222,8 @@ fn left_padding_for_generation() {
     assert_eq!(vec_i64(&b.labels), [I, I, I, 2, 3,  I, I, 6, 7, 8,  I, I, I, I, 9]);
     #[rustfmt::skip]
     assert_eq!(vec_i64(&b.attention_mask), [0, 0, 1, 1, 1,  1, 1, 1, 1, 1,  0, 0, 0, 0, 1]);
+    // Counted per sample, so the padding side cannot change it.
+    assert_eq!(b.num_label_tokens, 5);
 }
 
 #[test]
@@ -227,7 +231,7 @@ fn padding_never_goes_to_max_length_and_rejects_bad_batches() {
     let short = vec![enc(&[1, 2], &[1, 2]), enc(&[3], &[3])];
     let b = pad_batch(&short, 0, PaddingSide::Right).unwrap();
     assert_eq!(b.input_ids.size(), [2, 2]);
-    assert!(pad_batch(&[], 0, PaddingSide::Right).is_err());
+    assert!(pad_batch::<EncodedText>(&[], 0, PaddingSide::Right).is_err());
     assert!(pad_batch(&[enc(&[1, 2], &[1])], 0, PaddingSide::Right).is_err());
 }
 

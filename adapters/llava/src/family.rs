@@ -32,7 +32,6 @@ use lmms_ft_core::data::Conversation;
 use lmms_ft_core::family::{
     ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
 };
-use lmms_ft_core::nn::count_shifted_labels;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::LlavaConfig;
@@ -160,8 +159,7 @@ impl Collator for LlavaCollator {
 
     fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
         ensure!(!samples.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<EncodedText> = samples.iter().map(|s| s.text.clone()).collect();
-        let labels: Vec<Vec<i64>> = texts.iter().map(|t| t.labels.clone()).collect();
+        let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
         let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?;
         let mut pixels = Vec::new();
         let mut image_sizes = Vec::new();
@@ -194,7 +192,7 @@ impl Collator for LlavaCollator {
             image_anyres,
             pixel_values_videos,
             video_frames,
-            num_label_tokens: count_shifted_labels(&labels, IGNORE_INDEX),
+            num_label_tokens: padded.num_label_tokens,
         })
     }
 }

@@ -6,8 +6,7 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{ContentMode, HfChatTemplate, MediaPlaceholders};
-use lmms_ft_core::family::{Collator, EncodedText, Family, ProcessorOptions, IGNORE_INDEX};
-use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::family::{Collator, EncodedText, Family, ProcessorOptions};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Qwen2VlConfig, Variant};
@@ -86,8 +85,7 @@ impl Collator for QwenCollator {
 
     fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
         ensure!(!samples.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<EncodedText> = samples.iter().map(|s| s.text.clone()).collect();
-        let labels: Vec<Vec<i64>> = texts.iter().map(|t| t.labels.clone()).collect();
+        let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
         // Pad id 0 is never a media token, and padded positions carry no loss.
         let padded = pad_batch(&texts, 0, PaddingSide::Right)?;
         let len = padded.input_ids.size()[1] as usize;
@@ -106,7 +104,7 @@ impl Collator for QwenCollator {
             position_ids,
             images: self.media(ip, ig, device),
             videos: self.media(vp, vg, device),
-            num_label_tokens: count_shifted_labels(&labels, IGNORE_INDEX),
+            num_label_tokens: padded.num_label_tokens,
         })
     }
 }

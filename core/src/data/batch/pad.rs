@@ -1,6 +1,8 @@
 //! Dynamic padding: a batch is padded to its own longest sample, never to `max_length`,
 //! so short batches (which length grouping makes common) cost only what they contain.
 
+use std::borrow::Borrow;
+
 use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 
@@ -27,6 +29,9 @@ pub struct PaddedBatch {
     pub attention_mask: Tensor,
     /// Unpadded length of each sample.
     pub lengths: Vec<usize>,
+    /// Labelled positions after the one-token shift of the causal loss (the divisor of the
+    /// mean loss), counted while the labels are at hand so collators need no copy of them.
+    pub num_label_tokens: i64,
 }
 
 impl PaddedBatch {
@@ -36,6 +41,7 @@ impl PaddedBatch {
             labels: self.labels.to_device(device),
             attention_mask: self.attention_mask.to_device(device),
             lengths: self.lengths,
+            num_label_tokens: self.num_label_tokens,
         }
     }
 }
@@ -44,7 +50,13 @@ impl PaddedBatch {
 ///
 /// An empty batch, or a sample whose labels and ids differ in length, is an error: both mean
 /// a bug upstream, and a silent empty tensor would only fail later in a less telling place.
-pub fn pad_batch(samples: &[EncodedText], pad_id: i64, side: PaddingSide) -> Result<PaddedBatch> {
+/// Takes owned or borrowed texts, so a collator pads its samples' texts in place.
+pub fn pad_batch<T: Borrow<EncodedText>>(
+    samples: &[T],
+    pad_id: i64,
+    side: PaddingSide,
+) -> Result<PaddedBatch> {
+    let samples: Vec<&EncodedText> = samples.iter().map(Borrow::borrow).collect();
     if samples.is_empty() {
         bail!("cannot pad an empty batch");
     }
@@ -79,5 +91,15 @@ pub fn pad_batch(samples: &[EncodedText], pad_id: i64, side: PaddingSide) -> Res
         labels: Tensor::from_slice(&labels).reshape(shape),
         attention_mask: Tensor::from_slice(&mask).reshape(shape),
         lengths: samples.iter().map(|s| s.input_ids.len()).collect(),
+        num_label_tokens: samples
+            .iter()
+            .map(|s| {
+                s.labels
+                    .iter()
+                    .skip(1)
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .count() as i64
+            })
+            .sum(),
     })
 }
