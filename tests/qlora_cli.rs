@@ -6,10 +6,11 @@
 
 #[path = "../adapters/qwen2-vl/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use lmms_ft_core::testing::run_oracle;
 use lmms_ft_core::train::metrics::read_rows;
 use lmms_ft_qwen2_vl::model::Qwen2VlModel;
 use serde_json::{json, Value};
+use support::{assert_ok, lmms_ft, train_args};
 use tch::{Device, Kind, Tensor};
 
 fn dataset(dir: &Path) -> PathBuf {
@@ -39,51 +41,17 @@ fn dataset(dir: &Path) -> PathBuf {
     path
 }
 
-fn lmms_ft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn train(fx: &common::Fixture, data: &Path, out: &Path, sets: &[&str]) -> Output {
-    let mut args = vec![
-        "train",
-        "--model-path",
-        fx.dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--image-folder",
-        fx.dir.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-    ];
-    for s in [
-        "train.device=cpu",
-        "train.logging_steps=1",
+    let qlora = [
         "train.mode=qlora",
         "train.gradient_checkpointing=true",
         "train.max_steps=4",
         "train.batch_size=2",
         "train.learning_rate=1e-2",
         "lora.r=4",
-    ]
-    .iter()
-    .chain(sets)
-    {
-        args.push("--set");
-        args.push(s);
-    }
-    lmms_ft(&args)
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ];
+    let sets: Vec<&str> = qlora.iter().chain(sets).copied().collect();
+    lmms_ft(&train_args(&fx.dir, data, out, &sets))
 }
 
 fn stderr_of(out: &Output) -> String {

@@ -13,6 +13,7 @@
 
 #[path = "../adapters/qwen2-vl/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use lmms_ft_core::train::metrics::read_rows;
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::Qwen2VlModel;
 use serde_json::{json, Value};
+use support::assert_ok;
 use tch::{Device, Kind, Tensor};
 
 fn record(question: &str, answer: &str, image: Option<&str>) -> Value {
@@ -62,46 +64,12 @@ fn dataset(dir: &Path) -> (PathBuf, PathBuf) {
     (train, eval)
 }
 
-fn train_args(fx: &common::Fixture, data: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--model-path",
-        fx.dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--image-folder",
-        fx.dir.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--set",
-        "train.device=cpu",
-        "--set",
-        "train.logging_steps=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for s in sets {
-        args.push("--set".into());
-        args.push(s.to_string());
-    }
-    args
-}
-
 fn lmms_ft(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args)
-        .output()
-        .unwrap()
+    support::lmms_ft(args)
 }
 
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn train_args(fx: &common::Fixture, data: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
+    support::train_args(&fx.dir, data, out, sets)
 }
 
 /// lmms-ft's logits on the fixture's text, image and video samples.
