@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo run --example qlora_memory -- \
-//!     --config ../shared/hf-configs/Qwen--Qwen2.5-VL-7B-Instruct/config.json --mode both
+//!     --config tests/data/hub/Qwen--Qwen2.5-VL-7B-Instruct/config.json --mode both
 //! ```
 //! `--mode qlora|lora|both`; `both` runs the bf16 LoRA step only when `MemAvailable` is at
 //! least `--min-free-gb` (default 19), since it needs about 17 GB.

@@ -34,14 +34,11 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `../shared/hf-configs` beside the checkout: the real Hub configuration files.
+/// `tests/data/hub`: the real Hub configuration files the tests read, copied into the
+/// repository (with their provenance) so a bare clone passes the suite.
 pub fn hf_configs() -> PathBuf {
-    let dir = repo_root().join("../shared/hf-configs");
-    assert!(
-        dir.is_dir(),
-        "{} is missing: the checkout needs the project's shared/ folder beside it",
-        dir.display()
-    );
+    let dir = repo_root().join("tests/data/hub");
+    assert!(dir.is_dir(), "{} is missing from the checkout", dir.display());
     dir
 }
 

@@ -29,9 +29,7 @@ const VICUNA: &str = "{% for message in messages %}{% if message['role'] == 'sys
 const GEN_WS: &str = "{% for m in messages %}\n  {%- if m['role'] == 'assistant' %}\n    {%- generation -%}\n      [{{ m['content'][0]['text'] }}]\n    {%- endgeneration %}\n  {% else %}\n{{ m['role'] }}: {{ m['content'] | tojson }}\n  {% endif %}\n{% endfor %}{{ messages[0] | tojson(indent=2) }}|{{ {'b': [1, 2.5, none, true], 'a': '<é>'} | tojson(separators=(',', ':')) }}";
 
 fn hf(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/hf-configs")
-        .join(name)
+    lmms_ft_core::testing::hf_configs().join(name)
 }
 
 fn text(t: &str) -> Part {

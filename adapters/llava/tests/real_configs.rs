@@ -1,8 +1,8 @@
-//! The real llava-hf `config.json` files in `shared/hf-configs` parse (they lean on
+//! The real llava-hf `config.json` files in `tests/data/hub` parse (they lean on
 //! transformers' defaults: llava-1.5's `text_config` gives three keys) and give the parameter
 //! count transformers reports for them on the meta device, computed without allocating.
 //!
-//! `shared/hf-configs` has no LLaVA-NeXT-Video or OneVision config, so their 7B / 0.5B / 7B
+//! `tests/data/hub` has no LLaVA-NeXT-Video or OneVision config, so their 7B / 0.5B / 7B
 //! configs are written here from the values the llava-hf Hub repos document (same keys,
 //! including the ones transformers ignores), plus bare `{"model_type": ...}` forms that rest
 //! on transformers' per-class defaults; each is counted by transformers and by us.
