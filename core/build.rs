@@ -6,6 +6,7 @@ use std::path::PathBuf;
 fn main() {
     lmms_ft_build::link_libtorch_rpath();
     println!("cargo:rerun-if-changed=csrc/autograd_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/dequant_4bit.cpp");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("DEP_TCH_LIBTORCH_LIB is not set: torch-sys must be a direct dependency"),
@@ -19,6 +20,9 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/autograd_shim.cpp")
+        .file("csrc/dequant_4bit.cpp")
+        // The dequantisation loop is the hot path of a QLoRA step on CPU.
+        .opt_level(3)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

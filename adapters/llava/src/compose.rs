@@ -509,9 +509,8 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
         "the LLM's vocabulary of {source_vocab} does not fit the composed model's {vocab}"
     );
 
-    let model = LlavaModel::new(config, device, ParamInit::Zeros);
+    let model = LlavaModel::new_in(config, device, ParamInit::Zeros, kind);
     let vs = Model::var_store(&model);
-    vs.root().set_kind(kind);
     let vars: HashMap<String, Tensor> = vs.variables();
     let resized = |name: &str| name == "model.embed_tokens.weight" || name == "lm_head.weight";
 

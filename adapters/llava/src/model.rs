@@ -63,7 +63,14 @@ pub struct LlavaModel {
 impl LlavaModel {
     /// Builds the parameters, named as in the llava-hf Hub checkpoints, without loading.
     pub fn new(config: &LlavaConfig, device: Device, init: ParamInit) -> LlavaModel {
-        let vs = VarStore::new(device);
+        LlavaModel::new_in(config, device, init, Kind::Float)
+    }
+
+    /// [`LlavaModel::new`] with every parameter created in `kind` directly, so a bf16 load
+    /// never holds an fp32 copy of the model.
+    pub fn new_in(config: &LlavaConfig, device: Device, init: ParamInit, kind: Kind) -> LlavaModel {
+        let mut vs = VarStore::new(device);
+        vs.set_kind(kind);
         let root = vs.root();
         let vp = &root / "vision_tower" / "vision_model";
         let tower = match &config.vision {
@@ -113,8 +120,7 @@ impl LlavaModel {
         device: Device,
         kind: Kind,
     ) -> Result<LlavaModel> {
-        let mut model = LlavaModel::new(config, device, ParamInit::Zeros);
-        model.vs.set_kind(kind);
+        let model = LlavaModel::new_in(config, device, ParamInit::Zeros, kind);
         let tied = config.text.decoder.tie_word_embeddings;
         // Tied checkpoints may still carry the head as a copy of the embeddings.
         load_llava(&model.vs, dir, &|name| {

@@ -48,7 +48,19 @@ pub struct Qwen2VlModel {
 impl Qwen2VlModel {
     /// Builds the parameters (named as in the Hub checkpoint) without loading weights.
     pub fn new(config: &Qwen2VlConfig, device: Device, init: ParamInit) -> Qwen2VlModel {
-        let vs = VarStore::new(device);
+        Qwen2VlModel::new_in(config, device, init, Kind::Float)
+    }
+
+    /// [`Qwen2VlModel::new`] with every parameter created in `kind` directly: casting after
+    /// an fp32 build would hold an fp32 copy of the model (2 GB for a 7B embedding alone).
+    pub fn new_in(
+        config: &Qwen2VlConfig,
+        device: Device,
+        init: ParamInit,
+        kind: Kind,
+    ) -> Qwen2VlModel {
+        let mut vs = VarStore::new(device);
+        vs.set_kind(kind);
         let root = vs.root();
         let visual = VisionTower::new(&(&root / "visual"), &config.vision, config.variant, init);
         let decoder = Decoder::new(&(&root / "model"), &(&root / "lm_head"), &config.text, init);
@@ -67,8 +79,7 @@ impl Qwen2VlModel {
         device: Device,
         kind: Kind,
     ) -> Result<Qwen2VlModel> {
-        let mut model = Qwen2VlModel::new(config, device, ParamInit::Zeros);
-        model.vs.set_kind(kind);
+        let model = Qwen2VlModel::new_in(config, device, ParamInit::Zeros, kind);
         let tied = config.text.tie_word_embeddings;
         load_into(
             &model.vs,

@@ -191,15 +191,94 @@ pub fn dequantize_4bit_as(packed: &Tensor, state: &QuantState4bit, kind: Kind) -
             absmax.numel()
         );
     }
+    let out = match dequantize_4bit_fused_cpu(
+        packed,
+        &absmax,
+        state.quant_type,
+        n,
+        state.blocksize,
+        kind,
+    )? {
+        Some(out) => out,
+        None => dequantize_4bit_ops(packed, &absmax, state.quant_type, n, state.blocksize, kind),
+    };
+    Ok(out.reshape(state.shape.as_slice()))
+}
+
+/// The tensor-op dequantisation (any device): `code[q] * absmax[block]` in fp32, one cast.
+fn dequantize_4bit_ops(
+    packed: &Tensor,
+    absmax: &Tensor,
+    quant_type: QuantType,
+    n: i64,
+    blocksize: i64,
+    kind: Kind,
+) -> Tensor {
     let device = packed.device();
     let bytes_flat = packed.reshape([-1]);
     let hi = bytes_flat.bitwise_right_shift_tensor_scalar(4);
     let lo = bytes_flat.bitwise_and(15);
     let q = Tensor::stack(&[hi, lo], 1).reshape([-1]).narrow(0, 0, n);
-    let code = code_4bit(state.quant_type).to_device(device);
+    let code = code_4bit(quant_type).to_device(device);
     let vals = code.index_select(0, &q.to_kind(Kind::Int));
-    let out = scale_by_blocks(&vals, &absmax.to_device(device), state.blocksize);
-    Ok(out.to_kind(kind).reshape(state.shape.as_slice()))
+    scale_by_blocks(&vals, &absmax.to_device(device), blocksize).to_kind(kind)
+}
+
+extern "C" {
+    /// `core/csrc/dequant_4bit.cpp`.
+    fn lmms_dequant_4bit_cpu(
+        packed: *const u8,
+        absmax: *const f32,
+        code: *const f32,
+        n: i64,
+        blocksize: i64,
+        out_kind: i32,
+        out: *mut std::ffi::c_void,
+    ) -> i32;
+}
+
+/// The one-pass C++ dequantisation for CPU tensors (bit-identical to the tensor-op path, see
+/// `csrc/dequant_4bit.cpp`); `None` where it does not apply (another device or dtype), so
+/// the caller falls back to tensor ops. On CUDA those ops are elementwise kernels already.
+fn dequantize_4bit_fused_cpu(
+    packed: &Tensor,
+    absmax: &Tensor,
+    quant_type: QuantType,
+    n: i64,
+    blocksize: i64,
+    kind: Kind,
+) -> Result<Option<Tensor>> {
+    let out_kind = match kind {
+        Kind::Float => 0,
+        Kind::BFloat16 => 1,
+        Kind::Half => 2,
+        _ => return Ok(None),
+    };
+    if packed.device() != tch::Device::Cpu || absmax.device() != tch::Device::Cpu {
+        return Ok(None);
+    }
+    // The sizes were checked by the caller: ceil(n/2) bytes, ceil(n/blocksize) scales.
+    let packed = packed.reshape([-1]).contiguous();
+    let absmax = absmax.to_kind(Kind::Float).contiguous();
+    let code = code_4bit(quant_type).contiguous();
+    let out = Tensor::empty([n], (kind, tch::Device::Cpu));
+    // SAFETY: all four buffers are contiguous CPU tensors of the sizes the kernel reads and
+    // writes (validated above and by the caller), alive for the whole call.
+    let rc = unsafe {
+        lmms_dequant_4bit_cpu(
+            packed.data_ptr() as *const u8,
+            absmax.data_ptr() as *const f32,
+            code.data_ptr() as *const f32,
+            n,
+            blocksize,
+            out_kind,
+            out.data_ptr(),
+        )
+    };
+    if rc != 0 {
+        bail!("4-bit dequantisation kernel refused block size {blocksize} / dtype {kind:?}");
+    }
+    Ok(Some(out))
 }
 
 impl QuantState4bit {
@@ -221,6 +300,50 @@ impl QuantState4bit {
                     Kind::Float,
                 )?;
                 Ok(a + offset.to_device(qabsmax.device()).to_kind(Kind::Float))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused CPU kernel writes the same bits as the tensor-op path (which the bnb tests
+    /// check against bitsandbytes) for every dtype, both codebooks, an odd element count and a
+    /// partial last block, and sizes that split across threads.
+    #[test]
+    fn fused_cpu_kernel_equals_tensor_ops() {
+        tch::manual_seed(7);
+        for &(n, blocksize) in &[
+            (1i64, 64i64),
+            (63, 64),
+            (4097, 32),
+            (300_001, 64),
+            (1 << 20, 256),
+        ] {
+            let w = Tensor::randn([n], (Kind::Float, tch::Device::Cpu)) * 0.02;
+            for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+                for double in [false, true] {
+                    let (packed, state) = quantize_4bit(&w, quant_type, blocksize, double).unwrap();
+                    let absmax = state.absmax_f32().unwrap();
+                    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+                        let fused = dequantize_4bit_fused_cpu(
+                            &packed, &absmax, quant_type, n, blocksize, kind,
+                        )
+                        .unwrap()
+                        .expect("CPU float kinds take the fused path");
+                        let ops =
+                            dequantize_4bit_ops(&packed, &absmax, quant_type, n, blocksize, kind);
+                        let same = fused
+                            .view_dtype(Kind::Uint8)
+                            .equal(&ops.view_dtype(Kind::Uint8));
+                        assert!(
+                            same,
+                            "n {n} bs {blocksize} {quant_type:?} double {double} {kind:?}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -177,13 +177,14 @@ impl QuantWeight {
         }
     }
 
-    /// The dense weight in `kind` (a fresh tensor; nothing keeps it). Dequantises
+    /// The dense weight in `kind` (a fresh tensor; nothing keeps it). Off CPU, dequantises
     /// [`QUANT_CHUNK`] values at a time into the output, so the only weight-sized tensor is the
     /// result itself (a one-shot dequantisation of a 7B MLP layer holds about 1 GB of
     /// index and fp32 temporaries). Values are per element, so they equal the one-shot ones.
     pub fn dequantize(&self, kind: Kind) -> Result<Tensor> {
         let n = self.state.numel();
-        if n <= QUANT_CHUNK {
+        // On CPU the fused kernel writes straight into the result with no temporaries.
+        if n <= QUANT_CHUNK || self.packed.device() == tch::Device::Cpu {
             return dequantize_4bit_as(&self.packed, &self.state, kind);
         }
         let bs = self.state.blocksize;
