@@ -248,22 +248,58 @@ fn dequantize_4bit_fused_cpu(
     blocksize: i64,
     kind: Kind,
 ) -> Result<Option<Tensor>> {
+    if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return Ok(None);
+    }
+    if packed.device() != tch::Device::Cpu || absmax.device() != tch::Device::Cpu {
+        return Ok(None);
+    }
+    let packed = packed.reshape([-1]).contiguous();
+    let absmax = absmax.to_kind(Kind::Float).contiguous();
+    let out = Tensor::empty([n], (kind, tch::Device::Cpu));
+    dequantize_4bit_cpu_into(&packed, &absmax, quant_type, blocksize, &out)?;
+    Ok(Some(out))
+}
+
+/// The fused CPU kernel writing into `out` (contiguous CPU, fp32 / bf16 / fp16, as many
+/// elements as the weight has): lets a caller reuse one buffer across layers, so no step
+/// pays the page faults of a fresh weight-sized allocation per layer.
+pub(crate) fn dequantize_4bit_cpu_into(
+    packed: &Tensor,
+    absmax: &Tensor,
+    quant_type: QuantType,
+    blocksize: i64,
+    out: &Tensor,
+) -> Result<()> {
+    let kind = out.kind();
     let out_kind = match kind {
         Kind::Float => 0,
         Kind::BFloat16 => 1,
         Kind::Half => 2,
-        _ => return Ok(None),
+        _ => bail!("the 4-bit CPU kernel writes fp32, bf16 or fp16, not {kind:?}"),
     };
-    if packed.device() != tch::Device::Cpu || absmax.device() != tch::Device::Cpu {
-        return Ok(None);
+    let n = out.numel() as i64;
+    let ok_layout = out.device() == tch::Device::Cpu
+        && out.is_contiguous()
+        && packed.device() == tch::Device::Cpu
+        && packed.kind() == Kind::Uint8
+        && packed.is_contiguous()
+        && packed.numel() as i64 == ceil_div(n, 2)
+        && absmax.kind() == Kind::Float
+        && absmax.is_contiguous()
+        && absmax.numel() as i64 == ceil_div(n, blocksize);
+    if !ok_layout {
+        bail!(
+            "4-bit CPU kernel: {n} values need {} contiguous packed bytes and {} fp32 scales, got {} and {}",
+            ceil_div(n, 2),
+            ceil_div(n, blocksize),
+            packed.numel(),
+            absmax.numel()
+        );
     }
-    // The sizes were checked by the caller: ceil(n/2) bytes, ceil(n/blocksize) scales.
-    let packed = packed.reshape([-1]).contiguous();
-    let absmax = absmax.to_kind(Kind::Float).contiguous();
     let code = code_4bit(quant_type).contiguous();
-    let out = Tensor::empty([n], (kind, tch::Device::Cpu));
     // SAFETY: all four buffers are contiguous CPU tensors of the sizes the kernel reads and
-    // writes (validated above and by the caller), alive for the whole call.
+    // writes (checked above), alive for the whole call.
     let rc = unsafe {
         lmms_dequant_4bit_cpu(
             packed.data_ptr() as *const u8,
@@ -278,7 +314,7 @@ fn dequantize_4bit_fused_cpu(
     if rc != 0 {
         bail!("4-bit dequantisation kernel refused block size {blocksize} / dtype {kind:?}");
     }
-    Ok(Some(out))
+    Ok(())
 }
 
 impl QuantState4bit {
