@@ -5,7 +5,8 @@
 //! - a new run refuses a directory holding another run, naming what is there, and
 //!   `--overwrite` replaces that run (checkpoints included) but not the user's own files;
 //! - `--resume` refuses a Qwen2-VL run's checkpoint on a Qwen2.5-VL model, and one whose
-//!   trainable layout differs, and warns (naming the keys) about a changed learning rate;
+//!   trainable layout differs, and warns (naming the keys) about a changed learning rate
+//!   or dataset;
 //! - a checkpoint with a truncated or altered file is refused naming the file, and plain
 //!   `--resume` falls back to the newest intact checkpoint and ends equal to the reference;
 //! - a disk that fills during a save (a small tmpfs where mounting is allowed, else the
@@ -179,13 +180,17 @@ fn a_used_output_dir_is_refused_and_overwrite_replaces_the_old_run() {
         &[
             "already holds another run",
             "adapter_model.safetensors",
-            "metrics.jsonl",
+            "metrics.jsonl (6 logged steps)",
             "checkpoint-2, checkpoint-4, checkpoint-6",
             "--overwrite",
             "--resume",
         ],
     );
-    assert_eq!(losses(&out).len(), 6, "the refused run touched metrics.jsonl");
+    assert_eq!(
+        losses(&out).len(),
+        6,
+        "the refused run touched metrics.jsonl"
+    );
     assert_eq!(
         std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
         adapter_before
@@ -205,19 +210,30 @@ fn a_used_output_dir_is_refused_and_overwrite_replaces_the_old_run() {
     assert_ok(&replaced);
     assert!(stderr(&replaced).contains("removed the previous run"));
     assert_eq!(losses(&out).len(), 2);
-    assert!(steps(&out).is_empty(), "old checkpoints kept: {:?}", steps(&out));
+    assert!(
+        steps(&out).is_empty(),
+        "old checkpoints kept: {:?}",
+        steps(&out)
+    );
     assert_ne!(
         std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
         adapter_before
     );
-    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
 
     // A directory holding a model (not an lmms-ft run) is never emptied, and the model
     // directory itself is not an output directory.
     // Both are refused before any weight is read, so a stand-in file will do.
     let model = tmp.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
-    std::fs::copy(common::fixture().dir.join("config.json"), model.join("config.json")).unwrap();
+    std::fs::copy(
+        common::fixture().dir.join("config.json"),
+        model.join("config.json"),
+    )
+    .unwrap();
     std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
     let other = lmms_ft(&args(&common::fixture().dir, &model, &[], &["--overwrite"]));
     assert_fails_with(&other, &["model weights lmms-ft did not write"]);
@@ -243,7 +259,12 @@ fn resume_refuses_a_foreign_checkpoint_and_names_changed_settings() {
     ));
     assert_fails_with(
         &foreign,
-        &["cannot resume from", "checkpoint-6", "base model", "--overwrite"],
+        &[
+            "cannot resume from",
+            "checkpoint-6",
+            "base model",
+            "--overwrite",
+        ],
     );
     let other_layout = lmms_ft(&args(
         &common::fixture().dir,
@@ -252,7 +273,11 @@ fn resume_refuses_a_foreign_checkpoint_and_names_changed_settings() {
         &["--resume"],
     ));
     assert_fails_with(&other_layout, &["trains other parameters", "lora_A"]);
-    assert_eq!(losses(&out).len(), 6, "a refused resume changed metrics.jsonl");
+    assert_eq!(
+        losses(&out).len(),
+        6,
+        "a refused resume changed metrics.jsonl"
+    );
 
     let changed = lmms_ft(&args(
         &common::fixture().dir,
@@ -269,6 +294,32 @@ fn resume_refuses_a_foreign_checkpoint_and_names_changed_settings() {
         "{err}"
     );
     assert_eq!(losses(&out).len(), 8);
+
+    // Another dataset (one more record): named, and the data position carried over.
+    let mut records: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&r.data).unwrap()).unwrap();
+    records.push(records[0].clone());
+    let data7 = tmp.path().join("train7.json");
+    std::fs::write(&data7, serde_json::to_string(&records).unwrap()).unwrap();
+    let mut a = args(
+        &common::fixture().dir,
+        &out,
+        &["train.learning_rate=1e-3", "train.max_steps=9"],
+        &["--resume"],
+    );
+    let i = a.iter().position(|x| x == "--data").unwrap();
+    a[i + 1] = data7.display().to_string();
+    let other_data = lmms_ft(&a);
+    assert_ok(&other_data);
+    let err = stderr(&other_data);
+    assert!(
+        err.contains("dataset records: 6 → 7")
+            && err.contains("dataset path")
+            && err.contains("data.train")
+            && err.contains("written for 6 samples in 3 batches per epoch"),
+        "{err}"
+    );
+    assert_eq!(losses(&out).len(), 9);
 }
 
 #[test]
@@ -285,7 +336,10 @@ fn a_damaged_checkpoint_is_refused_and_resume_falls_back_to_an_intact_one() {
     std::fs::write(&file, bytes).unwrap();
     let ckpt = flipped.join("checkpoint-6");
     let refused = run(&flipped, &["--resume", ckpt.to_str().unwrap()]);
-    assert_fails_with(&refused, &["adapter_model.safetensors is damaged", "CRC-32"]);
+    assert_fails_with(
+        &refused,
+        &["adapter_model.safetensors is damaged", "CRC-32"],
+    );
 
     // Truncated: refused when named, passed over by plain `--resume`.
     let out = tmp.path().join("out");
@@ -304,7 +358,10 @@ fn a_damaged_checkpoint_is_refused_and_resume_falls_back_to_an_intact_one() {
     let refused = run(&out, &["--resume", ckpt.to_str().unwrap()]);
     assert_fails_with(
         &refused,
-        &["trainer_state.safetensors is truncated or damaged", &format!("the save wrote {len}")],
+        &[
+            "trainer_state.safetensors is truncated or damaged",
+            &format!("the save wrote {len}"),
+        ],
     );
     // The resumed run keeps the reference's rows of steps 1 to 4 and logs 5 and 6 again.
     let resumed = run(&out, &["--resume"]);
@@ -419,16 +476,25 @@ fn sigkill_during_a_save_then_resume_matches_an_uninterrupted_run() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("the run exited before the save of step 4: {status}");
         }
-        assert!(start.elapsed() < Duration::from_secs(300), "never reached the save");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "never reached the save"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
-    assert!(out.join("checkpoint-4.tmp").is_dir(), "killed before the save began");
+    assert!(
+        out.join("checkpoint-4.tmp").is_dir(),
+        "killed before the save began"
+    );
     assert_eq!(steps(&out), vec![2]);
 
     // A new run may not take this directory, `--resume` continues it.
-    assert_fails_with(&run(&out, &[]), &["already holds another run", "checkpoint-4.tmp"]);
+    assert_fails_with(
+        &run(&out, &[]),
+        &["already holds another run", "checkpoint-4.tmp"],
+    );
     let resumed = run(&out, &["--resume"]);
     assert_ok(&resumed);
     assert!(!out.join("checkpoint-4.tmp").exists());

@@ -466,7 +466,7 @@ impl Sources {
         for set in &self.sets {
             let (key, raw) = set
                 .split_once('=')
-                .filter(|(k, _)| !k.trim().is_empty())
+                .filter(|(k, _)| k.trim().split('.').all(|part| !part.trim().is_empty()))
                 .ok_or_else(|| ConfigError::BadOverride(set.clone()))?;
             insert_dotted(&mut cli, key.trim(), parse_set_value(raw.trim()));
         }

@@ -66,7 +66,7 @@ fn fuzz<S: Strategy>(
     name: &str,
     cases: u32,
     strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+    test: impl Fn(S::Value) -> Result<bool, TestCaseError>,
 ) where
     S::Value: std::fmt::Debug,
 {
@@ -86,16 +86,20 @@ fn fuzz<S: Strategy>(
     }
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed);
     let mut runner = TestRunner::new_with_rng(config, rng);
-    let tried = AtomicUsize::new(0);
+    let (tried, accepted) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let started = std::time::Instant::now();
     let result = runner.run(&strategy, |v| {
         tried.fetch_add(1, Ordering::Relaxed);
-        test(v)
+        if test(v)? {
+            accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     });
     let _ = writeln!(
         std::io::stderr(),
-        "fuzz {name}: {} cases in {:.1} s{}",
+        "fuzz {name}: {} cases ({} accepted, the rest refused with an error) in {:.1} s{}",
         tried.load(Ordering::Relaxed),
+        accepted.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
         if result.is_ok() { "" } else { ", FAILED" }
     );
@@ -155,11 +159,41 @@ fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
 }
 
 const JSON_FRAGMENTS: &[&str] = &[
-    "{", "}", "[", "]", "\"", ",", ":", "null", "true", "1e999", "-0", "18446744073709551616",
-    "\"\\ud800\"", "\\u0000", "\n", "\u{feff}", "\"conversations\"", "\"messages\"",
-    "\"from\"", "\"value\"", "\"role\"", "\"content\"", "\"type\"", "\"image\"", "\"video\"",
-    "\"images\"", "\"text\"", "<image>", "<video>", "\"human\"", "\"gpt\"", "\"system\"",
-    "\"../../etc/passwd\"", "[[[[[[[[[[[[[[[[[[[[", "{\"a\":{\"a\":{\"a\":",
+    "{",
+    "}",
+    "[",
+    "]",
+    "\"",
+    ",",
+    ":",
+    "null",
+    "true",
+    "1e999",
+    "-0",
+    "18446744073709551616",
+    "\"\\ud800\"",
+    "\\u0000",
+    "\n",
+    "\u{feff}",
+    "\"conversations\"",
+    "\"messages\"",
+    "\"from\"",
+    "\"value\"",
+    "\"role\"",
+    "\"content\"",
+    "\"type\"",
+    "\"image\"",
+    "\"video\"",
+    "\"images\"",
+    "\"text\"",
+    "<image>",
+    "<video>",
+    "\"human\"",
+    "\"gpt\"",
+    "\"system\"",
+    "\"../../etc/passwd\"",
+    "[[[[[[[[[[[[[[[[[[[[",
+    "{\"a\":{\"a\":{\"a\":",
 ];
 
 fn seed_records() -> Vec<serde_json::Value> {
@@ -201,55 +235,133 @@ fn dataset_readers_never_panic_and_locate_their_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let seeds = seed_records();
     let counter = AtomicUsize::new(0);
-    fuzz("dataset readers (JSON, JSONL, conversations, messages)", 384, dataset_file(), |(array, picks, edits)| {
-        let records: Vec<&serde_json::Value> = picks.iter().map(|&i| &seeds[i]).collect();
-        let text = if array {
-            serde_json::to_string_pretty(&records).unwrap()
-        } else {
-            records.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
-        };
-        let bytes = apply(text.into_bytes(), &edits);
-        let k = counter.fetch_add(1, Ordering::Relaxed);
-        let path = tmp.path().join(format!("d{k}.{}", if array { "json" } else { "jsonl" }));
-        std::fs::write(&path, &bytes).unwrap();
-        let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        match Dataset::open(&path, DatasetOptions::default()) {
-            Err(e) => prop_assert!(e.to_string().contains(&name), "{e}"),
-            Ok(ds) => {
-                for item in ds.records().map_err(|e| TestCaseError::fail(e.to_string()))? {
-                    if let Err(e) = item {
-                        prop_assert!(e.to_string().contains(&name), "unlocated: {e}");
+    fuzz(
+        "dataset readers (JSON, JSONL, conversations, messages)",
+        2048,
+        dataset_file(),
+        |(array, picks, edits)| {
+            let records: Vec<&serde_json::Value> = picks.iter().map(|&i| &seeds[i]).collect();
+            let text = if array {
+                serde_json::to_string_pretty(&records).unwrap()
+            } else {
+                records
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            let bytes = apply(text.into_bytes(), &edits);
+            let k = counter.fetch_add(1, Ordering::Relaxed);
+            let path = tmp
+                .path()
+                .join(format!("d{k}.{}", if array { "json" } else { "jsonl" }));
+            std::fs::write(&path, &bytes).unwrap();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            // Accepted: the file opens and yields at least one good record.
+            let mut accepted = false;
+            match Dataset::open(&path, DatasetOptions::default()) {
+                Err(e) => prop_assert!(e.to_string().contains(&name), "{e}"),
+                Ok(ds) => {
+                    for item in ds
+                        .records()
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    {
+                        match item {
+                            Ok(_) => accepted = true,
+                            Err(e) => prop_assert!(e.to_string().contains(&name), "unlocated: {e}"),
+                        }
                     }
                 }
             }
-        }
-        let _ = std::fs::remove_file(&path);
-        Ok(())
-    });
+            let _ = std::fs::remove_file(&path);
+            Ok(accepted)
+        },
+    );
 }
 
 const KEYS: &[&str] = &[
-    "train.learning_rate", "train.max_steps", "train.batch_size", "train.output_dir",
-    "train.resume", "train.overwrite", "train.mode", "train.llm", "data.train",
-    "data.max_length", "data.on_bad_sample", "lora.r", "lora.target_modules",
-    "lora.modules_to_save", "model.id", "quant.bits", "train", "", "a.b.c.d.e.f.g",
-    "train.", ".train", "train..x", "nope.key", "train.learning_rate.x",
+    "train.learning_rate",
+    "train.max_steps",
+    "train.batch_size",
+    "train.output_dir",
+    "train.resume",
+    "train.overwrite",
+    "train.mode",
+    "train.llm",
+    "data.train",
+    "data.max_length",
+    "data.on_bad_sample",
+    "lora.r",
+    "lora.target_modules",
+    "lora.modules_to_save",
+    "model.id",
+    "quant.bits",
+    "train",
+    "",
+    "a.b.c.d.e.f.g",
+    "train.",
+    ".train",
+    "train..x",
+    "nope.key",
+    "train.learning_rate.x",
 ];
 const VALUES: &[&str] = &[
-    "1", "-1", "0", "2e-5", "1e400", "nan", "inf", "-inf", "true", "\"x\"", "x y", "[1,2]",
-    "[\"q_proj\"]", "{a = 1}", "18446744073709551616", "\"\\u0000\"", "'", "\"", "[", "]",
-    "lora", "qlora", "full", "frozen", "skip", "1979-05-27", "\u{1F600}", "",
+    "1",
+    "-1",
+    "0",
+    "2e-5",
+    "1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "true",
+    "\"x\"",
+    "x y",
+    "[1,2]",
+    "[\"q_proj\"]",
+    "{a = 1}",
+    "18446744073709551616",
+    "\"\\u0000\"",
+    "'",
+    "\"",
+    "[",
+    "]",
+    "lora",
+    "qlora",
+    "full",
+    "frozen",
+    "skip",
+    "1979-05-27",
+    "\u{1F600}",
+    "",
 ];
 
 fn toml_text() -> impl Strategy<Value = Vec<u8>> {
     let line = prop_oneof![
-        proptest::sample::select(&["[train]", "[data]", "[model]", "[lora]", "[quant]",
-            "[[train]]", "[train.x]", "[", "]]", "= 1", "# c"][..])
-            .prop_map(|s| s.to_string()),
-        (proptest::sample::select(KEYS), proptest::sample::select(VALUES)).prop_map(|(k, v)| {
-            let key = k.rsplit('.').next().unwrap_or(k);
-            format!("{key} = {v}")
-        }),
+        proptest::sample::select(
+            &[
+                "[train]",
+                "[data]",
+                "[model]",
+                "[lora]",
+                "[quant]",
+                "[[train]]",
+                "[train.x]",
+                "[",
+                "]]",
+                "= 1",
+                "# c"
+            ][..]
+        )
+        .prop_map(|s| s.to_string()),
+        (
+            proptest::sample::select(KEYS),
+            proptest::sample::select(VALUES)
+        )
+            .prop_map(|(k, v)| {
+                let key = k.rsplit('.').next().unwrap_or(k);
+                format!("{key} = {v}")
+            }),
     ];
     (
         proptest::collection::vec(line, 0..10),
@@ -260,7 +372,10 @@ fn toml_text() -> impl Strategy<Value = Vec<u8>> {
 
 fn set_arg() -> impl Strategy<Value = String> {
     prop_oneof![
-        (proptest::sample::select(KEYS), proptest::sample::select(VALUES))
+        (
+            proptest::sample::select(KEYS),
+            proptest::sample::select(VALUES)
+        )
             .prop_map(|(k, v)| format!("{k}={v}")),
         proptest::sample::select(&["=", "noequals", "=1", " = ", "train.lora=="][..])
             .prop_map(String::from),
@@ -273,7 +388,7 @@ fn config_layers_never_panic_and_name_the_key_or_layer() {
     let file = tmp.path().join("run.toml");
     fuzz(
         "TOML file and --set layer",
-        384,
+        1024,
         (toml_text(), proptest::collection::vec(set_arg(), 0..4)),
         |(toml, sets)| {
             std::fs::write(&file, &toml).unwrap();
@@ -283,17 +398,19 @@ fn config_layers_never_panic_and_name_the_key_or_layer() {
                 flags: Vec::new(),
                 sets: sets.clone(),
             };
-            match sources.load() {
+            let loaded = sources.load();
+            let accepted = loaded.is_ok();
+            match loaded {
                 Err(e) => {
+                    // Each problem names its key and layer; TOML syntax errors add their
+                    // own lines (the offending line, a caret) after the first.
                     let msg = e.to_string();
-                    prop_assert!(!msg.trim().is_empty());
-                    for line in msg.lines() {
-                        prop_assert!(
-                            line.contains("config key") || line.contains("--set")
-                                || line.contains("run.toml"),
-                            "an error line without its key or source: {line}"
-                        );
-                    }
+                    prop_assert!(
+                        msg.contains("run.toml")
+                            || msg.contains("command line")
+                            || msg.contains("--set"),
+                        "an error without its source: {msg}"
+                    );
                 }
                 Ok(cfg) => {
                     // A resolved config always renders, and reads back as itself.
@@ -305,16 +422,37 @@ fn config_layers_never_panic_and_name_the_key_or_layer() {
                     prop_assert_eq!(toml::to_string_pretty(&again).unwrap(), text);
                 }
             }
-            Ok(())
+            Ok(accepted)
         },
     );
 }
 
 const HOSTILE: &[&str] = &[
-    "<image>", "<video>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-    "<|vision_end|>", "<|im_start|>", "<|im_end|>", "<|im_start|>assistant\n", "<|endoftext|>",
-    "</s>", "<s>", "[INST]", "{{ messages }}", "{% if %}", "{#", "\u{0}", "\u{202e}", "\r\n",
-    "USER:", "ASSISTANT:", "<|eot_id|>", " ", "é中", "\\n",
+    "<image>",
+    "<video>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|im_start|>assistant\n",
+    "<|endoftext|>",
+    "</s>",
+    "<s>",
+    "[INST]",
+    "{{ messages }}",
+    "{% if %}",
+    "{#",
+    "\u{0}",
+    "\u{202e}",
+    "\r\n",
+    "USER:",
+    "ASSISTANT:",
+    "<|eot_id|>",
+    " ",
+    "é中",
+    "\\n",
 ];
 
 fn hostile_text() -> impl Strategy<Value = String> {
@@ -330,43 +468,47 @@ fn hostile_text() -> impl Strategy<Value = String> {
 
 /// A conversation of hostile texts with real image parts, and how many tokens each image
 /// expands to.
-fn hostile_conversation() -> impl Strategy<Value = (Option<String>, Vec<(String, Option<usize>, String)>)> {
+fn hostile_conversation(
+) -> impl Strategy<Value = (Option<String>, Vec<(String, Option<usize>, String)>)> {
     (
         proptest::option::of(hostile_text()),
         proptest::collection::vec(
-            (hostile_text(), proptest::option::of(1usize..4), hostile_text()),
+            (
+                hostile_text(),
+                proptest::option::of(1usize..4),
+                hostile_text(),
+            ),
             1..4,
         ),
     )
 }
 
-fn hub_template(name: &str, media: MediaPlaceholders) -> HfChatTemplate {
-    let dir = lmms_ft_core::testing::hf_configs().join(name);
-    HfChatTemplate::from_dir(&dir, media, ContentMode::Parts).expect("template")
+fn template_of(dir: &Path, media: MediaPlaceholders) -> HfChatTemplate {
+    HfChatTemplate::from_dir(dir, media, ContentMode::Parts).expect("template")
 }
 
 #[test]
 fn chat_templates_render_hostile_text_without_panics_or_stray_media_tokens() {
+    // The tiny Qwen2-VL fixture carries the real Qwen2.5-VL tokenizer and template.
+    let (qwen, _) = lmms_ft_core::testing::cached_fixture("qwen2_vl_fixture.py", "qwen2_vl");
+    let llava = lmms_ft_core::testing::hf_configs().join("llava-hf--llava-1.5-7b-hf");
     let templates = [
         (
-            "qwen2.5-vl",
-            hub_template(
-                "Qwen--Qwen2.5-VL-3B-Instruct",
+            "Qwen2.5-VL",
+            template_of(
+                &qwen,
                 MediaPlaceholders::new("<|image_pad|>", Some("<|video_pad|>")),
             ),
         ),
         (
-            "llava-interleave",
-            hub_template(
-                "llava-hf--llava-interleave-qwen-0.5b-hf",
-                MediaPlaceholders::new("<image>", None),
-            ),
+            "llava-1.5",
+            template_of(&llava, MediaPlaceholders::new("<image>", None)),
         ),
     ];
     for (name, template) in &templates {
         fuzz(
             &format!("chat template {name} with hostile text"),
-            96,
+            256,
             hostile_conversation(),
             |(system, rounds)| {
                 let mut turns = Vec::new();
@@ -377,19 +519,29 @@ fn chat_templates_render_hostile_text_without_panics_or_stray_media_tokens() {
                 for (user, image, answer) in rounds {
                     let mut parts = vec![Part::Text { text: user }];
                     if let Some(k) = image {
-                        parts.insert(0, Part::Image { index: media.images.len() });
+                        parts.insert(
+                            0,
+                            Part::Image {
+                                index: media.images.len(),
+                            },
+                        );
                         media.images.push(k);
                     }
-                    turns.push(Turn { role: Role::User, parts });
+                    turns.push(Turn {
+                        role: Role::User,
+                        parts,
+                    });
                     turns.push(Turn::text(Role::Assistant, answer));
                 }
                 let conv = Conversation { turns };
                 let _ = template.render(&conv, false);
-                match template.encode(&conv, &media, false) {
+                let encoded = template.encode(&conv, &media, false);
+                let accepted = encoded.is_ok();
+                match encoded {
                     // Typed placeholders make the counts disagree: refused, with the counts.
                     Err(e) => {
                         let msg = format!("{e:#}");
-                        prop_assert!(!msg.is_empty());
+                        prop_assert!(msg.contains("placeholder"), "{msg}");
                     }
                     Ok(enc) => {
                         prop_assert_eq!(enc.input_ids.len(), enc.labels.len());
@@ -405,26 +557,40 @@ fn chat_templates_render_hostile_text_without_panics_or_stray_media_tokens() {
                         }
                     }
                 }
-                Ok(())
+                Ok(accepted)
             },
         );
     }
 }
 
 /// A safetensors file: an 8-byte header length (true or hostile), a JSON header of
-/// tensors with any dtype, shape and offsets, and a few data bytes.
+/// tensors with any dtype, shape and offsets, and a few data bytes; or, half the time, a
+/// consistent file (offsets and data matching the shapes) with at most one edit.
 fn safetensors_file() -> impl Strategy<Value = Vec<u8>> {
-    let dtype = proptest::sample::select(&["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "X", ""][..]);
-    let dim = prop_oneof![0u64..5, Just(1_000_000u64), Just(u64::MAX), Just(1u64 << 62)];
+    let dtype = proptest::sample::select(
+        &[
+            "F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "X", "",
+        ][..],
+    );
+    let dim = prop_oneof![
+        0u64..5,
+        Just(1_000_000u64),
+        Just(u64::MAX),
+        Just(1u64 << 62)
+    ];
     let tensor = (
         "[a-z.]{0,6}",
         dtype,
         proptest::collection::vec(dim, 0..4),
         (0u64..64, 0u64..64),
     );
-    (
+    let hostile = (
         proptest::collection::vec(tensor, 0..4),
-        proptest::option::of(prop_oneof![Just(u64::MAX), Just(1_000_000_000_000u64), 0u64..512]),
+        proptest::option::of(prop_oneof![
+            Just(u64::MAX),
+            Just(1_000_000_000_000u64),
+            0u64..512
+        ]),
         proptest::collection::vec(any::<u8>(), 0..64),
         proptest::collection::vec(edit(&["{", "}", "\"", ",", "[", "]"]), 0..2),
     )
@@ -441,7 +607,40 @@ fn safetensors_file() -> impl Strategy<Value = Vec<u8>> {
             bytes.extend(header);
             bytes.extend(data);
             bytes
-        })
+        });
+    let sizes = [
+        ("F32", 4u64),
+        ("F16", 2),
+        ("BF16", 2),
+        ("I64", 8),
+        ("U8", 1),
+    ];
+    let consistent = (
+        proptest::collection::vec(
+            ("[a-z]{1,4}", 0..sizes.len(), proptest::collection::vec(1u64..4, 0..3)),
+            1..4,
+        ),
+        proptest::collection::vec(edit(&["{", "}", "\"", "9"]), 0..2),
+    )
+        .prop_map(move |(tensors, edits)| {
+            let mut header = serde_json::Map::new();
+            let mut offset = 0u64;
+            for (name, d, shape) in tensors {
+                let (dtype, size) = sizes[d];
+                let n = shape.iter().product::<u64>() * size;
+                header.insert(
+                    name,
+                    serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}),
+                );
+                offset += n;
+            }
+            let header = serde_json::to_vec(&header).unwrap();
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header);
+            bytes.extend(std::iter::repeat_n(7u8, offset as usize));
+            apply(bytes, &edits)
+        });
+    prop_oneof![hostile, consistent]
 }
 
 #[test]
@@ -465,20 +664,25 @@ fn safetensors_headers_are_checked_before_anything_is_allocated() {
     let err = lmms_ft_core::weights::load_into(&vs, &dir, &opts).expect_err("refused");
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
 
-    fuzz("safetensors headers", 384, safetensors_file(), |bytes| {
+    fuzz("safetensors headers", 1024, safetensors_file(), |bytes| {
         std::fs::write(&file, &bytes).unwrap();
-        if let Err(e) = lmms_ft_core::peft::io::read_safetensors(&file) {
+        let read = lmms_ft_core::peft::io::read_safetensors(&file);
+        let accepted = read.is_ok();
+        if let Err(e) = read {
             prop_assert!(format!("{e:#}").contains("model.safetensors"), "{e:#}");
         }
+        // Loading into a model also checks names and shapes, naming the directory.
         if let Err(e) = lmms_ft_core::weights::load_into(&vs, &dir, &opts) {
-            prop_assert!(format!("{e:#}").contains("model.safetensors") || format!("{e:#}").contains("model"), "{e:#}");
+            prop_assert!(format!("{e:#}").contains("model"), "{e:#}");
         }
-        Ok(())
+        Ok(accepted)
     });
 }
 
 fn encoded_images() -> Vec<(&'static str, Vec<u8>)> {
-    let img = image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 10) as u8, (y * 15) as u8, 77]));
+    let img = image::RgbImage::from_fn(24, 16, |x, y| {
+        image::Rgb([(x * 10) as u8, (y * 15) as u8, 77])
+    });
     let mut out = Vec::new();
     for (name, format) in [
         ("png", image::ImageFormat::Png),
@@ -502,21 +706,32 @@ fn truncated_or_altered_images_are_errors_naming_the_file() {
     let images = encoded_images();
     let limits = ImageLimits::default();
     for (name, bytes) in &images {
-        assert!(load_image_from_bytes(bytes, "intact", &limits).is_ok(), "{name}");
+        assert!(
+            load_image_from_bytes(bytes, "intact", &limits).is_ok(),
+            "{name}"
+        );
     }
     let strategy = (
         0..images.len(),
         proptest::collection::vec(edit(&["\0\0\0\0", "\u{ff}\u{ff}", "IHDR", "IDAT"]), 1..4),
     );
-    fuzz("image decoding (PNG, JPEG, GIF, WebP, BMP, TIFF)", 384, strategy, |(i, edits)| {
-        let (name, bytes) = &images[i];
-        let broken = apply(bytes.clone(), &edits);
-        let origin = format!("fuzz.{name}");
-        if let Err(e) = load_image_from_bytes(&broken, &origin, &limits) {
-            prop_assert!(e.to_string().contains(&origin), "{e}");
-        }
-        Ok(())
-    });
+    fuzz(
+        "image decoding (PNG, JPEG, GIF, WebP, BMP, TIFF)",
+        2048,
+        strategy,
+        |(i, edits)| {
+            let (name, bytes) = &images[i];
+            let broken = apply(bytes.clone(), &edits);
+            let origin = format!("fuzz.{name}");
+            match load_image_from_bytes(&broken, &origin, &limits) {
+                Ok(_) => Ok(true),
+                Err(e) => {
+                    prop_assert!(e.to_string().contains(&origin), "{e}");
+                    Ok(false)
+                }
+            }
+        },
+    );
 }
 
 fn test_video(dir: &Path) -> PathBuf {
@@ -539,11 +754,14 @@ fn truncated_or_altered_videos_are_errors_naming_the_file() {
     std::fs::write(&path, &intact).unwrap();
     assert_eq!(load_video(&path, &sampling).unwrap().frames.len(), 4);
     let strategy = proptest::collection::vec(edit(&["moov", "mdat", "\0\0\0\0", "\u{ff}"]), 1..3);
-    fuzz("video decoding (MP4)", 64, strategy, |edits| {
+    fuzz("video decoding (MP4)", 256, strategy, |edits| {
         std::fs::write(&path, apply(intact.clone(), &edits)).unwrap();
-        if let Err(e) = load_video(&path, &sampling) {
-            prop_assert!(e.to_string().contains("broken.mp4"), "{e}");
+        match load_video(&path, &sampling) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                prop_assert!(e.to_string().contains("broken.mp4"), "{e}");
+                Ok(false)
+            }
         }
-        Ok(())
     });
 }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::Trainer;
 use crate::config::Config;
+use crate::data::batch::sampler::SamplerState;
 
 /// Where `extra` of a checkpoint's `trainer_state.json` keeps the identity.
 pub const KEY: &str = "identity";
@@ -81,9 +82,8 @@ fn weights_fingerprint(dir: &Path) -> Result<Option<String>> {
     let mut hasher = Sha256::new();
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        hasher.update(
-            std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?,
-        );
+        hasher
+            .update(std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?);
     }
     for file in files {
         let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -142,7 +142,13 @@ impl RunIdentity {
             trainable: trainer
                 .params
                 .iter()
-                .map(|p| (p.name.clone(), p.tensor.size(), format!("{:?}", p.tensor.kind())))
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        p.tensor.size(),
+                        format!("{:?}", p.tensor.kind()),
+                    )
+                })
                 .collect(),
             dataset: DatasetIdentity {
                 path: data_path.display().to_string(),
@@ -197,8 +203,16 @@ impl RunIdentity {
         let (x, y) = (&stored.dataset, &self.dataset);
         for (what, old, new) in [
             ("dataset path", x.path.clone(), y.path.clone()),
-            ("dataset size", format!("{} bytes", x.bytes), format!("{} bytes", y.bytes)),
-            ("dataset records", x.records.to_string(), y.records.to_string()),
+            (
+                "dataset size",
+                format!("{} bytes", x.bytes),
+                format!("{} bytes", y.bytes),
+            ),
+            (
+                "dataset records",
+                x.records.to_string(),
+                y.records.to_string(),
+            ),
         ] {
             if old != new {
                 changes.push(format!("{what}: {old} → {new}"));
@@ -225,11 +239,7 @@ impl RunIdentity {
 fn describe_model(m: &ModelIdentity) -> String {
     let short = |h: &str| h.chars().take(12).collect::<String>();
     match &m.id {
-        Some(id) => format!(
-            "{id} ({}, config {})",
-            m.path,
-            short(&m.config_sha256)
-        ),
+        Some(id) => format!("{id} ({}, config {})", m.path, short(&m.config_sha256)),
         None => format!("{} (config {})", m.path, short(&m.config_sha256)),
     }
 }
@@ -241,8 +251,16 @@ fn layout_diff(old: &[(String, Vec<i64>, String)], new: &[(String, Vec<i64>, Str
     let n: BTreeMap<&String, (&Vec<i64>, &String)> =
         new.iter().map(|(n, s, k)| (n, (s, k))).collect();
     let mut parts = Vec::new();
-    let missing: Vec<&str> = o.keys().filter(|k| !n.contains_key(*k)).map(|k| k.as_str()).collect();
-    let added: Vec<&str> = n.keys().filter(|k| !o.contains_key(*k)).map(|k| k.as_str()).collect();
+    let missing: Vec<&str> = o
+        .keys()
+        .filter(|k| !n.contains_key(*k))
+        .map(|k| k.as_str())
+        .collect();
+    let added: Vec<&str> = n
+        .keys()
+        .filter(|k| !o.contains_key(*k))
+        .map(|k| k.as_str())
+        .collect();
     let some = |v: &[&str]| v.iter().take(3).copied().collect::<Vec<_>>().join(", ");
     if !missing.is_empty() {
         parts.push(format!(
@@ -321,4 +339,40 @@ pub fn check_checkpoint(dir: &Path, current: &RunIdentity) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where in the data a resumed run starts: the checkpoint's sampler position when the data
+/// and batch size give the same batches per epoch (an exact resume), else the same epoch at
+/// the same fraction of it, with a warning that the batches differ from the original run's.
+pub fn resume_position(
+    extra: &serde_json::Value,
+    batches_per_epoch: usize,
+    num_records: usize,
+    dir: &Path,
+) -> Result<SamplerState> {
+    let get = |key: &str| {
+        extra[key]
+            .as_u64()
+            .with_context(|| format!("{}: the checkpoint has no `{key}`", dir.display()))
+    };
+    let (epoch, consumed) = (get("epoch")?, get("consumed")?);
+    let (stored_batches, stored_samples) = (get("batches_per_epoch")?, get("num_samples")?);
+    if stored_batches == batches_per_epoch as u64 && stored_samples == num_records as u64 {
+        return Ok(SamplerState {
+            epoch,
+            consumed: consumed as usize,
+        });
+    }
+    let mapped = (consumed as u128 * batches_per_epoch as u128 / stored_batches.max(1) as u128)
+        .min(batches_per_epoch.saturating_sub(1) as u128) as usize;
+    tracing::warn!(
+        "{} was written for {stored_samples} samples in {stored_batches} batches per epoch, this run has \
+         {num_records} in {batches_per_epoch}: continuing epoch {epoch} at batch {mapped} (was {consumed}); \
+         the batches from here differ from those the original run would have seen",
+        dir.display()
+    );
+    Ok(SamplerState {
+        epoch,
+        consumed: mapped,
+    })
 }

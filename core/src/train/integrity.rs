@@ -217,8 +217,10 @@ pub fn injected_disk_full(out: &Path, tmp: &Path) -> Result<()> {
         .open(&largest)
         .and_then(|f| f.set_len(keep))
         .with_context(|| format!("cutting {}", largest.display()))?;
-    Err(anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC))
-        .context(format!("writing {}", largest.display())))
+    Err(
+        anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .context(format!("writing {}", largest.display())),
+    )
 }
 
 /// The [`STALL_SAVE_ENV`] hook: sleeps inside the save of `step` until killed.

@@ -113,18 +113,40 @@ pub fn record_outputs(out: &Path, copied: &[String]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn summary(found: &[String]) -> String {
-    const SHOWN: usize = 8;
-    let mut s = found
+/// What `found` (from [`previous_run`]) says about the run in `out`, for messages:
+/// `adapter_model.safetensors, metrics.jsonl (6 steps), ...; checkpoints 2, 4, 6`.
+fn summary(out: &Path, found: &[String]) -> String {
+    let (checkpoints, files): (Vec<&String>, Vec<&String>) =
+        found.iter().partition(|n| is_checkpoint(n));
+    let mut parts: Vec<String> = files
         .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if found.len() > SHOWN {
-        s.push_str(&format!(" and {} more", found.len() - SHOWN));
+        .filter(|n| n.as_str() != OUTPUTS_FILE)
+        .map(|n| {
+            if n.as_str() == metrics::FILE {
+                let steps = metrics::read_rows(&out.join(metrics::FILE))
+                    .map(|rows| rows.iter().filter(|r| r.get("loss").is_some()).count())
+                    .unwrap_or(0);
+                format!("{n} ({steps} logged steps)")
+            } else {
+                n.to_string()
+            }
+        })
+        .collect();
+    if !checkpoints.is_empty() {
+        let names: Vec<&str> = checkpoints.iter().map(|s| s.as_str()).collect();
+        let shown = if names.len() <= 6 {
+            names.join(", ")
+        } else {
+            format!(
+                "{}, ... {} ({} in all)",
+                names[..2].join(", "),
+                names[names.len() - 2..].join(", "),
+                names.len()
+            )
+        };
+        parts.push(shown);
     }
-    s
+    parts.join(", ")
 }
 
 /// What [`prepare`] decided about the output directory.
@@ -144,11 +166,11 @@ impl Prepared {
     pub fn clear(&self) -> Result<()> {
         let out = &self.out;
         if !self.previous.is_empty() {
+            let what = summary(out, &self.previous);
             remove_previous(out, &self.previous)?;
             tracing::warn!(
-                "--overwrite: removed the previous run from {} ({})",
-                out.display(),
-                summary(&self.previous)
+                "--overwrite: removed the previous run from {} ({what})",
+                out.display()
             );
         }
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
@@ -196,7 +218,7 @@ pub fn prepare(cfg: &Config, model_dir: &Path) -> Result<Prepared> {
                     "cannot resume: {} holds no checkpoint, only the outputs of a run ({}); \
                      pass --overwrite to start a new run there, or choose another --output-dir",
                     out.display(),
-                    summary(&found)
+                    summary(out, &found)
                 ),
                 (None, true) => {
                     tracing::info!("no checkpoint in {}; starting fresh", out.display())
@@ -224,7 +246,7 @@ pub fn prepare(cfg: &Config, model_dir: &Path) -> Result<Prepared> {
                  checkpoints included, are removed first), --resume to continue it, or choose \
                  another --output-dir",
                 out.display(),
-                summary(&found)
+                summary(out, &found)
             );
         }
         ensure!(
@@ -232,7 +254,7 @@ pub fn prepare(cfg: &Config, model_dir: &Path) -> Result<Prepared> {
             "{} holds model weights lmms-ft did not write ({}); --overwrite only removes a \
              previous lmms-ft run; choose another --output-dir",
             out.display(),
-            summary(&found)
+            summary(out, &found)
         );
         return Ok(Prepared {
             resume: None,
@@ -246,7 +268,10 @@ pub fn prepare(cfg: &Config, model_dir: &Path) -> Result<Prepared> {
             let path = out.join(name);
             std::fs::remove_dir_all(&path)
                 .with_context(|| format!("removing the partial {}", path.display()))?;
-            tracing::info!("removed {}, left by a save that did not finish", path.display());
+            tracing::info!(
+                "removed {}, left by a save that did not finish",
+                path.display()
+            );
         }
         let marker = out.join(integrity::STALLED_MARKER);
         if marker.exists() {

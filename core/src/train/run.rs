@@ -24,8 +24,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::{Device, Kind};
 
-use super::metrics::{self, MetricsLog};
 use super::identity::{self, RunIdentity};
+use super::metrics::{self, MetricsLog};
 use super::{outdir, plot, StepStats, TrainOptions, Trainer};
 use crate::config::{ComponentMode, Config, DataSection, Mode, OnBadSample, Overlength};
 use crate::data::batch::length::{fit_length, Fitted};
@@ -423,22 +423,7 @@ pub fn train(
     if let Some(dir) = &resume {
         identity::check_checkpoint(dir, &identity)?;
         let extra = trainer.load_checkpoint(dir)?;
-        let stored = extra["batches_per_epoch"].as_u64();
-        ensure!(
-            stored == Some(batches_per_epoch as u64) && extra["num_samples"].as_u64() == Some(num_records as u64),
-            "{} was written for {} samples in {} batches per epoch, but this run has {num_records} in {batches_per_epoch}; resume with the same data and batch size",
-            dir.display(),
-            extra["num_samples"],
-            extra["batches_per_epoch"]
-        );
-        position = SamplerState {
-            epoch: extra["epoch"]
-                .as_u64()
-                .context("checkpoint without `epoch`")?,
-            consumed: extra["consumed"]
-                .as_u64()
-                .context("checkpoint without `consumed`")? as usize,
-        };
+        position = identity::resume_position(&extra, batches_per_epoch, num_records, dir)?;
         tracing::info!(
             step = trainer.step,
             epoch = position.epoch,
