@@ -71,6 +71,10 @@ pub enum Command {
         /// `--resume DIR` (train.resume).
         #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "DIR")]
         resume: Option<String>,
+        /// Start a new run in an output directory that holds another run, removing that
+        /// run's outputs and checkpoints first (train.overwrite).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
     },
     /// Per-sample loss of a model on a dataset, written as JSON.
     Evaluate {
@@ -261,12 +265,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 json,
             },
         ),
-        Command::Train { config, resume } => {
+        Command::Train {
+            config,
+            resume,
+            overwrite,
+        } => {
             let mut sources = config.sources();
             if let Some(resume) = resume {
                 sources
                     .flags
                     .push(("train.resume".into(), Value::from(resume)));
+            }
+            if overwrite {
+                sources
+                    .flags
+                    .push(("train.overwrite".into(), Value::from(true)));
             }
             commands::train(&sources.load()?)
         }

@@ -197,6 +197,9 @@ pub struct TrainSection {
     /// Continue from a checkpoint: `"latest"` (the newest under `output_dir`; a fresh start
     /// when there is none) or a checkpoint directory.
     pub resume: Option<String>,
+    /// Start a new run in an output directory that holds another run's outputs or
+    /// checkpoints, removing them first (else such a directory is refused).
+    pub overwrite: bool,
     /// Batch samples of similar token length (`transformers`' `group_by_length`); measures
     /// every sample once before training.
     pub group_by_length: bool,
@@ -272,6 +275,7 @@ impl Default for TrainSection {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             resume: None,
+            overwrite: false,
             group_by_length: false,
             dataloader_workers: 2,
             max_shard_size: 5 * 1024 * 1024 * 1024,
@@ -462,7 +466,7 @@ impl Sources {
         for set in &self.sets {
             let (key, raw) = set
                 .split_once('=')
-                .filter(|(k, _)| !k.trim().is_empty())
+                .filter(|(k, _)| k.trim().split('.').all(|part| !part.trim().is_empty()))
                 .ok_or_else(|| ConfigError::BadOverride(set.clone()))?;
             insert_dotted(&mut cli, key.trim(), parse_set_value(raw.trim()));
         }

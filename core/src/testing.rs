@@ -237,3 +237,83 @@ pub fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json
     }
     record
 }
+
+/// Writes `frames` frames of `size` at `fps` with FFmpeg's MPEG-4 Part 2 encoder (B-frames
+/// on, so a decoder must reorder) into the container `path`'s extension names; frame `i` is
+/// painted `colour(i)`. Without `durations` the packets carry none, as from careless muxers.
+pub fn write_test_video(
+    path: &Path,
+    frames: usize,
+    size: (u32, u32),
+    fps: i32,
+    durations: bool,
+    colour: &dyn Fn(usize) -> [u8; 3],
+) {
+    use ffmpeg::format::Pixel;
+    use ffmpeg::software::scaling::{context::Context as Scaler, flag::Flags};
+    use ffmpeg_next as ffmpeg;
+    let (w, h) = size;
+    ffmpeg::init().unwrap();
+    let mut octx = ffmpeg::format::output(path).unwrap();
+    let codec = ffmpeg::encoder::find(ffmpeg::codec::Id::MPEG4).expect("no MPEG-4 encoder");
+    let global = octx
+        .format()
+        .flags()
+        .contains(ffmpeg::format::Flags::GLOBAL_HEADER);
+    let mut enc = ffmpeg::codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .video()
+        .unwrap();
+    let tb = ffmpeg::Rational(1, fps);
+    enc.set_width(w);
+    enc.set_height(h);
+    enc.set_format(Pixel::YUV420P);
+    enc.set_time_base(tb);
+    enc.set_frame_rate(Some(ffmpeg::Rational(fps, 1)));
+    enc.set_bit_rate(2_000_000);
+    enc.set_gop(8);
+    enc.set_max_b_frames(2);
+    if global {
+        enc.set_flags(ffmpeg::codec::Flags::GLOBAL_HEADER);
+    }
+    let mut enc = enc.open_as(codec).unwrap();
+    {
+        let mut ost = octx.add_stream(codec).unwrap();
+        ost.set_parameters(&enc);
+        ost.set_time_base(tb);
+    }
+    octx.write_header().unwrap();
+    let ost_tb = octx.stream(0).unwrap().time_base();
+    let mut scaler =
+        Scaler::get(Pixel::RGB24, w, h, Pixel::YUV420P, w, h, Flags::BILINEAR).unwrap();
+    let write_packets = |enc: &mut ffmpeg::encoder::Video,
+                         octx: &mut ffmpeg::format::context::Output| {
+        let mut packet = ffmpeg::Packet::empty();
+        while enc.receive_packet(&mut packet).is_ok() {
+            packet.set_stream(0);
+            if durations {
+                packet.set_duration(1);
+            }
+            packet.rescale_ts(tb, ost_tb);
+            packet.write_interleaved(octx).unwrap();
+        }
+    };
+    for i in 0..frames {
+        let mut rgb = ffmpeg::frame::Video::new(Pixel::RGB24, w, h);
+        let stride = rgb.stride(0);
+        let data = rgb.data_mut(0);
+        for y in 0..h as usize {
+            for x in 0..w as usize {
+                data[y * stride + 3 * x..y * stride + 3 * x + 3].copy_from_slice(&colour(i));
+            }
+        }
+        let mut yuv = ffmpeg::frame::Video::empty();
+        scaler.run(&rgb, &mut yuv).unwrap();
+        yuv.set_pts(Some(i as i64));
+        enc.send_frame(&yuv).unwrap();
+        write_packets(&mut enc, &mut octx);
+    }
+    enc.send_eof().unwrap();
+    write_packets(&mut enc, &mut octx);
+    octx.write_trailer().unwrap();
+}

@@ -5,14 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ffmpeg::format::Pixel;
-use ffmpeg::software::scaling::{context::Context as Scaler, flag::Flags};
-use ffmpeg_next as ffmpeg;
 use lmms_ft_core::data::video::{
     load_video, probe, sample_indices, FrameCountSource, FrameSelection, IndexRule, VideoError,
     VideoSampling,
 };
 use lmms_ft_core::data::RgbImage;
+use lmms_ft_core::testing::write_test_video;
 use serde_json::Value;
 
 const W: u32 = 64;
@@ -50,69 +48,7 @@ fn index_of(frame: &RgbImage) -> usize {
 /// duration, as from careless muxers: MP4 then ends its edit list at the last frame's start,
 /// so the header counts 30 frames but the demuxer delivers 29.
 fn write_video_with(path: &Path, durations: bool) {
-    ffmpeg::init().unwrap();
-    let mut octx = ffmpeg::format::output(path).unwrap();
-    let codec = ffmpeg::encoder::find(ffmpeg::codec::Id::MPEG4).expect("no MPEG-4 encoder");
-    let global = octx
-        .format()
-        .flags()
-        .contains(ffmpeg::format::Flags::GLOBAL_HEADER);
-    let mut enc = ffmpeg::codec::context::Context::new_with_codec(codec)
-        .encoder()
-        .video()
-        .unwrap();
-    let tb = ffmpeg::Rational(1, FPS);
-    enc.set_width(W);
-    enc.set_height(H);
-    enc.set_format(Pixel::YUV420P);
-    enc.set_time_base(tb);
-    enc.set_frame_rate(Some(ffmpeg::Rational(FPS, 1)));
-    enc.set_bit_rate(2_000_000);
-    enc.set_gop(8);
-    enc.set_max_b_frames(2);
-    if global {
-        enc.set_flags(ffmpeg::codec::Flags::GLOBAL_HEADER);
-    }
-    let mut enc = enc.open_as(codec).unwrap();
-    {
-        let mut ost = octx.add_stream(codec).unwrap();
-        ost.set_parameters(&enc);
-        ost.set_time_base(tb);
-    }
-    octx.write_header().unwrap();
-    let ost_tb = octx.stream(0).unwrap().time_base();
-    let mut scaler =
-        Scaler::get(Pixel::RGB24, W, H, Pixel::YUV420P, W, H, Flags::BILINEAR).unwrap();
-    let write_packets = |enc: &mut ffmpeg::encoder::Video,
-                         octx: &mut ffmpeg::format::context::Output| {
-        let mut packet = ffmpeg::Packet::empty();
-        while enc.receive_packet(&mut packet).is_ok() {
-            packet.set_stream(0);
-            if durations {
-                packet.set_duration(1);
-            }
-            packet.rescale_ts(tb, ost_tb);
-            packet.write_interleaved(octx).unwrap();
-        }
-    };
-    for i in 0..FRAMES {
-        let mut rgb = ffmpeg::frame::Video::new(Pixel::RGB24, W, H);
-        let stride = rgb.stride(0);
-        let data = rgb.data_mut(0);
-        for y in 0..H as usize {
-            for x in 0..W as usize {
-                data[y * stride + 3 * x..y * stride + 3 * x + 3].copy_from_slice(&colour(i));
-            }
-        }
-        let mut yuv = ffmpeg::frame::Video::empty();
-        scaler.run(&rgb, &mut yuv).unwrap();
-        yuv.set_pts(Some(i as i64));
-        enc.send_frame(&yuv).unwrap();
-        write_packets(&mut enc, &mut octx);
-    }
-    enc.send_eof().unwrap();
-    write_packets(&mut enc, &mut octx);
-    octx.write_trailer().unwrap();
+    write_test_video(path, FRAMES, (W, H), FPS, durations, &colour);
 }
 
 fn video(dir: &Path, name: &str) -> PathBuf {

@@ -409,8 +409,10 @@ pub fn save_hf_weights(model: &dyn Trainable, dir: &Path, shard_bytes: usize) ->
 }
 
 /// Copies config, tokenizer, processor and template files (everything but weights and
-/// adapters) from a model directory, so an output directory is self-contained.
-pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
+/// adapters) from a model directory, so an output directory is self-contained; returns the
+/// names copied.
+pub fn copy_model_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
         let path = entry?.path();
@@ -427,9 +429,10 @@ pub fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
         if path.is_file() && !weights {
             std::fs::copy(&path, to.join(&name))
                 .with_context(|| format!("copying {}", path.display()))?;
+            copied.push(name);
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// Default shard size of merged checkpoints (as `save_pretrained`'s `max_shard_size`).

@@ -8,8 +8,11 @@
 //! batches by hand) without knowing their types.
 
 pub mod checkpoint;
+pub mod identity;
+pub mod integrity;
 pub mod metrics;
 pub mod optim;
+pub mod outdir;
 pub mod plot;
 pub mod run;
 pub mod schedule;

@@ -24,8 +24,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::{Device, Kind};
 
+use super::identity::{self, RunIdentity};
 use super::metrics::{self, MetricsLog};
-use super::{checkpoint, plot, StepStats, TrainOptions, Trainer};
+use super::{outdir, plot, StepStats, TrainOptions, Trainer};
 use crate::config::{ComponentMode, Config, DataSection, Mode, OnBadSample, Overlength};
 use crate::data::batch::length::{fit_length, Fitted};
 use crate::data::batch::sampler::{
@@ -287,38 +288,6 @@ impl Reporter {
     }
 }
 
-/// Where a run restarts: the newest checkpoint for `latest`, or the given directory.
-fn resume_dir(cfg: &Config) -> Result<Option<PathBuf>> {
-    let out = &cfg.train.output_dir;
-    match cfg.train.resume.as_deref() {
-        None | Some("") => {
-            if !checkpoint::list(out)?.is_empty() {
-                tracing::warn!(
-                    "{} already holds checkpoints; this run starts fresh (set train.resume = \"latest\" to continue)",
-                    out.display()
-                );
-            }
-            Ok(None)
-        }
-        Some("latest") => {
-            let found = checkpoint::latest(out)?;
-            if found.is_none() {
-                tracing::info!("no checkpoint in {}; starting fresh", out.display());
-            }
-            Ok(found)
-        }
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            ensure!(
-                dir.join("trainer_state.json").is_file(),
-                "cannot resume from {}: it is not a checkpoint directory (no trainer_state.json)",
-                dir.display()
-            );
-            Ok(Some(dir))
-        }
-    }
-}
-
 /// Mean loss over every label token of the eval set.
 fn evaluate(
     pipeline: &dyn Pipeline,
@@ -361,13 +330,13 @@ pub fn train(
         "train.logging_steps must be at least 1"
     );
     let out = t.output_dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let train_path = cfg
         .data
         .train
         .as_ref()
         .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
-    let resume = resume_dir(cfg)?;
+    let prepared = outdir::prepare(cfg, model_dir)?;
+    let resume = prepared.resume.clone();
 
     let open = OpenOptions {
         device,
@@ -449,25 +418,12 @@ pub fn train(
     pipeline
         .trainable()
         .set_gradient_checkpointing(cfg.train.gradient_checkpointing);
+    let identity = RunIdentity::new(cfg, model_dir, &trainer, train_path, num_records)?;
     let mut position = SamplerState::default();
     if let Some(dir) = &resume {
+        identity::check_checkpoint(dir, &identity)?;
         let extra = trainer.load_checkpoint(dir)?;
-        let stored = extra["batches_per_epoch"].as_u64();
-        ensure!(
-            stored == Some(batches_per_epoch as u64) && extra["num_samples"].as_u64() == Some(num_records as u64),
-            "{} was written for {} samples in {} batches per epoch, but this run has {num_records} in {batches_per_epoch}; resume with the same data and batch size",
-            dir.display(),
-            extra["num_samples"],
-            extra["batches_per_epoch"]
-        );
-        position = SamplerState {
-            epoch: extra["epoch"]
-                .as_u64()
-                .context("checkpoint without `epoch`")?,
-            consumed: extra["consumed"]
-                .as_u64()
-                .context("checkpoint without `consumed`")? as usize,
-        };
+        position = identity::resume_position(&extra, batches_per_epoch, num_records, dir)?;
         tracing::info!(
             step = trainer.step,
             epoch = position.epoch,
@@ -475,6 +431,7 @@ pub fn train(
             dir.display()
         );
     }
+    prepared.clear()?;
     let mut metrics = MetricsLog::resume(&out, trainer.step)?;
     tracing::info!(
         samples = num_records,
@@ -509,6 +466,7 @@ pub fn train(
             "consumed": position.consumed,
             "batches_per_epoch": batches_per_epoch,
             "num_samples": num_records,
+            identity::KEY: &identity,
         });
         trainer.save_checkpoint(pipeline.trainable(), &out, extra, t.save_total_limit)
     };
@@ -620,7 +578,7 @@ fn write_outputs(
     metrics_path: &Path,
 ) -> Result<()> {
     let out = &cfg.train.output_dir;
-    copy_model_files(model_dir, out)?;
+    let copied = copy_model_files(model_dir, out)?;
     let has_lora = trainer
         .params
         .iter()
@@ -638,5 +596,6 @@ fn write_outputs(
     let path = out.join(CONFIG_FILE);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     let (train, eval) = plot::series(&metrics::read_rows(metrics_path)?);
-    plot::plot_losses(&train, &eval, &out.join("loss.png"))
+    plot::plot_losses(&train, &eval, &out.join("loss.png"))?;
+    outdir::record_outputs(out, &copied)
 }
