@@ -2,6 +2,8 @@
 //! PIL) — shared so every suite finds the interpreter and the real Hub configs the same way.
 //! A missing oracle is a failure with instructions, never a silent skip.
 
+pub mod generation;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -38,7 +40,11 @@ pub fn repo_root() -> PathBuf {
 /// repository (with their provenance) so a bare clone passes the suite.
 pub fn hf_configs() -> PathBuf {
     let dir = repo_root().join("tests/data/hub");
-    assert!(dir.is_dir(), "{} is missing from the checkout", dir.display());
+    assert!(
+        dir.is_dir(),
+        "{} is missing from the checkout",
+        dir.display()
+    );
     dir
 }
 
