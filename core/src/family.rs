@@ -193,6 +193,14 @@ pub trait Model: Send {
     fn runtime_name(&self, hub_name: &str) -> String {
         hub_name.to_string()
     }
+
+    /// Other names older tools gave a module or parameter (Hub name) in adapter files, which
+    /// loading an adapter accepts besides the Hub and runtime names (LLaVA: the original
+    /// LLaVA repository's `model.layers.0...`). None by default.
+    fn legacy_names(&self, hub_name: &str) -> Vec<String> {
+        let _ = hub_name;
+        Vec::new()
+    }
 }
 
 /// The parts of a multimodal model that train separately.
@@ -214,6 +222,7 @@ pub trait Trainable {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear));
     fn component(&self, name: &str) -> Component;
     fn runtime_name(&self, hub_name: &str) -> String;
+    fn legacy_names(&self, hub_name: &str) -> Vec<String>;
     fn set_gradient_checkpointing(&mut self, on: bool);
 }
 
@@ -229,6 +238,9 @@ impl<M: Model> Trainable for M {
     }
     fn runtime_name(&self, hub_name: &str) -> String {
         Model::runtime_name(self, hub_name)
+    }
+    fn legacy_names(&self, hub_name: &str) -> Vec<String> {
+        Model::legacy_names(self, hub_name)
     }
     fn set_gradient_checkpointing(&mut self, on: bool) {
         Model::set_gradient_checkpointing(self, on)

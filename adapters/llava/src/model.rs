@@ -434,6 +434,30 @@ impl Model for LlavaModel {
         }
     }
 
+    /// The original LLaVA repository (`LlavaLlamaForCausalLM`), and adapters trained on it,
+    /// name the text model `model.*`, the projector `model.mm_projector.{0,2}` and the tower
+    /// `model.vision_tower.vision_tower.vision_model.*`.
+    fn legacy_names(&self, hub_name: &str) -> Vec<String> {
+        let renames = [
+            ("language_model.model.", "model."),
+            ("multi_modal_projector.linear_1", "model.mm_projector.0"),
+            ("multi_modal_projector.linear_2", "model.mm_projector.2"),
+            (
+                "vision_tower.vision_model.",
+                "model.vision_tower.vision_tower.vision_model.",
+            ),
+            ("image_newline", "model.image_newline"),
+        ];
+        renames
+            .iter()
+            .filter_map(|(hub, old)| {
+                hub_name
+                    .strip_prefix(hub)
+                    .map(|rest| format!("{old}{rest}"))
+            })
+            .collect()
+    }
+
     /// transformers 5 runs the text model as `model.language_model`, the tower as
     /// `model.vision_tower` and the projector as `model.multi_modal_projector`.
     fn runtime_name(&self, hub_name: &str) -> String {
