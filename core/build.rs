@@ -27,10 +27,15 @@ fn main() {
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        // One OpenMP runtime with ATen (see csrc/dequant_4bit.cpp).
+        .flag("-fopenmp")
         // libtorch's headers trip many warnings that are not ours to fix.
         .flag("-w")
         .compile("lmms_ft_autograd_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
+    // The wheel's own OpenMP runtime (by file name: the wheel has no `libgomp.so` link), so
+    // `-fopenmp` code shares libtorch's thread pool instead of loading the system copy.
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
 }

@@ -9,11 +9,10 @@
 // IEEE product), then one round-to-nearest-even cast through c10's own BFloat16 / Half
 // constructors, which are what `Tensor::to` uses.
 //
-// Threads: the libtorch wheel's ATen parallel backend is OpenMP, and `at::parallel_for` runs
-// serially in a translation unit built without `-fopenmp` (linking a second OpenMP runtime
-// would be worse), so the work is split over `at::get_num_threads()` std::threads — the same
-// intra-op thread budget the matmuls use. Calls are per weight (a few hundred per step), so
-// thread start-up (tens of microseconds) is noise next to the millions of values each writes.
+// Threads: `at::parallel_for`, i.e. the OpenMP pool ATen's own kernels use. This file is
+// built with `-fopenmp` and linked against the wheel's `libgomp.so.1` (the one libtorch
+// loads), so there is one OpenMP runtime: a thread pool of our own would compete with
+// OpenMP workers that spin-wait after every ATen kernel, which took a third of the CPU.
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -25,8 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <thread>
-#include <vector>
 
 namespace {
 
@@ -107,24 +104,11 @@ template <typename T>
 void dequant(const uint8_t *packed, const float *absmax, const float *code, int64_t n,
              int64_t blocksize, T *out) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  // At least 2^16 values per thread, so small weights stay on the calling thread.
-  const int64_t min_blocks = std::max<int64_t>(1, (int64_t{1} << 16) / blocksize);
-  const int64_t want = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t threads = std::max<int64_t>(1, std::min(want, blocks / min_blocks));
-  const int64_t per = (blocks + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t b0 = t * per;
-    const int64_t b1 = std::min(blocks, b0 + per);
-    if (b0 >= b1) {
-      break;
-    }
-    pool.emplace_back(dequant_blocks<T>, packed, absmax, code, n, blocksize, out, b0, b1);
-  }
-  dequant_blocks<T>(packed, absmax, code, n, blocksize, out, 0, std::min(blocks, per));
-  for (auto &th : pool) {
-    th.join();
-  }
+  // At least 2^16 values per task, so small weights stay on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / blocksize);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    dequant_blocks<T>(packed, absmax, code, n, blocksize, out, b0, b1);
+  });
 }
 
 } // namespace
