@@ -16,8 +16,6 @@
 //!   mechanism of `adapters/qwen2-vl/tests/train_resume.rs`) followed by `--resume` ends
 //!   equal to the reference.
 
-#[path = "../adapters/qwen2-vl/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::collections::BTreeMap;
@@ -44,6 +42,13 @@ const SETS: [&str; 7] = [
     "train.dataloader_workers=1",
 ];
 
+/// The tiny Qwen2-VL checkpoint of `scripts/oracle/qwen2_vl_fixture.py` (with the images the
+/// dataset names).
+fn qwen2_vl() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| cached_fixture("qwen2_vl_fixture.py", "qwen2_vl").0)
+}
+
 fn dataset(dir: &Path) -> PathBuf {
     let records: Vec<Value> = (0..6)
         .map(|i| {
@@ -64,17 +69,16 @@ fn dataset(dir: &Path) -> PathBuf {
 
 /// `train` of `model` on the shared dataset into `out` (images from the Qwen2-VL fixture).
 fn args(model: &Path, out: &Path, extra_sets: &[&str], flags: &[&str]) -> Vec<String> {
-    let fx = common::fixture();
     let sets: Vec<&str> = SETS.iter().chain(extra_sets).copied().collect();
     let mut a = support::train_args(model, &reference().data, out, &sets);
     let i = a.iter().position(|x| x == "--image-folder").unwrap();
-    a[i + 1] = fx.dir.display().to_string();
+    a[i + 1] = qwen2_vl().display().to_string();
     a.extend(flags.iter().map(|s| s.to_string()));
     a
 }
 
 fn run(out: &Path, flags: &[&str]) -> Output {
-    lmms_ft(&args(&common::fixture().dir, out, &[], flags))
+    lmms_ft(&args(qwen2_vl(), out, &[], flags))
 }
 
 fn stderr(o: &Output) -> String {
@@ -109,11 +113,8 @@ fn reference() -> &'static Reference {
             _tmp: tmp,
         };
         // `args` reads the dataset path through `reference()`, which is still being built.
-        let fx = common::fixture();
         let sets: Vec<&str> = SETS.to_vec();
-        let mut a = support::train_args(&fx.dir, &r.data, &out, &sets);
-        let i = a.iter().position(|x| x == "--image-folder").unwrap();
-        a[i + 1] = fx.dir.display().to_string();
+        let a = support::train_args(qwen2_vl(), &r.data, &out, &sets);
         assert_ok(&lmms_ft(&a));
         r
     })
@@ -202,7 +203,7 @@ fn a_used_output_dir_is_refused_and_overwrite_replaces_the_old_run() {
 
     // A 2-step run without checkpoints replaces the 6-step one entirely.
     let replaced = lmms_ft(&args(
-        &common::fixture().dir,
+        qwen2_vl(),
         &out,
         &["train.max_steps=2", "train.save_steps=100"],
         &["--overwrite"],
@@ -229,13 +230,9 @@ fn a_used_output_dir_is_refused_and_overwrite_replaces_the_old_run() {
     // Both are refused before any weight is read, so a stand-in file will do.
     let model = tmp.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
-    std::fs::copy(
-        common::fixture().dir.join("config.json"),
-        model.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(qwen2_vl().join("config.json"), model.join("config.json")).unwrap();
     std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
-    let other = lmms_ft(&args(&common::fixture().dir, &model, &[], &["--overwrite"]));
+    let other = lmms_ft(&args(qwen2_vl(), &model, &[], &["--overwrite"]));
     assert_fails_with(&other, &["model weights lmms-ft did not write"]);
     assert!(model.join("model.safetensors").is_file());
     let itself = lmms_ft(&args(&model, &model, &[], &[]));
@@ -267,7 +264,7 @@ fn resume_refuses_a_foreign_checkpoint_and_names_changed_settings() {
         ],
     );
     let other_layout = lmms_ft(&args(
-        &common::fixture().dir,
+        qwen2_vl(),
         &out,
         &["lora.r=8", "train.max_steps=8"],
         &["--resume"],
@@ -280,7 +277,7 @@ fn resume_refuses_a_foreign_checkpoint_and_names_changed_settings() {
     );
 
     let changed = lmms_ft(&args(
-        &common::fixture().dir,
+        qwen2_vl(),
         &out,
         &["train.learning_rate=1e-3", "train.max_steps=8"],
         &["--resume"],
@@ -302,7 +299,7 @@ fn resume_refuses_a_foreign_checkpoint_and_names_changed_settings() {
     let data7 = tmp.path().join("train7.json");
     std::fs::write(&data7, serde_json::to_string(&records).unwrap()).unwrap();
     let mut a = args(
-        &common::fixture().dir,
+        qwen2_vl(),
         &out,
         &["train.learning_rate=1e-3", "train.max_steps=9"],
         &["--resume"],
@@ -432,7 +429,7 @@ fn a_full_disk_during_a_save_keeps_the_previous_checkpoint() {
     );
     let out = disk.join("out");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lmms-ft"));
-    cmd.args(args(&common::fixture().dir, &out, &[], &[]));
+    cmd.args(args(qwen2_vl(), &out, &[], &[]));
     if mounted.is_none() {
         cmd.env(DISK_BYTES_ENV, size.to_string());
     }
@@ -465,7 +462,7 @@ fn sigkill_during_a_save_then_resume_matches_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let mut child = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args(&common::fixture().dir, &out, &[], &[]))
+        .args(args(qwen2_vl(), &out, &[], &[]))
         .env(STALL_SAVE_ENV, "4")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -466,10 +466,12 @@ fn hostile_text() -> impl Strategy<Value = String> {
     .prop_map(|v| v.concat())
 }
 
-/// A conversation of hostile texts with real image parts, and how many tokens each image
-/// expands to.
-fn hostile_conversation(
-) -> impl Strategy<Value = (Option<String>, Vec<(String, Option<usize>, String)>)> {
+/// A user turn's text, the token count of its image (if it has one), the answer.
+type Round = (String, Option<usize>, String);
+
+/// A conversation of hostile texts with real image parts: an optional system prompt and
+/// its rounds.
+fn hostile_conversation() -> impl Strategy<Value = (Option<String>, Vec<Round>)> {
     (
         proptest::option::of(hostile_text()),
         proptest::collection::vec(
