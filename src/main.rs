@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod convert;
 mod demo;
 
 // Linking the adapters is what registers them (inventory collects at link time).

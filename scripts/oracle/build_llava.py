@@ -11,11 +11,18 @@ Usage:
       Writes OUT/qwen (tiny Qwen2ForCausalLM, real llava-interleave Qwen2 tokenizer) and
       OUT/siglip (tiny SiglipVisionModel + SiglipImageProcessor), and the same images and
       data as `sources`.
+  python build_llava.py sources_chinese OUT SHARED_HF_CONFIGS
+      Writes OUT/qwen2.5 (tiny Qwen2ForCausalLM, tied embeddings, with the real Qwen2.5
+      tokenizer, which has no <image>), OUT/chinese-clip (a tiny ChineseCLIPVisionModel + a
+      ChineseCLIPImageProcessor with OFA-Sys's settings: squash to a square, no crop),
+      OUT/chinese-clip-full (a tiny ChineseCLIPModel: BERT text tower, projections) and the
+      same images and data as `sources`.
   python build_llava.py check MODEL_DIR IMAGE OUT.safetensors
       Loads MODEL_DIR with LlavaForConditionalGeneration.from_pretrained and AutoProcessor
       (fails on any missing / unexpected / mismatched weight), runs one user turn with IMAGE
       through the directory's chat template (add_generation_prompt) and processor, and saves
-      input_ids, pixel_values and logits. Prints JSON facts on the last line.
+      input_ids, pixel_values, logits and the tower's selected features (hidden_states at
+      vision_feature_layer, strategy applied). Prints JSON facts on the last line.
   python build_llava.py peft BASE_DIR ADAPTER_DIR MERGED_DIR
       PEFT's PeftModel over BASE_DIR with ADAPTER_DIR (warnings are errors) against
       MERGED_DIR: prints the max logit differences to MERGED_DIR and to BASE_DIR.
@@ -130,6 +137,44 @@ def sources_qwen(out, shared):
     print(json.dumps({"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}))
 
 
+def sources_chinese(out, shared):
+    """A Qwen2.5-0.5B-Instruct-like LLM and a Chinese-CLIP ViT-B/16-like tower, both tiny."""
+    from transformers import (ChineseCLIPConfig, ChineseCLIPModel, ChineseCLIPVisionConfig,
+                              ChineseCLIPVisionModel, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
+    from transformers.models.chinese_clip.image_processing_pil_chinese_clip import ChineseCLIPImageProcessorPil
+
+    torch.manual_seed(2)
+    qwen = os.path.join(out, "qwen2.5")
+    text = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=True)
+    Qwen2ForCausalLM(text).float().save_pretrained(qwen)
+    # Qwen2.5-VL's tokenizer files are Qwen2.5's (the LLM tokenizer has the vision tokens too).
+    Qwen2Tokenizer.from_pretrained(os.path.join(shared, "Qwen--Qwen2.5-VL-3B-Instruct")).save_pretrained(qwen)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(qwen, name)):
+            os.remove(os.path.join(qwen, name))
+    vision = ChineseCLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=2, image_size=56, patch_size=14, projection_dim=16)
+    # OFA-Sys/chinese-clip-vit-base-patch16's preprocessor_config: an exact square resize,
+    # no center crop (crop_size given as a bare integer).
+    processor = ChineseCLIPImageProcessorPil(size={"height": 56, "width": 56}, do_center_crop=False, crop_size=56)
+    tower = os.path.join(out, "chinese-clip")
+    ChineseCLIPVisionModel(vision).float().save_pretrained(tower)
+    processor.save_pretrained(tower)
+    full = os.path.join(out, "chinese-clip-full")
+    text_tower = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=64)
+    ChineseCLIPModel(ChineseCLIPConfig(text_config=text_tower, vision_config=vision.to_dict(),
+                                       projection_dim=16)).float().save_pretrained(full)
+    processor.save_pretrained(full)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    assert "<image>" not in tokenizer.get_vocab()
+    write_data(out)
+    print(json.dumps({"tokenizer_size": len(tokenizer)}))
+
+
 def check(model_dir, image, out):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -147,9 +192,13 @@ def check(model_dir, image, out):
     batch = processor(text=[text], images=[img], return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits
+        states = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+        features = states[model.config.vision_feature_layer]
+        if model.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
     from safetensors.torch import save_file
     save_file({"input_ids": batch["input_ids"].contiguous(), "pixel_values": batch["pixel_values"].contiguous(),
-               "logits": logits.contiguous()}, out)
+               "logits": logits.contiguous(), "vision_features": features.contiguous()}, out)
     print(json.dumps({"text": text, "image_processor": type(processor.image_processor).__name__,
                       "image_token_id": model.config.image_token_id,
                       "vocab_size": model.config.text_config.vocab_size,
@@ -185,6 +234,8 @@ if __name__ == "__main__":
         sources(sys.argv[2], sys.argv[3])
     elif mode == "sources_qwen":
         sources_qwen(sys.argv[2], sys.argv[3])
+    elif mode == "sources_chinese":
+        sources_chinese(sys.argv[2], sys.argv[3])
     elif mode == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4])
     elif mode == "peft":

@@ -124,8 +124,9 @@ impl LlavaModel {
     }
 
     /// Selected (strategy applied) and concatenated tower features of a stack of tiles,
-    /// before the projector: `[tiles, tokens_per_tile, layers × vision hidden]`.
-    pub(crate) fn selected_features(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// before the projector: `[tiles, tokens_per_tile, layers × vision hidden]`. Public so a
+    /// tower's features can be held against `transformers`' `hidden_states` directly.
+    pub fn selected_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let layers = &self.config.vision_feature_layers;
         let states = match &self.tower {
             Tower::Clip(t) => t.hidden_states(pixels, layers)?,
