@@ -58,16 +58,14 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
         let (family, _) = family_of_dir(&dir)?;
         return Ok((dir, family));
     }
-    let misplaced = |allowed: &[&str]| {
-        match parts
-            .iter()
-            .find(|(key, set)| *set && !allowed.contains(key))
-        {
-            Some((key, _)) => Err(anyhow::anyhow!(
-                "model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")"
-            )),
-            None => Ok(()),
-        }
+    let misplaced = |allowed: &[&str]| match parts
+        .iter()
+        .find(|(key, set)| *set && !allowed.contains(key))
+    {
+        Some((key, _)) => Err(anyhow::anyhow!(
+            "model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")"
+        )),
+        None => Ok(()),
     };
     misplaced(&["vision_tower"])?;
     let dir = match (&cfg.model.id, &cfg.model.path) {

@@ -37,8 +37,7 @@ pub fn convert(layout: &str, model: &Path, vision_tower: Option<&Path>, out: &Pa
     )?;
     save_hf_weights(loaded.as_ref(), out, SHARD_BYTES)?;
     let manifest = out.join(MANIFEST);
-    std::fs::remove_file(&manifest)
-        .with_context(|| format!("removing {}", manifest.display()))?;
+    std::fs::remove_file(&manifest).with_context(|| format!("removing {}", manifest.display()))?;
     println!(
         "converted {} ({layout}); wrote {}",
         model.display(),

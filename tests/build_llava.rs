@@ -486,7 +486,10 @@ fn qwen2_5_and_chinese_clip_train_two_stages_and_load_in_transformers() {
 
     let out1 = tmp.path().join("stage1");
     let mut sets = tiny_run(&src, &out1, 3);
-    sets.push(format!("model.text_model={}", src.join("qwen2.5").display()));
+    sets.push(format!(
+        "model.text_model={}",
+        src.join("qwen2.5").display()
+    ));
     sets.push(format!(
         "model.vision_tower={}",
         src.join("chinese-clip").display()
@@ -511,7 +514,10 @@ fn qwen2_5_and_chinese_clip_train_two_stages_and_load_in_transformers() {
     }
     for (name, source) in &tower {
         let ours = &saved1[&format!("vision_tower.vision_model.{name}")];
-        assert!(bit_equal(ours, source), "stage 1 changed vision tensor {name}");
+        assert!(
+            bit_equal(ours, source),
+            "stage 1 changed vision tensor {name}"
+        );
     }
     check_against_transformers(
         &out1,
@@ -529,7 +535,10 @@ fn qwen2_5_and_chinese_clip_train_two_stages_and_load_in_transformers() {
     let saved2 = read(&out2.join("model.safetensors"));
     for (name, source) in &tower {
         let ours = &saved2[&format!("vision_tower.vision_model.{name}")];
-        assert!(bit_equal(ours, source), "stage 2 changed vision tensor {name}");
+        assert!(
+            bit_equal(ours, source),
+            "stage 2 changed vision tensor {name}"
+        );
     }
     for name in [
         "language_model.model.layers.0.self_attn.q_proj.weight",
@@ -552,7 +561,10 @@ fn qwen2_5_and_chinese_clip_train_two_stages_and_load_in_transformers() {
     // The full ChineseCLIPModel composes to the same tower (only its vision_model.* is read).
     let full = tmp.path().join("full");
     let mut sets = tiny_run(&src, &full, 1);
-    sets.push(format!("model.text_model={}", src.join("qwen2.5").display()));
+    sets.push(format!(
+        "model.text_model={}",
+        src.join("qwen2.5").display()
+    ));
     sets.push(format!(
         "model.vision_tower={}",
         src.join("chinese-clip-full").display()

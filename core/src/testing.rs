@@ -38,7 +38,11 @@ pub fn repo_root() -> PathBuf {
 /// repository (with their provenance) so a bare clone passes the suite.
 pub fn hf_configs() -> PathBuf {
     let dir = repo_root().join("tests/data/hub");
-    assert!(dir.is_dir(), "{} is missing from the checkout", dir.display());
+    assert!(
+        dir.is_dir(),
+        "{} is missing from the checkout",
+        dir.display()
+    );
     dir
 }
 

@@ -51,8 +51,8 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use crate::compose::{
-    fill_new_rows, is_vocab_matrix, load_tower, read_json, view_store, vision_config,
-    write_json, write_skeleton, SkeletonParts, CHATML_TEMPLATE, VICUNA_TEMPLATE,
+    fill_new_rows, is_vocab_matrix, load_tower, read_json, view_store, vision_config, write_json,
+    write_skeleton, SkeletonParts, CHATML_TEMPLATE, VICUNA_TEMPLATE,
 };
 use crate::config::LlavaConfig;
 use crate::model::LlavaModel;
@@ -280,7 +280,9 @@ pub fn skeleton(source: &Path, named_tower: Option<&Path>, dir: &Path) -> Result
     );
 
     let mut text = config.clone();
-    let obj = text.as_object_mut().context("config.json is not an object")?;
+    let obj = text
+        .as_object_mut()
+        .context("config.json is not an object")?;
     obj.retain(|k, _| !k.starts_with("mm_") && !LLAVA_KEYS.contains(&k.as_str()));
     obj.remove("vision_tower");
     obj.insert("model_type".into(), json!(text_type));
@@ -317,8 +319,8 @@ pub fn skeleton(source: &Path, named_tower: Option<&Path>, dir: &Path) -> Result
     let source_vocab = write_skeleton(&parts, dir)?;
     let names = checkpoint_tensor_names(source)?;
     let tower_in_checkpoint = names.iter().any(|n| n.starts_with(KEY_MAP[2].0));
-    let source = std::fs::canonicalize(source)
-        .with_context(|| format!("resolving {}", source.display()))?;
+    let source =
+        std::fs::canonicalize(source).with_context(|| format!("resolving {}", source.display()))?;
     write_json(
         &dir.join(MANIFEST),
         &json!({
@@ -345,11 +347,9 @@ pub fn load(
             .with_context(|| format!("{}: no `{key}`", manifest_path.display()))
     };
     let path = |key: &str| -> Result<PathBuf> {
-        Ok(PathBuf::from(
-            field(key)?
-                .as_str()
-                .with_context(|| format!("{}: `{key}` is not a path", manifest_path.display()))?,
-        ))
+        Ok(PathBuf::from(field(key)?.as_str().with_context(|| {
+            format!("{}: `{key}` is not a path", manifest_path.display())
+        })?))
     };
     let checkpoint = path("checkpoint")?;
     let tower_dir = path("vision_tower")?;
