@@ -31,10 +31,12 @@
 //! settings (`anyres`, `mm_patch_merge_type = "spatial_unpad"`), `mm_use_im_start_end`,
 //! `mm_use_im_patch_token` and projectors other than `mlp2x_gelu` are refused by name.
 //!
-//! New vocabulary rows (`<image>`, which the original tokenizer lacks; LLaVA splices features
-//! in at a sentinel id instead) start at the mean of the LLM's rows, as in composing. The
-//! embedding of `<image>` never reaches the model (its positions carry image features), so
-//! the function is the original's.
+//! `<image>` is added to the tokenizer (the original lacks it: LLaVA splices features in at a
+//! sentinel id, -200), and its embedding and `lm_head` rows start at the mean of the LLM's
+//! rows, as in composing (transformers' `convert_llava_weights_to_hf` does the same, plus
+//! noise and a `<pad>` row). The embedding row never reaches the model, whose `<image>`
+//! positions carry image features; the `lm_head` row is one more class in the output
+//! distribution, which training teaches never to predict.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -98,7 +100,9 @@ const LLAVA_KEYS: &[&str] = &[
     "transformers_version",
 ];
 
-/// The llava-hf name of an original tensor name, if the layout has one.
+/// The llava-hf name of an original tensor name, if the layout has one. Inside the projector
+/// and tower namespaces only the exact entries map (`model.mm_projector.1.*` is not a
+/// layer), so a name there never falls through to the LLM's `model.` rule.
 pub fn hf_name(original: &str) -> Option<String> {
     if original.starts_with("model.mm_projector.")
         && !KEY_MAP[..2].iter().any(|(o, _)| original.starts_with(o))
