@@ -21,6 +21,8 @@ PINS=(
   "pillow"
   "numpy"
   "psutil"
+  # The reference ROUGE-L implementation `evaluate --generate` is checked against.
+  "rouge-score==0.1.2"
 )
 STAMP="$VENV/.lmms-ft-pins"
 PIN_TEXT="$(printf '%s\n' "${PINS[@]}")"

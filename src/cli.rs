@@ -72,13 +72,29 @@ pub enum Command {
         #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "DIR")]
         resume: Option<String>,
     },
-    /// Per-sample loss of a model on a dataset, written as JSON.
+    /// Per-sample loss of a model on a dataset, written as JSON; with --generate also the
+    /// answers it generates, scored against the references.
     Evaluate {
         #[command(flatten)]
         config: ConfigArgs,
         /// Where to write the per-sample results.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// LoRA adapter directory, applied on the fly (no merge).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Also generate each sample's last assistant turn and score it (exact match,
+        /// token F1, ROUGE-L).
+        #[arg(long)]
+        generate: bool,
+        /// Per-sample predictions as JSONL (default: `predictions.jsonl` beside --json).
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        /// Prompts generated together.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[command(flatten)]
+        generation: GenerationArgs,
     },
     /// Check every record of a dataset before training.
     ValidateData(ConfigArgs),
@@ -97,17 +113,8 @@ pub enum Command {
         /// System prompt (the template's default when omitted).
         #[arg(long)]
         system: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_new_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        generation: GenerationArgs,
         /// Print a JSON object (text, token ids, whether a stop token ended it).
         #[arg(long)]
         json: bool,
@@ -126,6 +133,27 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Talk to a model: an interactive multi-turn session that streams each reply. Reads one
+    /// user turn per line from stdin (a terminal or a pipe); `/image PATH` adds an image to
+    /// the next turn, `/video PATH` a video, `/reset` starts over, `/exit` ends.
+    Chat {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// LoRA adapter directory, applied on the fly (no merge).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Images for the first turn.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// System prompt (the template's default when omitted).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        generation: GenerationArgs,
+        /// Print one JSON object per reply (text, token ids, stopped) instead of streaming.
+        #[arg(long)]
+        json: bool,
+    },
     /// Merge a LoRA adapter into its base model.
     MergeLora {
         #[arg(long)]
@@ -135,6 +163,34 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// Decoding settings shared by `generate`, `chat` and `evaluate --generate`.
+#[derive(Args, Debug, Clone)]
+pub struct GenerationArgs {
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl GenerationArgs {
+    pub fn options(&self) -> lmms_ft_core::generate::GenerateOptions {
+        lmms_ft_core::generate::GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,7 +298,26 @@ pub fn run(cli: Cli) -> Result<()> {
             tracing::info!(device = %report.device, "libtorch self-check passed");
             Ok(())
         }
-        Command::Evaluate { config, json } => commands::evaluate(&config.load()?, json.as_deref()),
+        Command::Evaluate {
+            config,
+            json,
+            adapter,
+            generate,
+            predictions,
+            batch_size,
+            generation,
+        } => commands::evaluate(
+            &config.load()?,
+            &commands::EvaluateRequest {
+                json,
+                adapter,
+                generate: generate.then(|| commands::GenerateEval {
+                    options: generation.options(),
+                    batch_size,
+                    predictions,
+                }),
+            },
+        ),
         Command::ValidateData(args) => commands::validate_data(&args.load()?),
         Command::Generate {
             config,
@@ -251,11 +326,7 @@ pub fn run(cli: Cli) -> Result<()> {
             video,
             prompt,
             system,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
+            generation,
             json,
         } => commands::generate(
             &config.load()?,
@@ -265,13 +336,24 @@ pub fn run(cli: Cli) -> Result<()> {
                 video,
                 prompt,
                 system,
-                options: lmms_ft_core::generate::GenerateOptions {
-                    max_new_tokens,
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed,
-                },
+                options: generation.options(),
+                json,
+            },
+        ),
+        Command::Chat {
+            config,
+            adapter,
+            image,
+            system,
+            generation,
+            json,
+        } => crate::chat::run(
+            &config.load()?,
+            &crate::chat::ChatRequest {
+                adapter,
+                images: image,
+                system,
+                options: generation.options(),
                 json,
             },
         ),

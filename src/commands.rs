@@ -10,13 +10,16 @@ use lmms_ft_core::data::dataset::Dataset;
 use lmms_ft_core::data::prepare::{dataset_options, prepare, MediaOptions};
 use lmms_ft_core::data::validate::{validate_dataset, Checks, MediaCheck};
 use lmms_ft_core::data::video::load_video;
+use lmms_ft_core::eval::answers::generate_answers;
 use lmms_ft_core::eval::evaluate as run_evaluation;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lmms_ft_core::data::media::load_image;
 use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
-use lmms_ft_core::family::{DynFamily, OpenOptions, PreparedConversation, ProcessorOptions};
+use lmms_ft_core::family::{
+    DynFamily, OpenOptions, Pipeline, PreparedConversation, ProcessorOptions,
+};
 use lmms_ft_core::generate::GenerateOptions;
 use lmms_ft_core::hub::{self, CacheEnv};
 use lmms_ft_core::peft;
@@ -165,11 +168,13 @@ fn dataset(cfg: &Config) -> Result<Dataset> {
     Ok(Dataset::open(path, dataset_options(&cfg.data))?)
 }
 
-pub fn evaluate(cfg: &Config, json: Option<&Path>) -> Result<()> {
+/// Opens the configured model for inference (no gradients, evaluation mode), with a LoRA
+/// adapter applied on the fly when given: no merge, so the base stays as it is on disk. The
+/// adapter may come from lmms-ft or `peft` (runtime or transformers-4 Hub key layouts).
+pub fn open_for_inference(cfg: &Config, adapter: Option<&Path>) -> Result<Box<dyn Pipeline>> {
     let (dir, family) = resolve_model(cfg)?;
     let (device, kind) = device_and_kind(cfg)?;
-    let implementation = family.family;
-    let pipeline = implementation.open(
+    let mut pipeline = family.family.open(
         &dir,
         OpenOptions {
             device,
@@ -177,18 +182,78 @@ pub fn evaluate(cfg: &Config, json: Option<&Path>) -> Result<()> {
             processor: ProcessorOptions::from_config(&cfg.data),
         },
     )?;
-    let report = run_evaluation(
-        pipeline.as_ref(),
-        &dataset(cfg)?,
-        &MediaOptions::from_config(&cfg.data),
-    )?;
+    if let Some(adapter) = adapter {
+        // Inference mode: the adapters' dropout stays off.
+        let training = Arc::new(AtomicBool::new(false));
+        let spec = load_adapter(pipeline.trainable(), adapter, &training)
+            .with_context(|| format!("loading adapter {}", adapter.display()))?;
+        tracing::info!(adapter = %adapter.display(), r = spec.r, alpha = spec.alpha, "LoRA adapter applied");
+    }
+    Ok(pipeline)
+}
+
+/// What `lmms-ft evaluate` was asked.
+pub struct EvaluateRequest {
+    pub json: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    /// With `--generate`.
+    pub generate: Option<GenerateEval>,
+}
+
+/// `evaluate --generate`: how to generate, and where the per-sample predictions go.
+pub struct GenerateEval {
+    pub options: GenerateOptions,
+    pub batch_size: usize,
+    pub predictions: Option<PathBuf>,
+}
+
+pub fn evaluate(cfg: &Config, req: &EvaluateRequest) -> Result<()> {
+    let pipeline = open_for_inference(cfg, req.adapter.as_deref())?;
+    let data = dataset(cfg)?;
+    let media = MediaOptions::from_config(&cfg.data);
+    let report = run_evaluation(pipeline.as_ref(), &data, &media)?;
     tracing::info!(
         samples = report.samples.len(),
         mean_loss = report.mean_loss,
         "evaluated"
     );
-    let text = serde_json::to_string_pretty(&report)?;
-    match json {
+    let mut value = serde_json::to_value(&report)?;
+    if let Some(gen) = &req.generate {
+        let records = data
+            .records()?
+            .enumerate()
+            .map(|(i, r)| Ok((i, r?)))
+            .collect::<Result<Vec<_>>>()?;
+        let answers = generate_answers(
+            pipeline.as_ref(),
+            &records,
+            &media,
+            &gen.options,
+            gen.batch_size,
+        )?;
+        tracing::info!(
+            exact_match = answers.mean.exact_match,
+            token_f1 = answers.mean.token_f1,
+            rouge_l = answers.mean.rouge_l,
+            "generated answers"
+        );
+        let path = gen.predictions.clone().or_else(|| {
+            req.json
+                .as_ref()
+                .map(|j| j.with_file_name("predictions.jsonl"))
+        });
+        if let Some(path) = &path {
+            let mut text = String::new();
+            for answer in &answers.samples {
+                text.push_str(&serde_json::to_string(answer)?);
+                text.push('\n');
+            }
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        value["generation"] = serde_json::to_value(&answers)?;
+    }
+    let text = serde_json::to_string_pretty(&value)?;
+    match &req.json {
         Some(path) => {
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
         }
@@ -250,22 +315,7 @@ pub struct GenerateRequest {
 /// One user turn (images, then video, then the prompt, as the dataset convention puts media
 /// first), rendered with the same template as training, generated until an end-of-turn token.
 pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
-    let (dir, family) = resolve_model(cfg)?;
-    let (device, kind) = device_and_kind(cfg)?;
-    let implementation = family.family;
-    let mut pipeline = implementation.open(
-        &dir,
-        OpenOptions {
-            device,
-            kind,
-            processor: ProcessorOptions::from_config(&cfg.data),
-        },
-    )?;
-    if let Some(adapter) = &req.adapter {
-        let training = Arc::new(AtomicBool::new(false));
-        load_adapter(pipeline.trainable(), adapter, &training)
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-    }
+    let pipeline = open_for_inference(cfg, req.adapter.as_deref())?;
     let media_opts = MediaOptions::from_config(&cfg.data);
     let mut media = DecodedMedia::default();
     let mut parts = Vec::new();

@@ -1,6 +1,7 @@
 //! The `lmms-ft` command line. Every adapter crate is linked here so its registrations reach
 //! the registry; the commands themselves only talk to the core.
 
+mod chat;
 mod cli;
 mod commands;
 mod convert;

@@ -1,4 +1,8 @@
-//! Per-sample loss of a model on a dataset under the label rule (`lmms-ft evaluate`).
+//! Per-sample loss of a model on a dataset under the label rule (`lmms-ft evaluate`), and
+//! generated answers scored against the references ([`answers`], [`metrics`]).
+
+pub mod answers;
+pub mod metrics;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;

@@ -21,7 +21,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
 use crate::generate::{
-    generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker,
+    decode_loop, generation_config_eos, DecodeState, GenerateOptions, Generated, TextStream,
 };
 use crate::nn::Linear;
 use crate::quant::{load_quantized, QuantSpec};
@@ -153,14 +153,16 @@ pub trait Model: Send {
     /// The parameters, named exactly as in the Hub checkpoint (`model.layers.0...`).
     fn var_store(&self) -> &nn::VarStore;
 
-    /// Runs a one-row prompt batch, filling a key/value cache. Returns the logits of the last
-    /// position (`[vocab]`) and the state [`Model::decode_step`] continues from.
-    fn prefill(&self, _batch: &Self::Batch) -> Result<(Tensor, DecodeState)> {
+    /// Runs a batch of prompts, collated right-padded as for training, row `i` holding
+    /// `lengths[i]` real tokens, and fills a key/value cache. Returns the logits of each row's
+    /// last prompt token (`[B, vocab]`) and the state [`Model::decode_step`] continues from
+    /// (see [`crate::generate`] for how padding is masked).
+    fn prefill(&self, _batch: &Self::Batch, _lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
         anyhow::bail!("this model does not support generation")
     }
 
-    /// Feeds one generated token; returns the logits for the next one (`[vocab]`).
-    fn decode_step(&self, _state: &mut DecodeState, _token: i64) -> Result<Tensor> {
+    /// Feeds one token per row; returns the logits for the next ones (`[B, vocab]`).
+    fn decode_step(&self, _state: &mut DecodeState, _tokens: &[i64]) -> Result<Tensor> {
         anyhow::bail!("this model does not support generation")
     }
 
@@ -191,6 +193,14 @@ pub trait Model: Send {
     fn runtime_name(&self, hub_name: &str) -> String {
         hub_name.to_string()
     }
+
+    /// Other names older tools gave a module or parameter (Hub name) in adapter files, which
+    /// loading an adapter accepts besides the Hub and runtime names (LLaVA: the original
+    /// LLaVA repository's `model.layers.0...`). None by default.
+    fn legacy_names(&self, hub_name: &str) -> Vec<String> {
+        let _ = hub_name;
+        Vec::new()
+    }
 }
 
 /// The parts of a multimodal model that train separately.
@@ -212,6 +222,7 @@ pub trait Trainable {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear));
     fn component(&self, name: &str) -> Component;
     fn runtime_name(&self, hub_name: &str) -> String;
+    fn legacy_names(&self, hub_name: &str) -> Vec<String>;
     fn set_gradient_checkpointing(&mut self, on: bool);
 }
 
@@ -227,6 +238,9 @@ impl<M: Model> Trainable for M {
     }
     fn runtime_name(&self, hub_name: &str) -> String {
         Model::runtime_name(self, hub_name)
+    }
+    fn legacy_names(&self, hub_name: &str) -> Vec<String> {
+        Model::legacy_names(self, hub_name)
     }
     fn set_gradient_checkpointing(&mut self, on: bool) {
         Model::set_gradient_checkpointing(self, on)
@@ -329,7 +343,19 @@ pub trait Pipeline {
     /// The model, for the trainer to attach adapters, freeze parts and save.
     fn trainable(&mut self) -> &mut dyn Trainable;
     /// Generates an assistant reply to a conversation (its last turn from the user).
-    fn generate(&self, conv: &PreparedConversation, opts: &GenerateOptions) -> Result<Generated>;
+    fn generate(&self, conv: &PreparedConversation, opts: &GenerateOptions) -> Result<Generated> {
+        let mut replies = self.generate_batch(std::slice::from_ref(conv), opts, &mut |_, _| {})?;
+        replies.pop().context("generation returned no reply")
+    }
+    /// Replies to several conversations at once (one batch through the cache); each equals
+    /// what [`Pipeline::generate`] gives for it alone. `on_text(row, piece)` receives each
+    /// row's text as it is generated.
+    fn generate_batch(
+        &self,
+        convs: &[PreparedConversation],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generated>>;
     /// Encoding and collation, shareable with loader threads (training).
     fn batch_builder(&self) -> Arc<dyn BatchBuilder>;
     /// Runs a batch built by this pipeline's [`BatchBuilder`].
@@ -428,43 +454,59 @@ impl<F: Family> Pipeline for Opened<F> {
         &mut self.model
     }
 
-    fn generate(&self, conv: &PreparedConversation, opts: &GenerateOptions) -> Result<Generated> {
-        let (media, tokens) = self
-            .encoder
-            .processor
-            .process(&conv.media.images, &conv.media.videos)?;
-        let input_ids = self
-            .encoder
-            .template
-            .encode_prompt(&conv.conversation, &tokens)?;
-        let labels = vec![IGNORE_INDEX; input_ids.len()];
-        let batch = self.collator.collate(
-            vec![F::sample(EncodedText { input_ids, labels }, media)],
-            self.device,
-        )?;
-        tch::no_grad(|| {
-            let (mut logits, mut state) = self.model.prefill(&batch)?;
-            let mut picker = TokenPicker::new(*opts);
-            let mut token_ids = Vec::new();
-            let mut stopped = false;
-            while token_ids.len() < opts.max_new_tokens {
-                let next = picker.pick(&logits)?;
-                if self.stop_ids.contains(&next) {
-                    stopped = true;
-                    break;
-                }
-                token_ids.push(next);
-                if token_ids.len() < opts.max_new_tokens {
-                    logits = self.model.decode_step(&mut state, next)?;
-                }
-            }
-            let text = self.encoder.template.decode(&token_ids)?;
-            Ok(Generated {
-                token_ids,
-                text,
-                stopped,
+    fn generate_batch(
+        &self,
+        convs: &[PreparedConversation],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generated>> {
+        anyhow::ensure!(!convs.is_empty(), "nothing to generate for");
+        let mut samples = Vec::with_capacity(convs.len());
+        let mut lengths = Vec::with_capacity(convs.len());
+        for conv in convs {
+            let (media, tokens) = self
+                .encoder
+                .processor
+                .process(&conv.media.images, &conv.media.videos)?;
+            let input_ids = self
+                .encoder
+                .template
+                .encode_prompt(&conv.conversation, &tokens)?;
+            lengths.push(input_ids.len());
+            let labels = vec![IGNORE_INDEX; input_ids.len()];
+            samples.push(F::sample(EncodedText { input_ids, labels }, media));
+        }
+        let batch = self.collator.collate(samples, self.device)?;
+        let template = &self.encoder.template;
+        let decode = |ids: &[i64]| template.decode(ids);
+        let mut streams: Vec<TextStream> = convs.iter().map(|_| TextStream::new()).collect();
+        let mut stream_err = None;
+        let rows = tch::no_grad(|| -> Result<_> {
+            let (logits, mut state) = self.model.prefill(&batch, &lengths)?;
+            decode_loop(
+                logits,
+                &mut |tokens| self.model.decode_step(&mut state, tokens),
+                &self.stop_ids,
+                opts,
+                &mut |row, id| match streams[row].push(id, &decode) {
+                    Ok(piece) if !piece.is_empty() => on_text(row, &piece),
+                    Ok(_) => {}
+                    Err(e) => stream_err = Some(e),
+                },
+            )
+        })?;
+        if let Some(e) = stream_err {
+            return Err(e);
+        }
+        rows.into_iter()
+            .map(|row| {
+                Ok(Generated {
+                    text: template.decode(&row.token_ids)?,
+                    token_ids: row.token_ids,
+                    stopped: row.stopped,
+                })
             })
-        })
+            .collect()
     }
 
     fn batch_builder(&self) -> Arc<dyn BatchBuilder> {

@@ -1,8 +1,23 @@
 //! Text generation shared by every family: a per-layer key/value cache, greedy or seeded
 //! sampling, and stopping at the end-of-turn / end-of-sequence tokens the chat template
 //! and `generation_config.json` name.
+//!
+//! A family only implements [`crate::family::Model::prefill`] (its multimodal embeddings
+//! through the decoder, filling the cache) and [`crate::family::Model::decode_step`] (one
+//! token per row through the cache); [`decode_loop`] is the one generation loop, for one
+//! prompt or a batch.
+//!
+//! # Batches
+//!
+//! Prompts are collated as for training, right-padded, so every family's collator and
+//! position rule serve generation unchanged: under causal attention a row's real tokens
+//! never see the padding after them, so its prefill equals that of the row alone. The padded
+//! keys then sit between a short row's prompt and its generated tokens, and
+//! [`DecodeState::valid`] masks them out of every later step; each row keeps its own next
+//! position. This is left padding's effect without shifting any family's positions, and no
+//! query row is ever fully masked (which gives NaN in attention).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use rand::Rng;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -15,12 +30,17 @@ pub struct KvCache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
-/// Where a generation stands after the prompt: the cache and the position the next token
-/// takes (for M-RoPE families, the shared position of all three axes).
+/// Where a generation stands after the prompt: the cache, the position each row's next token
+/// takes (for M-RoPE families, the shared position of all three axes), and which cached keys
+/// each row may attend to.
 #[derive(Debug, Default)]
 pub struct DecodeState {
     pub cache: KvCache,
-    pub next_position: i64,
+    /// Per row.
+    pub next_positions: Vec<i64>,
+    /// `[B, cached]` booleans, false at the padding after a shorter prompt; `None` when every
+    /// cached key of every row is real (one prompt, or prompts of equal length).
+    pub valid: Option<Tensor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,6 +89,11 @@ impl TokenPicker {
         }
     }
 
+    /// Whether picks are argmax (no randomness, so they can be taken on the device).
+    pub fn is_greedy(&self) -> bool {
+        self.opts.temperature <= 0.0
+    }
+
     /// `logits`: `[vocab]` for one position.
     pub fn pick(&mut self, logits: &Tensor) -> Result<i64> {
         let logits: Vec<f32> = Vec::try_from(
@@ -77,6 +102,11 @@ impl TokenPicker {
                 .to_device(tch::Device::Cpu)
                 .flatten(0, -1),
         )?;
+        self.pick_from(&logits)
+    }
+
+    /// [`TokenPicker::pick`] on logits already on the host.
+    pub fn pick_from(&mut self, logits: &[f32]) -> Result<i64> {
         if logits.is_empty() {
             bail!("empty logits");
         }
@@ -135,5 +165,118 @@ pub fn generation_config_eos(dir: &std::path::Path) -> Vec<i64> {
         serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
         serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_i64()).collect(),
         _ => Vec::new(),
+    }
+}
+
+/// What [`decode_loop`] made of one row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowOutput {
+    /// New tokens, without the stop token.
+    pub token_ids: Vec<i64>,
+    /// Whether a stop token ended the row (rather than `max_new_tokens`).
+    pub stopped: bool,
+}
+
+/// The generation loop every family shares. `first`: the prefill's logits `[B, vocab]`;
+/// `step` feeds one token per row and returns the next logits `[B, vocab]`. Each row gets
+/// its own picker seeded with `opts.seed`, so a row samples the same tokens in a batch as
+/// alone. A row that has stopped keeps being fed its stop token (its output is final) until
+/// every row is done. `on_token(row, id)` sees every kept token as it is picked (streaming).
+pub fn decode_loop(
+    first: Tensor,
+    step: &mut dyn FnMut(&[i64]) -> Result<Tensor>,
+    stop_ids: &[i64],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, i64),
+) -> Result<Vec<RowOutput>> {
+    ensure!(
+        first.dim() == 2,
+        "prefill logits must be [batch, vocab], got {:?}",
+        first.size()
+    );
+    let rows = first.size()[0] as usize;
+    let mut pickers: Vec<TokenPicker> = (0..rows).map(|_| TokenPicker::new(*opts)).collect();
+    let mut out = vec![RowOutput::default(); rows];
+    let mut done = vec![opts.max_new_tokens == 0; rows];
+    let mut logits = first;
+    while done.iter().any(|d| !d) {
+        let picks = pick_rows(&logits, &mut pickers)?;
+        let mut feed = Vec::with_capacity(rows);
+        for (row, &next) in picks.iter().enumerate() {
+            let o = &mut out[row];
+            if !done[row] {
+                if stop_ids.contains(&next) {
+                    o.stopped = true;
+                    done[row] = true;
+                } else {
+                    o.token_ids.push(next);
+                    on_token(row, next);
+                    done[row] = o.token_ids.len() >= opts.max_new_tokens;
+                }
+            }
+            feed.push(next);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        logits = step(&feed)?;
+    }
+    Ok(out)
+}
+
+/// One token per row: argmax on the device when greedy (torch's argmax takes the first
+/// maximum, as [`TokenPicker`] does), one host copy of all rows' logits when sampling.
+fn pick_rows(logits: &Tensor, pickers: &mut [TokenPicker]) -> Result<Vec<i64>> {
+    if pickers.iter().all(TokenPicker::is_greedy) {
+        return Ok(Vec::try_from(
+            logits.argmax(-1, false).to_device(tch::Device::Cpu),
+        )?);
+    }
+    let vocab = logits.size()[1] as usize;
+    let flat: Vec<f32> = Vec::try_from(
+        logits
+            .to_kind(Kind::Float)
+            .to_device(tch::Device::Cpu)
+            .flatten(0, -1),
+    )?;
+    pickers
+        .iter_mut()
+        .zip(flat.chunks(vocab))
+        .map(|(p, row)| p.pick_from(row))
+        .collect()
+}
+
+/// Turns a growing list of generated ids into text pieces as they become printable: each
+/// call decodes everything so far and returns what was added, holding back a tail that ends
+/// in an incomplete character (byte-fallback tokens), so the pieces join to the final text.
+pub struct TextStream {
+    ids: Vec<i64>,
+    printed: usize,
+}
+
+impl Default for TextStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TextStream {
+    pub fn new() -> Self {
+        TextStream {
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    /// Adds `id`; returns the newly printable text (possibly empty).
+    pub fn push(&mut self, id: i64, decode: &dyn Fn(&[i64]) -> Result<String>) -> Result<String> {
+        self.ids.push(id);
+        let text = decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed {
+            return Ok(String::new());
+        }
+        let piece = text.get(self.printed..).unwrap_or_default().to_string();
+        self.printed = text.len();
+        Ok(piece)
     }
 }

@@ -2,6 +2,8 @@
 //! PIL) — shared so every suite finds the interpreter and the real Hub configs the same way.
 //! A missing oracle is a failure with instructions, never a silent skip.
 
+pub mod generation;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

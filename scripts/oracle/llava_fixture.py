@@ -23,7 +23,8 @@ Writes into OUT_DIR a checkpoint saved by `save_pretrained`, the processor and t
 `reference.safetensors` + `reference.json` holding, for three samples (text-only, one
 non-square image that needs a resize, two images over two turns, and for the video variants a
 four-frame video): the processor's inputs,
-logits, loss and the gradients of a few named parameters after one backward. Prints the
+logits, loss and the gradients of a few named parameters after one backward; and, from each
+sample's generation prompt, transformers' greedy `generate` tokens and per-step logits. Prints the
 checkpoint's tensor names and transformers' parameter count (meta device) as JSON on the
 last line.
 """
@@ -360,8 +361,37 @@ def label_rule(messages, images, clips, runs):
     return labels, loss, batch["input_ids"].contiguous()
 
 
+def prompt_batch(messages, images, clips, runs):
+    """The generation prompt of a conversation whose last turn is the user's, in the template
+    lmms-ft uses (the Vicuna training template's prompt equals the Hub one's after the last
+    turn, but earlier answers end in </s>); for Qwen2, earlier answers are tokenised apart
+    from their generation prompt, as in `label_rule`."""
+    kwargs = {"chat_template": VICUNA_TRAINING} if vicuna else {}
+    text_in = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    batch = call(text_in, images, clips)
+    if qwen:
+        pieces = re.split("(<image>|<video>)", text_in)
+        counts = {"<image>": iter(runs["<image>"]), "<video>": iter(runs["<video>"])}
+        expanded = "".join(p * next(counts[p]) if p in counts else p for p in pieces)
+        splits, cursor = [], 0
+        for m in messages:
+            if m["role"] == "assistant":
+                content = "".join(part["text"] for part in m["content"])
+                at = expanded.index(answer_prefix + content, cursor)
+                splits.append(at + len(generation_prompt))
+                cursor = at + len(answer_prefix) + len(content)
+        ids, prev = [], 0
+        for b in splits + [len(expanded)]:
+            ids += tokenizer(expanded[prev:b], add_special_tokens=False)["input_ids"]
+            prev = b
+        batch["input_ids"] = torch.tensor([ids])
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
+
+
 params = dict(model.named_parameters())
-tensors, meta = {}, {"variant": variant, "samples": {}}
+stop_ids = sorted({tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.eos_token_id} - {None})
+tensors, meta = {}, {"variant": variant, "samples": {}, "stop_ids": stop_ids}
 for name, messages in samples.items():
     images, clips = media[name], videos[name]
     text_in = processor.apply_chat_template(messages, tokenize=False)
@@ -403,6 +433,17 @@ for name, messages in samples.items():
     rule_labels, rule_loss, train_ids = label_rule(messages, images, clips, runs)
     tensors[f"{name}.rule_input_ids"] = train_ids
     tensors[f"{name}.rule_labels"] = rule_labels
+    # Greedy generation (8 new tokens) from the prompt before the last answer, with the same
+    # media, stopping at the template's end of turn or the tokenizer's end of sequence.
+    prompt = prompt_batch(messages[:-1], images, clips, runs)
+    prompt.pop("mm_token_type_ids", None)
+    prompt_len = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=stop_ids,
+                                   pad_token_id=stop_ids[0], return_dict_in_generate=True, output_logits=True)
+    tensors[f"{name}.prompt_ids"] = prompt["input_ids"].clone()
+    tensors[f"{name}.generated"] = generated.sequences[0, prompt_len:].contiguous()
+    tensors[f"{name}.generated_logits"] = torch.cat(generated.logits, dim=0).contiguous()
     meta["samples"][name] = {"loss": result.loss.item(), "text": text_in, "num_images": len(images),
                              "messages": messages, "rule_loss": rule_loss,
                              "image_sizes": [[im.height, im.width] for im in images],

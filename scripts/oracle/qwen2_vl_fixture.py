@@ -188,7 +188,7 @@ for name, messages in samples.items():
     meta["samples"][name] = {"loss": float(result.loss), "rule_loss": rule_loss, "text": text_in, "messages": messages,
                              "num_images": len(images), "num_videos": len(videos)}
 # Greedy generation from the prompt (conversation without its final answer).
-for name in ("text", "image", "video"):
+for name in ("text", "image", "two_images", "video"):
     messages = samples[name][:-1]
     images, videos = media[name]
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

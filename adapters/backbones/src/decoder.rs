@@ -2,8 +2,9 @@
 //! KV heads → residual → RMSNorm → SwiGLU MLP → residual. Parameter names follow the Hub
 //! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
 
+use anyhow::{ensure, Result};
 use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
-use lmms_ft_core::generate::KvCache;
+use lmms_ft_core::generate::{DecodeState, KvCache};
 use lmms_ft_core::nn::{
     apply_rotary, linear_params, repeat_kv, sdpa, Embedding, Linear, ParamInit, RmsNorm,
 };
@@ -352,19 +353,93 @@ impl Decoder {
 
     /// Like [`Decoder::hidden_states`] for generation: keys and values are read from and
     /// appended to `cache` (one slot per layer), so each new token costs one position.
+    /// `mask` (`[B, 1, T, cached + T]`, true = attend) is needed only when some cached keys
+    /// are padding.
     pub fn hidden_states_cached(
         &self,
         embeds: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Tensor {
         cache.layers.resize_with(self.layers.len(), || None);
         let mut h = embeds.shallow_clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, cos, sin, None, Some(slot));
+            h = layer.forward(&h, cos, sin, mask, Some(slot));
         }
         self.norm.forward(&h)
+    }
+
+    /// Generation prefill of right-padded prompt embeddings `[B, T, H]` whose row `i` has
+    /// `lengths[i]` real tokens: fills the cache and returns the logits of each row's last
+    /// real token, `[B, vocab]`. `next_positions` are the positions each row's first new token
+    /// takes (the family's position rule). Causal attention keeps each row's real tokens
+    /// blind to its padding; [`DecodeState::valid`] keeps later tokens blind to it.
+    pub fn prefill(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        lengths: &[usize],
+        next_positions: Vec<i64>,
+    ) -> Result<(Tensor, DecodeState)> {
+        let (b, t, h) = embeds.size3()?;
+        ensure!(
+            lengths.len() == b as usize && next_positions.len() == b as usize,
+            "{} prompt lengths and {} positions for a batch of {b}",
+            lengths.len(),
+            next_positions.len()
+        );
+        ensure!(
+            lengths.iter().all(|&l| l >= 1 && l as i64 <= t),
+            "prompt lengths {lengths:?} do not fit a batch of {t} positions"
+        );
+        let mut state = DecodeState {
+            next_positions,
+            ..DecodeState::default()
+        };
+        let hidden = self.hidden_states_cached(embeds, cos, sin, None, &mut state.cache);
+        let device = embeds.device();
+        let lens: Vec<i64> = lengths.iter().map(|&l| l as i64).collect();
+        let lens = Tensor::from_slice(&lens).to_device(device);
+        let last = hidden
+            .gather(
+                1,
+                &(&lens - 1).view([b, 1, 1]).expand([b, 1, h], false),
+                false,
+            )
+            .squeeze_dim(1);
+        if lengths.iter().any(|&l| (l as i64) < t) {
+            let keys = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
+            state.valid = Some(keys.lt_tensor(&lens.unsqueeze(1)));
+        }
+        Ok((self.logits(&last), state))
+    }
+
+    /// Feeds one token per row (`ids: [B, 1]`, rotary tables `[B, 1, D]` at each row's
+    /// `next_positions`) through the cache; returns the next logits `[B, vocab]`.
+    pub fn decode_step(
+        &self,
+        state: &mut DecodeState,
+        ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Tensor {
+        let embeds = self.embed(ids);
+        let mask = state.valid.take().map(|valid| {
+            let b = valid.size()[0];
+            let grown = Tensor::cat(
+                &[&valid, &Tensor::ones([b, 1], (Kind::Bool, valid.device()))],
+                1,
+            );
+            let mask = grown.view([b, 1, 1, -1]);
+            state.valid = Some(grown);
+            mask
+        });
+        let hidden = self.hidden_states_cached(&embeds, cos, sin, mask.as_ref(), &mut state.cache);
+        state.next_positions.iter_mut().for_each(|p| *p += 1);
+        self.logits(&hidden.squeeze_dim(1))
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {

@@ -128,6 +128,16 @@ impl ChatTemplate for LlavaTemplate {
     fn encode_prompt(&self, conv: &Conversation, media: &MediaTokens) -> Result<Vec<i64>> {
         Ok(self.with_prefix(self.inner.encode_prompt(conv, media)?, None))
     }
+
+    fn decode(&self, ids: &[i64]) -> Result<String> {
+        self.inner.decode(ids)
+    }
+
+    /// The training template's end-of-turn (`</s>` for the Vicuna-style checkpoints) and the
+    /// tokenizer's end-of-sequence token.
+    fn stop_token_ids(&self) -> Vec<i64> {
+        self.inner.stop_token_ids()
+    }
 }
 
 /// One encoded sample.

@@ -12,6 +12,7 @@ use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
 use lmms_ft_backbones::siglip::SiglipVisionTower;
 use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::nn::{rope_inv_freq, shifted_token_loss_sum, Linear, ParamInit};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -302,19 +303,35 @@ impl LlavaModel {
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
         let embeds = self.embeddings(batch)?;
         let (b, t) = (embeds.size()[0], embeds.size()[1]);
-        if let Some(window) = self.config.text.sliding_window {
-            ensure!(
-                t <= window,
-                "sequence of {t} tokens exceeds the text model's sliding window of {window}, which is not implemented"
-            );
-        }
-        let d = &self.config.text.decoder;
+        self.check_window(t)?;
         let positions = Tensor::arange(t, (Kind::Int64, embeds.device()))
             .unsqueeze(0)
             .expand([b, t], false);
-        let inv_freq = rope_inv_freq(d.head_dim, d.rope_theta, embeds.device());
-        let (cos, sin) = rope_cos_sin(&positions, &inv_freq, embeds.kind());
+        let (cos, sin) = self.rotary(&positions);
         Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+    }
+
+    /// The shared decoder has only full causal attention, equal to sliding-window attention
+    /// up to the window's length.
+    fn check_window(&self, len: i64) -> Result<()> {
+        if let Some(window) = self.config.text.sliding_window {
+            ensure!(
+                len <= window,
+                "sequence of {len} tokens exceeds the text model's sliding window of {window}, which is not implemented"
+            );
+        }
+        Ok(())
+    }
+
+    /// Plain 1-D rotary tables for `positions: [B, T]`, in the decoder's dtype.
+    fn rotary(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let d = &self.config.text.decoder;
+        let inv_freq = rope_inv_freq(d.head_dim, d.rope_theta, positions.device());
+        rope_cos_sin(
+            positions,
+            &inv_freq,
+            self.decoder.embed_tokens.weight.kind(),
+        )
     }
 }
 
@@ -355,6 +372,34 @@ impl Model for LlavaModel {
         })
     }
 
+    /// Prompt rows are right-padded with positions `0..T`, so a row's first new token takes
+    /// position `lengths[i]`.
+    fn prefill(&self, batch: &Batch, lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
+        let embeds = self.embeddings(batch)?;
+        let (b, t) = (embeds.size()[0], embeds.size()[1]);
+        self.check_window(t)?;
+        let positions = Tensor::arange(t, (Kind::Int64, embeds.device()))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        let (cos, sin) = self.rotary(&positions);
+        let next = lengths.iter().map(|&l| l as i64).collect();
+        self.decoder.prefill(&embeds, &cos, &sin, lengths, next)
+    }
+
+    fn decode_step(&self, state: &mut DecodeState, tokens: &[i64]) -> Result<Tensor> {
+        let b = tokens.len() as i64;
+        if let Some(&last) = state.next_positions.iter().max() {
+            self.check_window(last + 1)?;
+        }
+        let device = self.vs.device();
+        let ids = Tensor::from_slice(tokens).view([b, 1]).to_device(device);
+        let positions = Tensor::from_slice(&state.next_positions)
+            .view([b, 1])
+            .to_device(device);
+        let (cos, sin) = self.rotary(&positions);
+        Ok(self.decoder.decode_step(state, &ids, &cos, &sin))
+    }
+
     /// Decoder layers and vision encoder blocks (the projector is two linears, not worth it).
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.decoder.set_gradient_checkpointing(on);
@@ -388,6 +433,30 @@ impl Model for LlavaModel {
         } else {
             Component::Llm
         }
+    }
+
+    /// The original LLaVA repository (`LlavaLlamaForCausalLM`), and adapters trained on it,
+    /// name the text model `model.*`, the projector `model.mm_projector.{0,2}` and the tower
+    /// `model.vision_tower.vision_tower.vision_model.*`.
+    fn legacy_names(&self, hub_name: &str) -> Vec<String> {
+        let renames = [
+            ("language_model.model.", "model."),
+            ("multi_modal_projector.linear_1", "model.mm_projector.0"),
+            ("multi_modal_projector.linear_2", "model.mm_projector.2"),
+            (
+                "vision_tower.vision_model.",
+                "model.vision_tower.vision_tower.vision_model.",
+            ),
+            ("image_newline", "model.image_newline"),
+        ];
+        renames
+            .iter()
+            .filter_map(|(hub, old)| {
+                hub_name
+                    .strip_prefix(hub)
+                    .map(|rest| format!("{old}{rest}"))
+            })
+            .collect()
     }
 
     /// transformers 5 runs the text model as `model.language_model`, the tower as

@@ -28,7 +28,7 @@ use lmms_ft_llava::family::Llava;
 use lmms_ft_llava::model::LlavaModel;
 
 mod common;
-use common::{fixture, ints};
+use common::{fixture, fixture_video, ints};
 use tch::{Device, Kind, Tensor};
 
 /// Placeholder tokens per image as lmms-ft computes them from the config; `alone`: the
@@ -49,20 +49,6 @@ fn expected_tokens(config: &LlavaConfig, size: [i64; 2], alone: bool) -> i64 {
         config.tokens_per_tile(),
         config.max_patches,
     )
-}
-
-/// The fixture's four frames of 56 × 70 RGB8.
-fn fixture_video(dir: &Path) -> VideoClip {
-    let raw = std::fs::read(dir.join("video.rgb")).unwrap();
-    let frames = raw
-        .chunks(56 * 70 * 3)
-        .map(|c| RgbImage::from_raw(56, 70, c.to_vec()).unwrap())
-        .collect::<Vec<_>>();
-    assert_eq!(frames.len(), 4);
-    VideoClip {
-        frames,
-        sampled_fps: 1.0,
-    }
 }
 
 fn check_variant(variant: &str) {

@@ -123,12 +123,6 @@ impl Qwen2VlModel {
             embeds.device(),
         ))
     }
-
-    /// Logits `[vocab]` of the last position of row 0.
-    fn last_logits(&self, hidden: &Tensor) -> Tensor {
-        let t = hidden.size()[1];
-        self.decoder.logits(&hidden.get(0).get(t - 1))
-    }
 }
 
 impl Model for Qwen2VlModel {
@@ -156,36 +150,39 @@ impl Model for Qwen2VlModel {
         self.visual.set_gradient_checkpointing(on);
     }
 
-    fn prefill(&self, batch: &Batch) -> Result<(Tensor, DecodeState)> {
-        ensure!(
-            batch.input_ids.size()[0] == 1,
-            "generation takes one prompt at a time"
-        );
+    fn prefill(&self, batch: &Batch, lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
         let embeds = self.embeddings(batch)?;
         let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
-        let mut state = DecodeState::default();
-        let hidden = self
-            .decoder
-            .hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
-        // Text after the prompt continues from its largest position on all three axes, as
-        // transformers' rope_deltas do.
-        state.next_position = batch.position_ids.max().int64_value(&[]) + 1;
-        Ok((self.last_logits(&hidden), state))
+        // Text after the prompt continues from the row's largest position on all three axes,
+        // as transformers' rope_deltas do; padding positions are 0, so they never raise it.
+        let next: Vec<i64> = Vec::try_from(
+            batch
+                .position_ids
+                .amax([0, 2], false)
+                .to_device(Device::Cpu),
+        )?;
+        let next = next.into_iter().map(|p| p + 1).collect();
+        self.decoder.prefill(&embeds, &cos, &sin, lengths, next)
     }
 
-    fn decode_step(&self, state: &mut DecodeState, token: i64) -> Result<Tensor> {
+    fn decode_step(&self, state: &mut DecodeState, tokens: &[i64]) -> Result<Tensor> {
         let device = self.vs.device();
-        let ids = Tensor::from_slice(&[token]).view([1, 1]).to_device(device);
-        let embeds = self.decoder.embed(&ids);
-        let positions = Tensor::from_slice(&[state.next_position; 3])
-            .view([3, 1, 1])
+        let b = tokens.len() as i64;
+        let ids = Tensor::from_slice(tokens).view([b, 1]).to_device(device);
+        let positions = Tensor::from_slice(&state.next_positions)
+            .view([1, b, 1])
+            .expand([3, b, 1], false)
             .to_device(device);
-        let (cos, sin) = self.rotary(&positions, &embeds)?;
-        let hidden = self
-            .decoder
-            .hidden_states_cached(&embeds, &cos, &sin, &mut state.cache);
-        state.next_position += 1;
-        Ok(self.last_logits(&hidden))
+        let t = &self.config.text;
+        let (cos, sin) = mrope_cos_sin(
+            &positions,
+            self.config.mrope_section,
+            t.head_dim,
+            t.rope_theta,
+            self.decoder.embed_tokens.weight.kind(),
+            device,
+        );
+        Ok(self.decoder.decode_step(state, &ids, &cos, &sin))
     }
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {

@@ -12,9 +12,7 @@ use lmms_ft_core::family::{
     ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
 };
 use lmms_ft_core::nn::count_shifted_labels;
-use lmms_ft_core::testing::{
-    cached_fixture, conversation_from_messages, hf_configs, max_abs_diff, run_oracle,
-};
+use lmms_ft_core::testing::{cached_fixture, conversation_from_messages, max_abs_diff};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
 use lmms_ft_qwen2_vl::family::Qwen2Vl;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
@@ -338,24 +336,14 @@ fn sharded_bf16_and_wrong_checkpoint() {
     assert!(err.contains("another model"), "{err}");
 }
 
-/// Greedy generation with the KV cache gives transformers' `generate(do_sample=False)` tokens
-/// for a text, an image and a video prompt, and the logits of every step match (so the cache
-/// and the positions after the prompt are right, not just the argmax).
-#[test]
-fn greedy_generation_matches_transformers() {
-    use lmms_ft_core::family::{DynFamily, Erased, OpenOptions, PreparedConversation};
-    use lmms_ft_core::generate::GenerateOptions;
-    let tmp = tempfile::tempdir().unwrap();
-    // Untied embeddings: a tied random model just echoes its last input token.
-    let dir = tmp.path().join("qwen2_vl");
-    run_oracle(
-        "qwen2_vl_fixture.py",
-        &[
-            dir.to_str().unwrap(),
-            "qwen2_vl",
-            hf_configs().to_str().unwrap(),
-        ],
-    );
+/// Greedy generation through the family contract against transformers'
+/// `generate(do_sample=False)` for a text, an image, a two-image and a video prompt: reply
+/// tokens, per-step logits, cached vs uncached and batched vs one by one (the shared
+/// [`lmms_ft_core::testing::generation::check_generation`]).
+fn check_generation_of(variant: &str) {
+    use lmms_ft_core::family::PreparedConversation;
+    use lmms_ft_core::testing::generation::{check_generation, GenerationCase, TOLERANCE};
+    let (dir, _) = cached_fixture("qwen2_vl_fixture.py", variant);
     let reference: HashMap<String, Tensor> =
         Tensor::read_safetensors(dir.join("reference.safetensors"))
             .unwrap()
@@ -364,83 +352,50 @@ fn greedy_generation_matches_transformers() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let family: &dyn DynFamily = &Erased::<Qwen2Vl>::NEW;
-    let pipeline = family
-        .open(
-            &dir,
-            OpenOptions {
-                device: Device::Cpu,
-                kind: Kind::Float,
-                processor: Default::default(),
-            },
-        )
-        .unwrap();
-    let image = load_image(&dir.join("image_a.png"), &ImageLimits::default()).unwrap();
+    let image_a = load_image(&dir.join("image_a.png"), &ImageLimits::default()).unwrap();
+    let image_b = load_image(&dir.join("image_b.png"), &ImageLimits::default()).unwrap();
     let raw = std::fs::read(dir.join("video.rgb")).unwrap();
     let frames: Vec<RgbImage> = raw
         .chunks(56 * 56 * 3)
         .map(|c| RgbImage::from_raw(56, 56, c.to_vec()).unwrap())
         .collect();
-    for name in ["text", "image", "video"] {
-        let mut media = lmms_ft_core::data::DecodedMedia::default();
-        match name {
-            "image" => media.images.push(image.clone()),
-            "video" => media.videos.push(VideoClip {
-                frames: frames.clone(),
-                sampled_fps: 24.0,
-            }),
-            _ => {}
-        }
-        let prepared = PreparedConversation {
-            conversation: conversation_from_messages(&meta["samples"][name]["messages"]),
-            media,
-        };
-        let opts = GenerateOptions {
-            max_new_tokens: 8,
-            ..Default::default()
-        };
-        let out = pipeline.generate(&prepared, &opts).unwrap();
-        let expected: Vec<i64> = Vec::try_from(&reference[&format!("{name}.generated")]).unwrap();
-        // transformers keeps the stop token in its output; we report it as `stopped`.
-        let mut ours = out.token_ids.clone();
-        if out.stopped {
-            ours.push(*expected.last().unwrap());
-        }
-        assert_eq!(ours, expected, "{name}: generated tokens");
-        eprintln!("{name}: generated {expected:?} ({:?})", out.text);
-
-        // Step by step through the typed model: prefill, then one cached token at a time.
-        let config = Qwen2Vl::config(&dir).unwrap();
-        let model = Qwen2VlModel::load(&config, &dir, Device::Cpu, Kind::Float).unwrap();
-        let template = Qwen2Vl::template(&config, &dir).unwrap();
-        let processor = Qwen2Vl::processor(&config, &dir, &Default::default()).unwrap();
-        let (media, tokens) = processor
-            .process(&prepared.media.images, &prepared.media.videos)
-            .unwrap();
-        let ids = template
-            .encode_prompt(&prepared.conversation, &tokens)
-            .unwrap();
-        let labels = vec![IGNORE_INDEX; ids.len()];
-        let batch = Qwen2Vl::collator(&config)
-            .collate(
-                vec![Qwen2Vl::sample(
-                    lmms_ft_core::family::EncodedText {
-                        input_ids: ids,
-                        labels,
-                    },
-                    media,
-                )],
-                Device::Cpu,
-            )
-            .unwrap();
-        let steps = &reference[&format!("{name}.generated_logits")];
-        tch::no_grad(|| {
-            let (mut logits, mut state) = model.prefill(&batch).unwrap();
-            for (i, &token) in expected.iter().enumerate() {
-                let d = max_abs_diff(&logits, &steps.get(i as i64));
-                assert!(d <= 1e-4, "{name}: step {i} logits differ by {d}");
-                logits = model.decode_step(&mut state, token).unwrap();
+    let cases: Vec<GenerationCase> = ["text", "image", "two_images", "video"]
+        .into_iter()
+        .map(|name| {
+            let mut media = lmms_ft_core::data::DecodedMedia::default();
+            match name {
+                "image" => media.images.push(image_a.clone()),
+                "two_images" => media.images.extend([image_a.clone(), image_b.clone()]),
+                "video" => media.videos.push(VideoClip {
+                    frames: frames.clone(),
+                    sampled_fps: 24.0,
+                }),
+                _ => {}
             }
-        });
-    }
+            let mut conversation = conversation_from_messages(&meta["samples"][name]["messages"]);
+            conversation.turns.pop();
+            GenerationCase {
+                name: format!("{variant}/{name}"),
+                conv: PreparedConversation {
+                    conversation,
+                    media,
+                },
+                prompt_ids: None,
+                generated: Vec::try_from(&reference[&format!("{name}.generated")]).unwrap(),
+                step_logits: reference[&format!("{name}.generated_logits")].shallow_clone(),
+                logit_tolerance: TOLERANCE,
+            }
+        })
+        .collect();
+    check_generation::<Qwen2Vl>(&dir, &cases, 8);
+}
+
+#[test]
+fn qwen2_vl_greedy_generation_matches_transformers() {
+    check_generation_of("qwen2_vl");
+}
+
+#[test]
+fn qwen2_5_vl_greedy_generation_matches_transformers() {
+    check_generation_of("qwen2_5_vl");
 }

@@ -4,7 +4,8 @@
 //! Adapter keys use the module paths `transformers` 5 sees at run time
 //! (`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`): `peft`
 //! given other names does not fail but warns and runs the base model. Loading also accepts
-//! the Hub-name keys of transformers-4-era adapters (`base_model.model.model.layers.0...`).
+//! the Hub-name keys of transformers-4-era adapters (`base_model.model.model.layers.0...`) and
+//! the names a family lists as legacy (the original LLaVA repository's `model.layers.0...`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -267,12 +268,18 @@ pub fn load_adapter(
     let mut linears = Vec::new();
     model.visit_linears(&mut |name, _| linears.push(name.to_string()));
     for hub in &linears {
+        for alias in model.legacy_names(hub) {
+            by_name.insert(alias, hub.clone());
+        }
         by_name.insert(model.runtime_name(hub), hub.clone());
         by_name.insert(hub.clone(), hub.clone());
     }
     let vars = model.var_store().variables();
     let mut var_by_name: HashMap<String, String> = HashMap::new();
     for name in vars.keys() {
+        for alias in model.legacy_names(name) {
+            var_by_name.insert(alias, name.clone());
+        }
         var_by_name.insert(model.runtime_name(name), name.clone());
         var_by_name.insert(name.clone(), name.clone());
     }

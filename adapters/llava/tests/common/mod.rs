@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use lmms_ft_core::data::{RgbImage, VideoClip};
 use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
 use lmms_ft_core::nn::count_shifted_labels;
 use lmms_ft_core::testing::cached_fixture;
@@ -40,6 +41,20 @@ pub fn fixture(variant: &str) -> Fixture {
         config,
         reference,
         meta,
+    }
+}
+
+/// The fixture's four frames of 56 × 70 RGB8.
+pub fn fixture_video(dir: &Path) -> VideoClip {
+    let raw = std::fs::read(dir.join("video.rgb")).unwrap();
+    let frames = raw
+        .chunks(56 * 70 * 3)
+        .map(|c| RgbImage::from_raw(56, 70, c.to_vec()).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(frames.len(), 4);
+    VideoClip {
+        frames,
+        sampled_fps: 1.0,
     }
 }
 
