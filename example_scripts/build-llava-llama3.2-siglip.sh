@@ -6,6 +6,9 @@
 #   Stage 2 (visual instruction tuning): from stage 1's output, projector and LLM train, the
 #            vision tower stays frozen (e.g. on llava_v1_5_mix665k.json).
 # Each stage's output is a standard LlavaForConditionalGeneration directory.
+# Caveat: composing has no Llama-3 chat template yet; the model gets LLaVA-1.5's Vicuna one
+# (USER: / ASSISTANT:, each answer ending in `</s>`, which Llama-3's tokenizer spells as
+# plain text rather than its end-of-turn token), so generation stops at max_new_tokens.
 #
 # Usage: example_scripts/build-llava-llama3.2-siglip.sh [--tiny]
 #   LLM=DIR       meta-llama/Llama-3.2-1B-Instruct downloaded (default checkpoints/Llama-3.2-1B-Instruct)

@@ -132,11 +132,14 @@ fn original_llava_converts_evaluates_and_trains() {
     let mut expected: Vec<&String> = theirs.keys().collect();
     expected.sort();
     assert_eq!(names, expected, "tensor names");
+    let mut worst = 0f64;
     for (name, t) in &ours {
         assert_eq!(t.size(), theirs[name].size(), "{name}");
         let diff = max_abs_diff(t, &theirs[name]);
         assert!(diff <= 1e-7, "{name} differs by {diff}");
+        worst = worst.max(diff);
     }
+    eprintln!("converted tensors: largest difference to the llava-hf model {worst:.3e}");
     let printed = run_oracle(
         "build_llava.py",
         &[
@@ -146,6 +149,7 @@ fn original_llava_converts_evaluates_and_trains() {
         ],
     );
     let diff: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    eprintln!("transformers on the converted directory vs the llava-hf model: {diff}");
     assert!(diff["max_diff"].as_f64().unwrap() <= 1e-5, "{diff}");
     let printed = run_oracle(
         "build_llava.py",
@@ -166,6 +170,7 @@ fn original_llava_converts_evaluates_and_trains() {
     let in_memory = evaluate(&original, &tower_set, &src, tmp.path(), "eval-original");
     let on_disk = evaluate(&converted, &[], &src, tmp.path(), "eval-converted");
     assert_eq!(in_memory.len(), 4);
+    eprintln!("evaluate: in memory {in_memory:?}, converted {on_disk:?}");
     for (a, b) in in_memory.iter().zip(&on_disk) {
         assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
     }

@@ -439,23 +439,11 @@ impl Model for LlavaModel {
     /// name the text model `model.*`, the projector `model.mm_projector.{0,2}` and the tower
     /// `model.vision_tower.vision_tower.vision_model.*`.
     fn legacy_names(&self, hub_name: &str) -> Vec<String> {
-        let renames = [
-            ("language_model.model.", "model."),
-            ("multi_modal_projector.linear_1", "model.mm_projector.0"),
-            ("multi_modal_projector.linear_2", "model.mm_projector.2"),
-            (
-                "vision_tower.vision_model.",
-                "model.vision_tower.vision_tower.vision_model.",
-            ),
-            ("image_newline", "model.image_newline"),
-        ];
-        renames
-            .iter()
-            .filter_map(|(hub, old)| {
-                hub_name
-                    .strip_prefix(hub)
-                    .map(|rest| format!("{old}{rest}"))
-            })
+        // One table for checkpoints and adapters (crate::original::KEY_MAP); it maps
+        // prefixes ending in a dot, module names have none.
+        crate::original::original_name(&format!("{hub_name}."))
+            .map(|name| name.trim_end_matches('.').to_string())
+            .into_iter()
             .collect()
     }
 

@@ -24,8 +24,10 @@
 //! | `model.vision_tower.vision_tower.vision_model.*`| `vision_tower.vision_model.*`      |
 //! | `model.*` (embeddings, layers, norm)            | `language_model.model.*`           |
 //! | `lm_head.weight`                                | `language_model.lm_head.weight`    |
+//! | `model.image_newline` (LLaVA-NeXT)              | `image_newline`                    |
 //!
-//! (`mm_projector.1` is the GELU, which has no tensors.) Config keys: `mm_vision_select_layer`
+//! (`mm_projector.1` is the GELU, which has no tensors.) The same table names the modules of
+//! PEFT adapters trained on the original repository (`LlavaModel::legacy_names`). Config keys: `mm_vision_select_layer`
 //! → `vision_feature_layer`; `mm_vision_select_feature` `"patch"` → strategy `"default"`,
 //! `"cls_patch"` → `"full"`; `image_aspect_ratio` `"pad"` / `"square"` kept. LLaVA-NeXT
 //! settings (`anyres`, `mm_patch_merge_type = "spatial_unpad"`), `mm_use_im_start_end`,
@@ -73,6 +75,8 @@ pub const KEY_MAP: &[(&str, &str)] = &[
         "model.vision_tower.vision_tower.vision_model.",
         "vision_tower.vision_model.",
     ),
+    // LLaVA-NeXT's (not converted here, but adapters trained on it name it so).
+    ("model.image_newline", "image_newline"),
     ("model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 ];
@@ -449,6 +453,7 @@ mod tests {
                 "language_model.model.embed_tokens.weight",
             ),
             ("model.norm.weight", "language_model.model.norm.weight"),
+            ("model.image_newline", "image_newline"),
             ("lm_head.weight", "language_model.lm_head.weight"),
         ];
         for (original, hf) in pairs {
