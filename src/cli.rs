@@ -123,6 +123,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert a checkpoint of another layout into a standard Hugging Face directory:
+    /// `llava-original` (the original LLaVA repository's `LlavaLlamaForCausalLM`).
+    Convert {
+        /// The layout of --model (llava-original).
+        layout: String,
+        #[arg(long)]
+        model: PathBuf,
+        /// The vision tower's directory (default: the checkpoint's mm_vision_tower, as a
+        /// local directory or from the Hugging Face cache).
+        #[arg(long)]
+        vision_tower: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Talk to a model: an interactive multi-turn session that streams each reply. Reads one
     /// user turn per line from stdin (a terminal or a pipe); `/image PATH` adds an image to
     /// the next turn, `/video PATH` a video, `/reset` starts over, `/exit` ends.
@@ -366,6 +380,12 @@ pub fn run(cli: Cli) -> Result<()> {
             commands::train(&sources.load()?)
         }
         Command::MergeLora { base, adapter, out } => commands::merge_lora(&base, &adapter, &out),
+        Command::Convert {
+            layout,
+            model,
+            vision_tower,
+            out,
+        } => crate::convert::convert(&layout, &model, vision_tower.as_deref(), &out),
     }
 }
 

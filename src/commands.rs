@@ -32,7 +32,9 @@ use tch::{Device, Kind};
 /// Config → model directory and the registered family that loads it: `model.path` if set
 /// (the family comes from its `config.json`), else `model.id` through the Hugging Face cache,
 /// or, with `model.kind`, a skeleton directory the registered composer of that kind writes
-/// under `train.output_dir` (see [`lmms_ft_core::compose`]).
+/// under `train.output_dir` (see [`lmms_ft_core::compose`]). A directory in a registered
+/// foreign layout (the original LLaVA's) is read through the skeleton its adapter writes
+/// there too.
 pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
     let m = &cfg.model;
     let parts = [
@@ -59,11 +61,16 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
         let (family, _) = family_of_dir(&dir)?;
         return Ok((dir, family));
     }
-    if let Some((key, _)) = parts.iter().find(|(_, set)| *set) {
-        anyhow::bail!(
+    let misplaced = |allowed: &[&str]| match parts
+        .iter()
+        .find(|(key, set)| *set && !allowed.contains(key))
+    {
+        Some((key, _)) => Err(anyhow::anyhow!(
             "model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")"
-        );
-    }
+        )),
+        None => Ok(()),
+    };
+    misplaced(&["vision_tower"])?;
     let dir = match (&cfg.model.id, &cfg.model.path) {
         (Some(id), path) => {
             let entry = registry::resolve_model(id)?;
@@ -77,8 +84,33 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
             "no model given: pass --model ID or --model-path DIR (or set model.id in the config)"
         ),
     };
+    // A checkpoint of another layout (the original LLaVA's) is read through the skeleton its
+    // adapter writes, converting in memory; model.vision_tower may name its tower.
+    if let Some(layout) = layout_of_dir(&dir)? {
+        let skeleton = cfg.train.output_dir.join(COMPOSED_DIR);
+        (layout.skeleton)(&dir, m.vision_tower.as_deref(), &skeleton).with_context(|| {
+            format!(
+                "reading {} as a `{}` checkpoint",
+                dir.display(),
+                layout.name
+            )
+        })?;
+        let (family, _) = family_of_dir(&skeleton)?;
+        return Ok((skeleton, family));
+    }
+    misplaced(&[])?;
     let (family, _) = family_of_dir(&dir)?;
     Ok((dir, family))
+}
+
+/// The registered foreign layout of a model directory's `config.json`, if any.
+fn layout_of_dir(dir: &Path) -> Result<Option<&'static compose::LayoutEntry>> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(compose::layout_of(&json))
 }
 
 /// Where a composed model's skeleton (config, tokenizer, processor; no weights) is written,
@@ -86,7 +118,7 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
 pub const COMPOSED_DIR: &str = "composed";
 
 /// The `config.json` of a model directory and the implemented family that loads it.
-fn family_of_dir(dir: &Path) -> Result<(Implemented, serde_json::Value)> {
+pub(crate) fn family_of_dir(dir: &Path) -> Result<(Implemented, serde_json::Value)> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
@@ -339,7 +371,7 @@ pub fn train(cfg: &Config) -> Result<()> {
 
 /// Torch dtype a checkpoint was saved in (`dtype` / `torch_dtype` of its config), so a merged
 /// model keeps its base's precision.
-fn saved_kind(config: &serde_json::Value) -> Kind {
+pub(crate) fn saved_kind(config: &serde_json::Value) -> Kind {
     let dtype = config
         .get("dtype")
         .or_else(|| config.get("torch_dtype"))

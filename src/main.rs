@@ -4,6 +4,7 @@
 mod chat;
 mod cli;
 mod commands;
+mod convert;
 mod demo;
 
 // Linking the adapters is what registers them (inventory collects at link time).

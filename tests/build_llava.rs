@@ -19,6 +19,10 @@
 //!   checkpoint `lmms-ft merge-lora` writes (≤ 1e-4), differing from stage 1's.
 //! * Qwen2 + SigLIP compose too (ChatML template, `"full"` strategy, tied embeddings, an
 //!   existing `<image>` token reused, the `"linear"` projector).
+//! * Qwen2.5 + Chinese-CLIP (a `ChineseCLIPVisionModel` with OFA-Sys's processor settings:
+//!   exact square resize, no crop) train in both stages; a full `ChineseCLIPModel` composes
+//!   to the same tower. The tower's selected features (≤ 1e-5) and the logits agree with
+//!   transformers in every `check_against_transformers`.
 //! * Bad `[model]` input (unknown kind, missing directory, unsupported LLM or tower, compose
 //!   keys without a kind, kind with a path) fails with a message naming the problem.
 
@@ -166,6 +170,14 @@ fn check_against_transformers(
     );
 
     let model = Llava::load(&config, dir, Device::Cpu, Kind::Float).unwrap();
+    // The tower alone: transformers' hidden_states at the feature layer, strategy applied.
+    let features = tch::no_grad(|| model.selected_features(their_pixels)).unwrap();
+    let feature_diff = max_abs_diff(&features, &reference["vision_features"]);
+    assert!(
+        feature_diff <= 1e-5,
+        "{}: vision features of the selected layer differ by {feature_diff}",
+        dir.display()
+    );
     let input_ids = Tensor::from_slice(&ids).view([1, -1]);
     for (name, pixels) in [("their", their_pixels.shallow_clone()), ("our", ours)] {
         let batch = Batch {
@@ -448,6 +460,126 @@ fn qwen2_and_siglip_compose_and_load_in_transformers() {
         151936,
         true,
     );
+}
+
+/// Qwen2.5 (tied, a tokenizer without `<image>`, so it is added at 151665, inside the
+/// padded vocabulary: no row added) + a Chinese-CLIP tower, in both stages: stage 1 trains
+/// only the projector, stage 2 the projector and the LLM; the tower stays bit-equal to the
+/// source, and each output agrees with transformers. The full `ChineseCLIPModel` (its BERT
+/// text tower and projections left out) gives the same composed tower.
+#[test]
+fn qwen2_5_and_chinese_clip_train_two_stages_and_load_in_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let printed = run_oracle(
+        "build_llava.py",
+        &[
+            "sources_chinese",
+            src.to_str().unwrap(),
+            hf_configs().to_str().unwrap(),
+        ],
+    );
+    let facts: serde_json::Value = serde_json::from_str(printed.lines().last().unwrap()).unwrap();
+    let image_token_id = facts["tokenizer_size"].as_i64().unwrap();
+    let tower = read(&src.join("chinese-clip/model.safetensors"));
+    let qwen = read(&src.join("qwen2.5/model.safetensors"));
+
+    let out1 = tmp.path().join("stage1");
+    let mut sets = tiny_run(&src, &out1, 3);
+    sets.push(format!(
+        "model.text_model={}",
+        src.join("qwen2.5").display()
+    ));
+    sets.push(format!(
+        "model.vision_tower={}",
+        src.join("chinese-clip").display()
+    ));
+    train("build-llava-stage1.toml", &sets).unwrap_or_else(|e| panic!("stage 1: {e}"));
+    let composed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out1.join("composed/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        composed["vision_config"]["model_type"],
+        "chinese_clip_vision_model"
+    );
+    assert_eq!(composed["image_token_index"], image_token_id);
+    let saved1 = read(&out1.join("model.safetensors"));
+    for (name, source) in &qwen {
+        if name != "lm_head.weight" {
+            assert!(
+                bit_equal(&saved1[&composed_llm_name(name)], source),
+                "stage 1 changed LLM tensor {name}"
+            );
+        }
+    }
+    for (name, source) in &tower {
+        let ours = &saved1[&format!("vision_tower.vision_model.{name}")];
+        assert!(
+            bit_equal(ours, source),
+            "stage 1 changed vision tensor {name}"
+        );
+    }
+    check_against_transformers(
+        &out1,
+        &src.join("probe.png"),
+        tmp.path(),
+        image_token_id,
+        151936,
+        false,
+    );
+
+    let out2 = tmp.path().join("stage2");
+    let mut sets = tiny_run(&src, &out2, 2);
+    sets.push(format!("model.path={}", out1.display()));
+    train("build-llava-stage2.toml", &sets).unwrap_or_else(|e| panic!("stage 2: {e}"));
+    let saved2 = read(&out2.join("model.safetensors"));
+    for (name, source) in &tower {
+        let ours = &saved2[&format!("vision_tower.vision_model.{name}")];
+        assert!(
+            bit_equal(ours, source),
+            "stage 2 changed vision tensor {name}"
+        );
+    }
+    for name in [
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "multi_modal_projector.linear_2.weight",
+    ] {
+        assert!(
+            !bit_equal(&saved2[name], &saved1[name]),
+            "stage 2 did not train {name}"
+        );
+    }
+    check_against_transformers(
+        &out2,
+        &src.join("images/img0.png"),
+        tmp.path(),
+        image_token_id,
+        151936,
+        true,
+    );
+
+    // The full ChineseCLIPModel composes to the same tower (only its vision_model.* is read).
+    let full = tmp.path().join("full");
+    let mut sets = tiny_run(&src, &full, 1);
+    sets.push(format!(
+        "model.text_model={}",
+        src.join("qwen2.5").display()
+    ));
+    sets.push(format!(
+        "model.vision_tower={}",
+        src.join("chinese-clip-full").display()
+    ));
+    train("build-llava-stage1.toml", &sets).unwrap_or_else(|e| panic!("full tower: {e}"));
+    let from_full = read(&full.join("model.safetensors"));
+    let full_source = read(&src.join("chinese-clip-full/model.safetensors"));
+    let mut vision_tensors = 0;
+    for (name, ours) in &from_full {
+        if let Some(rest) = name.strip_prefix("vision_tower.") {
+            assert!(bit_equal(ours, &full_source[rest]), "{name}");
+            vision_tensors += 1;
+        }
+    }
+    assert_eq!(vision_tensors, tower.len());
 }
 
 /// A directory that looks like a checkpoint of the given config (weights are not read

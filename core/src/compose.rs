@@ -74,3 +74,60 @@ pub fn composer(kind: &str) -> Result<&'static ComposerEntry> {
 pub fn is_skeleton(dir: &Path) -> bool {
     dir.join(MANIFEST).is_file()
 }
+
+/// A checkpoint layout other than `transformers`' that an adapter reads through a skeleton
+/// (the original LLaVA repository's `LlavaLlamaForCausalLM` directories): `train` and
+/// `evaluate` given such a directory write its skeleton and load that, converting the
+/// weights in memory, and `lmms-ft convert NAME` writes it out as a standard checkpoint.
+pub struct LayoutEntry {
+    /// What `lmms-ft convert` calls it (`llava-original`).
+    pub name: &'static str,
+    /// Whether a `config.json` is in this layout.
+    pub detect: fn(&serde_json::Value) -> bool,
+    /// Writes a skeleton for the checkpoint `source` into `dir`; `vision_tower` is a tower
+    /// directory the user named (`model.vision_tower`, `--vision-tower`), if any.
+    pub skeleton: fn(source: &Path, vision_tower: Option<&Path>, dir: &Path) -> Result<()>,
+    pub registered_by: &'static str,
+}
+
+inventory::collect!(LayoutEntry);
+
+/// Registers a layout: `register_layout!(name: "llava-original", detect: f, skeleton: g)`.
+#[macro_export]
+macro_rules! register_layout {
+    (name: $name:expr, detect: $detect:expr, skeleton: $skeleton:expr $(,)?) => {
+        $crate::inventory::submit! {
+            $crate::compose::LayoutEntry {
+                name: $name,
+                detect: $detect,
+                skeleton: $skeleton,
+                registered_by: module_path!(),
+            }
+        }
+    };
+}
+
+/// The registered layout a `config.json` is in, if any.
+pub fn layout_of(config: &serde_json::Value) -> Option<&'static LayoutEntry> {
+    inventory::iter::<LayoutEntry>
+        .into_iter()
+        .find(|l| (l.detect)(config))
+}
+
+/// The layout registered as `name`, or an error listing the known ones.
+pub fn layout(name: &str) -> Result<&'static LayoutEntry> {
+    let mut known: Vec<&str> = inventory::iter::<LayoutEntry>
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    known.sort_unstable();
+    inventory::iter::<LayoutEntry>
+        .into_iter()
+        .find(|l| l.name == name)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "`{name}` is not a known checkpoint layout to convert; known layouts: {}",
+                known.join(", ")
+            )
+        })
+}

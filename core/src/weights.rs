@@ -62,6 +62,23 @@ pub fn kind_of(dtype: Dtype) -> Result<Kind> {
     })
 }
 
+/// The tensor names of the checkpoint in `dir` (headers only; no weight is read).
+pub fn checkpoint_tensor_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for file in checkpoint_files(dir)? {
+        let handle =
+            std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+        // SAFETY: read-only mapping, dropped before the next file.
+        let mmap = unsafe { memmap2::Mmap::map(&handle) }
+            .with_context(|| format!("mapping {}", file.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&mmap)
+            .with_context(|| format!("{} is not a valid safetensors file", file.display()))?;
+        names.extend(meta.tensors().into_keys());
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// What to do with checkpoint tensors the model has no variable for.
 pub struct LoadOptions<'a> {
     /// Checkpoint tensors that may be absent from the model (e.g. `lm_head.weight` when the

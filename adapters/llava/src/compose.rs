@@ -1,7 +1,8 @@
 //! Build-your-own LLaVA (`[model] kind = "llava"`): a pretrained LLM (`LlamaForCausalLM`,
 //! `MistralForCausalLM`, `Qwen2ForCausalLM`) and a pretrained vision tower (`CLIPVisionModel`
-//! / `CLIPModel`, `SiglipVisionModel` / `SiglipModel`) joined by a new projector, the LLaVA
-//! paper's starting point for its two training stages.
+//! / `CLIPModel`, `ChineseCLIPVisionModel` / `ChineseCLIPModel`, `SiglipVisionModel` /
+//! `SiglipModel`) joined by a new projector, the LLaVA paper's starting point for its two
+//! training stages.
 //!
 //! [`compose`] writes a skeleton `LlavaForConditionalGeneration` directory (see
 //! [`lmms_ft_core::compose`]): `config.json` with nested `text_config` / `vision_config`, the
@@ -21,7 +22,7 @@
 //!   `initializer_range`) (the LLM's, 0.02 by default) with zero biases, drawn from torch's
 //!   generator seeded with `train.seed`, so a run is reproducible.
 //! * `vision_feature_layer = -2`; `vision_feature_select_strategy` `"default"` (drop CLIP's
-//!   class token) for CLIP and `"full"` for SigLIP, which has no class token.
+//!   class token) for CLIP and Chinese-CLIP and `"full"` for SigLIP, which has no class token.
 //! * `image_aspect_ratio = "pad"`: images are expanded to a square of the mean colour, as
 //!   LLaVA-1.5 trained; written as a `LlavaImageProcessor` with `do_pad = true`, so
 //!   `transformers` pads too. `"square"` keeps the tower's own processor (CLIP's center crop,
@@ -59,9 +60,9 @@ use crate::model::LlavaModel;
 register_composer!(kind: "llava", compose: compose);
 
 /// LLaVA-1.5's Hub template (llava-hf/llava-1.5-7b-hf `chat_template.jinja`).
-const VICUNA_TEMPLATE: &str = include_str!("compose_vicuna.jinja");
+pub(crate) const VICUNA_TEMPLATE: &str = include_str!("compose_vicuna.jinja");
 /// LLaVA-Interleave's Hub template (llava-hf/llava-interleave-qwen-7b-hf).
-const CHATML_TEMPLATE: &str = include_str!("compose_chatml.jinja");
+pub(crate) const CHATML_TEMPLATE: &str = include_str!("compose_chatml.jinja");
 
 /// `architectures` entries of the LLMs the LLaVA text model can be built from.
 const TEXT_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
@@ -95,13 +96,13 @@ impl Projector {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+pub(crate) fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     if path.is_file() {
         read_json(path).map(Some)
     } else {
@@ -109,7 +110,7 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     }
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }
@@ -137,7 +138,7 @@ fn source_dir(dir: Option<&Path>, key: &str, what: &str) -> Result<PathBuf> {
 }
 
 /// The LLM's config, refused unless it is one of the supported causal LMs.
-fn text_config(dir: &Path) -> Result<Value> {
+pub(crate) fn text_config(dir: &Path) -> Result<Value> {
     let json = read_json(&dir.join("config.json"))?;
     let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
     let architectures: Vec<&str> = json
@@ -160,28 +161,55 @@ fn text_config(dir: &Path) -> Result<Value> {
     Ok(json)
 }
 
-/// The vision tower's config as a `vision_config` entry (with its `model_type`), and whether
-/// it is SigLIP. Full CLIP / SigLIP checkpoints contribute their `vision_config`.
-fn vision_config(dir: &Path) -> Result<(Value, bool)> {
+/// The vision towers a LLaVA can be composed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TowerKind {
+    Clip,
+    /// Chinese-CLIP's tower is CLIP's (same tensors, keys and defaults); it differs in its
+    /// model type and its image processor's name.
+    ChineseClip,
+    Siglip,
+}
+
+impl TowerKind {
+    fn siglip(self) -> bool {
+        self == TowerKind::Siglip
+    }
+
+    /// The image processor transformers pairs with the tower when its directory names none.
+    fn default_processor(self) -> &'static str {
+        match self {
+            TowerKind::Clip => "CLIPImageProcessor",
+            TowerKind::ChineseClip => "ChineseCLIPImageProcessor",
+            TowerKind::Siglip => "SiglipImageProcessor",
+        }
+    }
+}
+
+/// The vision tower's config as a `vision_config` entry (with its `model_type`), and its
+/// kind. Full CLIP / Chinese-CLIP / SigLIP checkpoints contribute their `vision_config`.
+pub(crate) fn vision_config(dir: &Path) -> Result<(Value, TowerKind)> {
     let json = read_json(&dir.join("config.json"))?;
     let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
-    let (mut vision, vision_type) = match model_type {
-        "clip_vision_model" | "siglip_vision_model" => (json.clone(), model_type),
-        "clip" | "siglip" => (
-            json.get("vision_config")
-                .filter(|v| v.is_object())
-                .cloned()
-                .unwrap_or_else(|| json!({})),
-            if model_type == "clip" {
-                "clip_vision_model"
-            } else {
-                "siglip_vision_model"
-            },
-        ),
+    let (vision_type, tower, nested) = match model_type {
+        "clip_vision_model" => ("clip_vision_model", TowerKind::Clip, false),
+        "clip" => ("clip_vision_model", TowerKind::Clip, true),
+        "chinese_clip_vision_model" => ("chinese_clip_vision_model", TowerKind::ChineseClip, false),
+        "chinese_clip" => ("chinese_clip_vision_model", TowerKind::ChineseClip, true),
+        "siglip_vision_model" => ("siglip_vision_model", TowerKind::Siglip, false),
+        "siglip" => ("siglip_vision_model", TowerKind::Siglip, true),
         other => bail!(
-            "model.vision_tower {}: model_type `{other}` is not a supported vision tower (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel)",
+            "model.vision_tower {}: model_type `{other}` is not a supported vision tower (CLIPVisionModel, CLIPModel, ChineseCLIPVisionModel, ChineseCLIPModel, SiglipVisionModel, SiglipModel)",
             dir.display()
         ),
+    };
+    let mut vision = if nested {
+        json.get("vision_config")
+            .filter(|v| v.is_object())
+            .cloned()
+            .unwrap_or_else(|| json!({}))
+    } else {
+        json.clone()
     };
     let obj = vision
         .as_object_mut()
@@ -190,7 +218,7 @@ fn vision_config(dir: &Path) -> Result<(Value, bool)> {
     for key in ["architectures", "_name_or_path", "transformers_version"] {
         obj.remove(key);
     }
-    Ok((vision, vision_type == "siglip_vision_model"))
+    Ok((vision, tower))
 }
 
 /// The id of the largest token in a `tokenizer.json`: model vocabulary (an object for
@@ -217,7 +245,7 @@ fn largest_token_id(tok: &Value) -> Option<i64> {
 /// literally, whereas for the Llama LLM it rebuilt the pre-tokenizer from
 /// `tokenizer_config.json` (see [`load_dir_tokenizer`]); writing the rebuilt one keeps the
 /// text tokenising as the LLM was trained (`<image>\n` → `<image>`, `\n`, not `▁`, `\n`).
-fn write_tokenizer(text_dir: &Path, out: &Path) -> Result<i64> {
+pub(crate) fn write_tokenizer(text_dir: &Path, out: &Path) -> Result<i64> {
     let path = text_dir.join("tokenizer.json");
     ensure!(
         path.is_file(),
@@ -290,14 +318,15 @@ fn write_tokenizer(text_dir: &Path, out: &Path) -> Result<i64> {
 
 /// `preprocessor_config.json` and `processor_config.json` for a `LlavaProcessor`: the
 /// tower's own image settings (or transformers' defaults for it), with LLaVA's padding.
-fn write_processor(
+pub(crate) fn write_processor(
     vision_dir: &Path,
     out: &Path,
     vision: &Value,
-    siglip: bool,
+    tower: TowerKind,
     pad: bool,
     strategy: &str,
 ) -> Result<()> {
+    let siglip = tower.siglip();
     let source = match read_json_opt(&vision_dir.join("preprocessor_config.json"))? {
         Some(v) => v,
         None => read_json_opt(&vision_dir.join("processor_config.json"))?
@@ -340,11 +369,7 @@ fn write_processor(
     let own_type = source
         .get("image_processor_type")
         .and_then(Value::as_str)
-        .unwrap_or(if siglip {
-            "SiglipImageProcessor"
-        } else {
-            "CLIPImageProcessor"
-        });
+        .unwrap_or(tower.default_processor());
     if pad {
         p.insert("image_processor_type".into(), json!("LlavaImageProcessor"));
         p.insert("do_pad".into(), json!(true));
@@ -366,6 +391,75 @@ fn write_processor(
     )
 }
 
+/// What a LLaVA skeleton directory is made of, besides its manifest.
+pub(crate) struct SkeletonParts<'a> {
+    /// The LLM's `config.json` (becomes `text_config`, with the vocabulary grown to fit
+    /// `<image>`).
+    pub text: &'a Value,
+    /// Where the LLM's tokenizer is.
+    pub text_dir: &'a Path,
+    pub vision: &'a Value,
+    pub vision_dir: &'a Path,
+    pub tower: TowerKind,
+    pub layer: i64,
+    pub strategy: &'a str,
+    /// `"pad"` or `"square"`.
+    pub aspect: &'a str,
+    pub projector_act: &'a str,
+    pub template: &'a str,
+}
+
+/// Writes `config.json`, tokenizer (with `<image>`), processor and chat template of a
+/// `LlavaForConditionalGeneration` into `dir`; returns the LLM's own vocabulary size.
+pub(crate) fn write_skeleton(p: &SkeletonParts, dir: &Path) -> Result<i64> {
+    let image_token_id = write_tokenizer(p.text_dir, dir)?;
+    let source_vocab = p
+        .text
+        .get("vocab_size")
+        .and_then(Value::as_i64)
+        .context("text config without vocab_size")?;
+    let vocab = source_vocab.max(image_token_id + 1);
+    let mut text_config = p.text.clone();
+    text_config["vocab_size"] = json!(vocab);
+    let tie = boolean(p.text, "tie_word_embeddings", false)?;
+    let siglip = p.tower.siglip();
+    let image_size = int(p.vision, "image_size", 224)?;
+    let patch = int(p.vision, "patch_size", 32)?;
+    ensure!(
+        patch > 0 && image_size % patch == 0,
+        "the vision tower's image_size {image_size} is not a multiple of its patch_size {patch}"
+    );
+    let grid = image_size / patch;
+    let tokens = grid * grid + i64::from(!siglip) - i64::from(p.strategy == "default");
+    let config = json!({
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "text_config": text_config,
+        "vision_config": p.vision,
+        "image_token_index": image_token_id,
+        "image_seq_length": tokens,
+        "projector_hidden_act": p.projector_act,
+        "multimodal_projector_bias": true,
+        "vision_feature_layer": p.layer,
+        "vision_feature_select_strategy": p.strategy,
+        "image_aspect_ratio": p.aspect,
+        "tie_word_embeddings": tie,
+        "vocab_size": vocab,
+    });
+    write_json(&dir.join("config.json"), &config)?;
+    write_processor(
+        p.vision_dir,
+        dir,
+        p.vision,
+        p.tower,
+        p.aspect == "pad",
+        p.strategy,
+    )?;
+    let path = dir.join("chat_template.jinja");
+    std::fs::write(&path, p.template).with_context(|| format!("writing {}", path.display()))?;
+    Ok(source_vocab)
+}
+
 /// Writes the skeleton of a LLaVA built from `model.text_model` and `model.vision_tower`
 /// into `dir` (see the module doc for every default).
 pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
@@ -376,7 +470,8 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
         "a vision tower",
     )?;
     let text = text_config(&text_dir)?;
-    let (vision, siglip) = vision_config(&vision_dir)?;
+    let (vision, tower) = vision_config(&vision_dir)?;
+    let siglip = tower.siglip();
     let projector = Projector::parse(model.projector.as_deref().unwrap_or("mlp2x_gelu"))?;
     let layers = int(&vision, "num_hidden_layers", 12)?;
     let layer = model.vision_feature_layer.unwrap_or(-2);
@@ -411,43 +506,23 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
         };
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let image_token_id = write_tokenizer(&text_dir, dir)?;
-    let source_vocab = text
-        .get("vocab_size")
-        .and_then(Value::as_i64)
-        .context("text config without vocab_size")?;
-    let vocab = source_vocab.max(image_token_id + 1);
-    let mut text_config = text.clone();
-    text_config["vocab_size"] = json!(vocab);
-    let tie = boolean(&text, "tie_word_embeddings", false)?;
     let initializer_range = float(&text, "initializer_range", 0.02)?;
-    let image_size = int(&vision, "image_size", 224)?;
-    let patch = int(&vision, "patch_size", 32)?;
-    ensure!(
-        patch > 0 && image_size % patch == 0,
-        "model.vision_tower: image_size {image_size} is not a multiple of patch_size {patch}"
-    );
-    let grid = image_size / patch;
-    let tokens = grid * grid + i64::from(!siglip) - i64::from(strategy == "default");
-    let config = json!({
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "text_config": text_config,
-        "vision_config": vision,
-        "image_token_index": image_token_id,
-        "image_seq_length": tokens,
-        "projector_hidden_act": match projector { Projector::Mlp2xGelu => "gelu", Projector::Linear => "linear" },
-        "multimodal_projector_bias": true,
-        "vision_feature_layer": layer,
-        "vision_feature_select_strategy": strategy,
-        "image_aspect_ratio": aspect,
-        "tie_word_embeddings": tie,
-        "vocab_size": vocab,
-    });
-    write_json(&dir.join("config.json"), &config)?;
-    write_processor(&vision_dir, dir, &vision, siglip, aspect == "pad", strategy)?;
-    let path = dir.join("chat_template.jinja");
-    std::fs::write(&path, template).with_context(|| format!("writing {}", path.display()))?;
+    let parts = SkeletonParts {
+        text: &text,
+        text_dir: &text_dir,
+        vision: &vision,
+        vision_dir: &vision_dir,
+        tower,
+        layer,
+        strategy,
+        aspect,
+        projector_act: match projector {
+            Projector::Mlp2xGelu => "gelu",
+            Projector::Linear => "linear",
+        },
+        template,
+    };
+    let source_vocab = write_skeleton(&parts, dir)?;
     write_json(
         &dir.join(MANIFEST),
         &json!({
@@ -465,7 +540,7 @@ pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
 /// A store whose variables are (views of) `vars` under new names, so the core's checked
 /// loader can fill part of a model from a checkpoint with other names or a smaller
 /// vocabulary: writes go straight into the model's tensors.
-fn view_store(device: Device, views: Vec<(String, Tensor)>) -> Result<VarStore> {
+pub(crate) fn view_store(device: Device, views: Vec<(String, Tensor)>) -> Result<VarStore> {
     let vs = VarStore::new(device);
     {
         let mut vars = vs
@@ -477,11 +552,88 @@ fn view_store(device: Device, views: Vec<(String, Tensor)>) -> Result<VarStore> 
     Ok(vs)
 }
 
-/// Loads a composed model: the LLM and the tower from their source directories (every
-/// tensor accounted for, as in any checkpoint load), new vocabulary rows at the mean of the
-/// old ones, and a freshly initialised projector.
+/// Fills the tower's variables (`vision_tower.*` of `vars`) from a vision checkpoint
+/// directory, every tensor accounted for; `what` names the directory's origin in errors.
+pub(crate) fn load_tower(
+    vars: &HashMap<String, Tensor>,
+    vision_dir: &Path,
+    device: Device,
+    what: &str,
+) -> Result<()> {
+    let vision_views = vars
+        .iter()
+        .filter_map(|(name, t)| {
+            let rest = name.strip_prefix("vision_tower.")?;
+            Some((rest.to_string(), t.shallow_clone()))
+        })
+        .collect();
+    // transformers 4 (and full CLIP / SigLIP checkpoints) name the tower's tensors
+    // `vision_model.*`; transformers 5 saves a `*VisionModel` without that prefix. A full
+    // checkpoint also holds its text model and contrastive heads, which are left out.
+    const OTHER_PARTS: &[&str] = &[
+        "text_model.",
+        "visual_projection.",
+        "text_projection.",
+        "logit_scale",
+        "logit_bias",
+    ];
+    load_into_renamed(
+        &view_store(device, vision_views)?,
+        vision_dir,
+        &LoadOptions {
+            ignore_unexpected: &|name| !name.starts_with("vision_model."),
+        },
+        &|name| {
+            if name.starts_with("vision_model.") || OTHER_PARTS.iter().any(|p| name.starts_with(p))
+            {
+                Cow::Borrowed(name)
+            } else {
+                Cow::Owned(format!("vision_model.{name}"))
+            }
+        },
+    )
+    .with_context(|| {
+        format!(
+            "loading the vision tower from {what} {}",
+            vision_dir.display()
+        )
+    })
+}
+
+/// Whether a (llava-hf) variable is one of the two whose rows are the vocabulary.
+pub(crate) fn is_vocab_matrix(name: &str) -> bool {
+    name == "language_model.model.embed_tokens.weight" || name == "language_model.lm_head.weight"
+}
+
+/// Sets the rows `source_vocab..` of the embedding and `lm_head` (tokens the LLM did not
+/// have, `<image>`) to the mean of the LLM's rows (see the module doc).
+pub(crate) fn fill_new_rows(vars: &HashMap<String, Tensor>, source_vocab: i64, vocab: i64) {
+    if vocab <= source_vocab {
+        return;
+    }
+    tch::no_grad(|| {
+        for (_, w) in vars.iter().filter(|(n, _)| is_vocab_matrix(n)) {
+            let mean = w.narrow(0, 0, source_vocab).to_kind(Kind::Double).mean_dim(
+                Some(&[0i64][..]),
+                true,
+                Kind::Double,
+            );
+            let rows = vocab - source_vocab;
+            w.narrow(0, source_vocab, rows)
+                .copy_(&mean.expand([rows, w.size()[1]], false));
+        }
+    });
+}
+
+/// Loads a skeleton: a composed model (the LLM and the tower from their source directories,
+/// every tensor accounted for, as in any checkpoint load; new vocabulary rows at the mean of
+/// the old ones; a freshly initialised projector), or an original-LLaVA checkpoint (see
+/// [`crate::original`]).
 pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Result<LlavaModel> {
     let manifest = read_json(&dir.join(MANIFEST))?;
+    if manifest.get("kind").and_then(Value::as_str) == Some(crate::original::LAYOUT) {
+        return crate::original::load(config, &dir.join(MANIFEST), &manifest, device, kind);
+    }
     let field = |key: &str| {
         manifest
             .get(key)
@@ -512,13 +664,12 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
     let model = LlavaModel::new_in(config, device, ParamInit::Zeros, kind);
     let vs = Model::var_store(&model);
     let vars: HashMap<String, Tensor> = vs.variables();
-    let resized = |name: &str| name == "model.embed_tokens.weight" || name == "lm_head.weight";
 
     let text_views = vars
         .iter()
         .filter_map(|(name, t)| {
             let rest = name.strip_prefix("language_model.")?;
-            let view = if resized(rest) {
+            let view = if is_vocab_matrix(name) {
                 t.narrow(0, 0, source_vocab)
             } else {
                 t.shallow_clone()
@@ -542,63 +693,10 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
             text_dir.display()
         )
     })?;
-
-    let vision_views = vars
-        .iter()
-        .filter_map(|(name, t)| {
-            let rest = name.strip_prefix("vision_tower.")?;
-            Some((rest.to_string(), t.shallow_clone()))
-        })
-        .collect();
-    // transformers 4 (and full CLIP / SigLIP checkpoints) name the tower's tensors
-    // `vision_model.*`; transformers 5 saves a `*VisionModel` without that prefix. A full
-    // checkpoint also holds its text model and contrastive heads, which are left out.
-    const OTHER_PARTS: &[&str] = &[
-        "text_model.",
-        "visual_projection.",
-        "text_projection.",
-        "logit_scale",
-        "logit_bias",
-    ];
-    load_into_renamed(
-        &view_store(device, vision_views)?,
-        &vision_dir,
-        &LoadOptions {
-            ignore_unexpected: &|name| !name.starts_with("vision_model."),
-        },
-        &|name| {
-            if name.starts_with("vision_model.") || OTHER_PARTS.iter().any(|p| name.starts_with(p))
-            {
-                Cow::Borrowed(name)
-            } else {
-                Cow::Owned(format!("vision_model.{name}"))
-            }
-        },
-    )
-    .with_context(|| {
-        format!(
-            "loading the vision tower from model.vision_tower {}",
-            vision_dir.display()
-        )
-    })?;
+    load_tower(&vars, &vision_dir, device, "model.vision_tower")?;
+    fill_new_rows(&vars, source_vocab, vocab);
 
     tch::no_grad(|| -> Result<()> {
-        for name in [
-            "language_model.model.embed_tokens.weight",
-            "language_model.lm_head.weight",
-        ] {
-            let Some(w) = vars.get(name) else { continue };
-            if vocab > source_vocab {
-                let mean = w.narrow(0, 0, source_vocab).to_kind(Kind::Double).mean_dim(
-                    Some(&[0i64][..]),
-                    true,
-                    Kind::Double,
-                );
-                let rows = vocab - source_vocab;
-                w.narrow(0, source_vocab, rows)
-                    .copy_(&mean.expand([rows, w.size()[1]], false));
-            }
-        }
         tch::manual_seed(seed as i64);
         for (name, identity) in [
             ("multi_modal_projector.linear_1.weight", false),

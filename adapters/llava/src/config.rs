@@ -202,6 +202,13 @@ impl LlavaConfig {
 
 impl HfConfig for LlavaConfig {
     fn from_hf_json(root: &Value) -> Result<Self> {
+        // The original repository's configs say `model_type = "llava"` too, but are the LLM's
+        // config with LLaVA keys added; read as llava-hf's they would silently get defaults.
+        ensure!(
+            !crate::original::is_original(root),
+            "this is an original LLaVA checkpoint (architectures {:?}), not a llava-hf one: `train` / `evaluate` read it directly (model.path, with model.vision_tower naming the tower), or convert it with `lmms-ft convert llava-original --model DIR --vision-tower DIR --out DIR`",
+            root.get("architectures").cloned().unwrap_or(Value::Null)
+        );
         let architecture = match root.get("model_type").and_then(Value::as_str) {
             Some("llava") => Architecture::Llava,
             Some("llava_next") => Architecture::LlavaNext,
@@ -237,11 +244,13 @@ impl HfConfig for LlavaConfig {
             "clip_vision_model"
         };
         let vision = match string(vision_json, "model_type", tower_default)? {
-            "clip_vision_model" => VisionConfig::Clip(ClipVisionConfig::from_hf_json(vision_json).context("in vision_config")?),
+            // Chinese-CLIP's vision tower is CLIP's, tensor for tensor, with the same config
+            // keys and defaults (`ChineseCLIPVisionConfig`); only its text tower differs.
+            "clip_vision_model" | "chinese_clip_vision_model" => VisionConfig::Clip(ClipVisionConfig::from_hf_json(vision_json).context("in vision_config")?),
             "siglip_vision_model" => {
                 VisionConfig::Siglip(SiglipVisionConfig::from_hf_json(vision_json).context("in vision_config")?)
             }
-            other => bail!("vision_config.model_type `{other}` is not supported (clip_vision_model, siglip_vision_model)"),
+            other => bail!("vision_config.model_type `{other}` is not supported (clip_vision_model, chinese_clip_vision_model, siglip_vision_model)"),
         };
         let vision_feature_layers = match root.get("vision_feature_layer") {
             None | Some(Value::Null) => vec![if onevision { -1 } else { -2 }],

@@ -5,7 +5,8 @@
 //! All four are implemented by one [`family::Llava`] bundle: config parsing ([`config`]),
 //! models ([`model`], video features in [`video`]), anyres geometry ([`anyres`]),
 //! multi-layout checkpoint loading ([`weights`]), the image and video-frame processors
-//! ([`processor`]), templates and collator.
+//! ([`processor`]), templates and collator. Build-your-own LLaVA is [`compose`]; checkpoints
+//! of the original LLaVA repository are read through [`original`].
 //!
 //! Interleave video: `LlavaForConditionalGeneration` has no video input and transformers'
 //! `LlavaProcessor` no video path, so there is no oracle for a `<video>` placeholder; the
@@ -17,6 +18,7 @@ pub mod compose;
 pub mod config;
 pub mod family;
 pub mod model;
+pub mod original;
 pub mod processor;
 pub mod video;
 pub mod weights;

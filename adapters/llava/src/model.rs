@@ -131,8 +131,9 @@ impl LlavaModel {
     }
 
     /// Selected (strategy applied) and concatenated tower features of a stack of tiles,
-    /// before the projector: `[tiles, tokens_per_tile, layers × vision hidden]`.
-    pub(crate) fn selected_features(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// before the projector: `[tiles, tokens_per_tile, layers × vision hidden]`. Public so a
+    /// tower's features can be held against `transformers`' `hidden_states` directly.
+    pub fn selected_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let layers = &self.config.vision_feature_layers;
         let states = match &self.tower {
             Tower::Clip(t) => t.hidden_states(pixels, layers)?,
@@ -444,23 +445,11 @@ impl Model for LlavaModel {
     /// name the text model `model.*`, the projector `model.mm_projector.{0,2}` and the tower
     /// `model.vision_tower.vision_tower.vision_model.*`.
     fn legacy_names(&self, hub_name: &str) -> Vec<String> {
-        let renames = [
-            ("language_model.model.", "model."),
-            ("multi_modal_projector.linear_1", "model.mm_projector.0"),
-            ("multi_modal_projector.linear_2", "model.mm_projector.2"),
-            (
-                "vision_tower.vision_model.",
-                "model.vision_tower.vision_tower.vision_model.",
-            ),
-            ("image_newline", "model.image_newline"),
-        ];
-        renames
-            .iter()
-            .filter_map(|(hub, old)| {
-                hub_name
-                    .strip_prefix(hub)
-                    .map(|rest| format!("{old}{rest}"))
-            })
+        // One table for checkpoints and adapters (crate::original::KEY_MAP); it maps
+        // prefixes ending in a dot, module names have none.
+        crate::original::original_name(&format!("{hub_name}."))
+            .map(|name| name.trim_end_matches('.').to_string())
+            .into_iter()
             .collect()
     }
 

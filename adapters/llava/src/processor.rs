@@ -500,9 +500,10 @@ impl LlavaProcessor {
                 mean: OPENAI_CLIP_MEAN,
                 std: OPENAI_CLIP_STD,
             },
-            "CLIPImageProcessor" | "LlavaImageProcessor" | "LlavaNextImageProcessor"
-            | "LlavaNextVideoImageProcessor" => CLIP_DEFAULTS,
-            other => bail!("image_processor_type `{other}` is not supported for LLaVA (CLIPImageProcessor, LlavaImageProcessor, LlavaNextImageProcessor, LlavaOnevisionImageProcessor, SiglipImageProcessor)"),
+            // ChineseCLIPImageProcessor has CLIP's steps and defaults.
+            "CLIPImageProcessor" | "ChineseCLIPImageProcessor" | "LlavaImageProcessor"
+            | "LlavaNextImageProcessor" | "LlavaNextVideoImageProcessor" => CLIP_DEFAULTS,
+            other => bail!("image_processor_type `{other}` is not supported for LLaVA (CLIPImageProcessor, ChineseCLIPImageProcessor, LlavaImageProcessor, LlavaNextImageProcessor, LlavaOnevisionImageProcessor, SiglipImageProcessor)"),
         };
         ensure!(
             (kind == "LlavaOnevisionImageProcessor")
@@ -514,7 +515,9 @@ impl LlavaProcessor {
             Ok(match (&config.image_aspect_ratio, kind) {
                 (Some(ratio), _) => ratio == "pad",
                 (None, "LlavaImageProcessor") => flag(v, "do_pad", false)?,
-                (None, "CLIPImageProcessor") => config.architecture == Architecture::Llava,
+                (None, "CLIPImageProcessor" | "ChineseCLIPImageProcessor") => {
+                    config.architecture == Architecture::Llava
+                }
                 _ => false,
             })
         };
