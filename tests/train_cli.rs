@@ -79,8 +79,7 @@ fn logits_of(model: &Qwen2VlModel, fx: &common::Fixture) -> BTreeMap<String, Ten
             .iter()
             .zip([0, 1, 3])
             .map(|(n, i)| {
-                let out = model.forward(&fx.batches[i], false).unwrap();
-                (n.to_string(), out.logits)
+                (n.to_string(), model.logits(&fx.batches[i]).unwrap())
             })
             .collect()
     })

@@ -9,7 +9,8 @@
 //! conversation + decoded media → [`Processor::process`] (tensors, token count per media)
 //! → [`ChatTemplate::encode`] (ids with media placeholders expanded, labels)
 //! → [`Family::sample`] → [`Collator::collate`] (a padded batch on the device)
-//! → [`Model::forward`] (logits, summed loss, label count).
+//! → [`Model::hidden_states`] (final hidden states) → the core's [`LossHead`] (`lm_head` and
+//! cross-entropy at the labeled positions only: summed loss, label count).
 
 use std::any::Any;
 use std::marker::PhantomData;
@@ -23,6 +24,7 @@ use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
 use crate::generate::{
     generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker,
 };
+use crate::loss::{LossHead, LossTargets};
 use crate::nn::Linear;
 use crate::quant::{load_quantized, QuantSpec};
 
@@ -121,10 +123,10 @@ pub trait Collator: Send + Sync {
     fn collate(&self, samples: Vec<Self::Sample>, device: Device) -> Result<Self::Batch>;
 }
 
-/// Output of a forward pass.
+/// Output of a training or evaluation forward pass. Full logits are not part of it: the
+/// loss is taken at the labeled positions only ([`LossHead`]); [`Model::logits`] gives them
+/// for tools that need every position.
 pub struct ModelOutput {
-    /// `[batch, seq, vocab]`.
-    pub logits: Tensor,
     /// Sum (not mean) of the token cross-entropies over labeled positions, as a fp32 scalar;
     /// `None` when the batch carries no labels. Summing lets the trainer average over all
     /// label tokens of an accumulated batch rather than per micro-batch.
@@ -146,9 +148,29 @@ impl ModelOutput {
 pub trait Model: Send {
     type Batch;
 
-    /// Runs the model. Labels are shifted inside (position t predicts label t+1), as in
-    /// `transformers`' causal-LM loss.
-    fn forward(&self, batch: &Self::Batch, train: bool) -> Result<ModelOutput>;
+    /// Runs the model up to its final norm: hidden states `[batch, seq, hidden]`.
+    fn hidden_states(&self, batch: &Self::Batch, train: bool) -> Result<Tensor>;
+
+    /// Where the batch's loss is taken (built by the collator); `None` for a batch without
+    /// labels.
+    fn loss_targets<'a>(&self, batch: &'a Self::Batch) -> Option<&'a LossTargets>;
+
+    /// The output projection (`lm_head`, or the tied embeddings): `[.., hidden]` →
+    /// `[.., vocab]`.
+    fn lm_head(&self, hidden: &Tensor) -> Tensor;
+
+    /// Summed loss of the batch through the core's [`LossHead`] with its default chunking.
+    /// Labels are shifted (position t predicts label t+1), as in `transformers`' causal-LM
+    /// loss. Families do not override it: the loss is the core's, the same for all of them.
+    fn forward(&self, batch: &Self::Batch, train: bool) -> Result<ModelOutput> {
+        LossHead::default().forward(self, batch, train)
+    }
+
+    /// Full logits `[batch, seq, vocab]` of every position, for tools and tests that need
+    /// them (inference, parity checks); training never builds them.
+    fn logits(&self, batch: &Self::Batch) -> Result<Tensor> {
+        Ok(self.lm_head(&self.hidden_states(batch, false)?))
+    }
 
     /// The parameters, named exactly as in the Hub checkpoint (`model.layers.0...`).
     fn var_store(&self) -> &nn::VarStore;
@@ -334,6 +356,9 @@ pub trait Pipeline {
     fn batch_builder(&self) -> Arc<dyn BatchBuilder>;
     /// Runs a batch built by this pipeline's [`BatchBuilder`].
     fn forward_loaded(&self, batch: &LoadedBatch, train: bool) -> Result<ModelOutput>;
+    /// Sets how [`Pipeline::forward`] and [`Pipeline::forward_loaded`] take the loss
+    /// (`train.loss_chunk_size`); [`LossHead::default`] until called.
+    fn set_loss_head(&mut self, head: LossHead);
 }
 
 /// Object-safe face of a [`Family`], stored in the registry.
@@ -403,6 +428,7 @@ struct Opened<F: Family> {
     device: Device,
     /// Template end-of-turn / end-of-sequence ids plus `generation_config.json`'s.
     stop_ids: Vec<i64>,
+    loss_head: LossHead,
 }
 
 impl<F: Family> Pipeline for Opened<F> {
@@ -417,7 +443,7 @@ impl<F: Family> Pipeline for Opened<F> {
             samples.push(F::sample(text, media));
         }
         let batch = self.collator.collate(samples, self.device)?;
-        self.model.forward(&batch, train)
+        self.loss_head.forward(&self.model, &batch, train)
     }
 
     fn var_store(&self) -> &nn::VarStore {
@@ -479,7 +505,11 @@ impl<F: Family> Pipeline for Opened<F> {
             .batch
             .downcast_ref::<F::Batch>()
             .context("a batch built by another model's pipeline was passed to this one")?;
-        self.model.forward(typed, train)
+        self.loss_head.forward(&self.model, typed, train)
+    }
+
+    fn set_loss_head(&mut self, head: LossHead) {
+        self.loss_head = head;
     }
 }
 
@@ -516,6 +546,7 @@ fn open_with<F: Family>(
         model,
         device: opts.device,
         stop_ids,
+        loss_head: LossHead::default(),
     }))
 }
 

@@ -186,13 +186,12 @@ impl Collator for LlavaCollator {
         let pixel_values_videos = stack(&video_pixels, video_frames.iter().sum());
         Ok(Batch {
             input_ids: padded.input_ids.to_device(device),
-            labels: Some(padded.labels.to_device(device)),
+            targets: Some(padded.targets.to_device(device)),
             pixel_values,
             image_sizes,
             image_anyres,
             pixel_values_videos,
             video_frames,
-            num_label_tokens: padded.num_label_tokens,
         })
     }
 }

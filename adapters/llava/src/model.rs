@@ -11,8 +11,9 @@ use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
 use lmms_ft_backbones::siglip::SiglipVisionTower;
-use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
-use lmms_ft_core::nn::{rope_inv_freq, shifted_token_loss_sum, Linear, ParamInit};
+use lmms_ft_core::family::{Component, Model};
+use lmms_ft_core::loss::LossTargets;
+use lmms_ft_core::nn::{rope_inv_freq, Linear, ParamInit};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -25,8 +26,8 @@ use crate::weights::load_llava;
 pub struct Batch {
     /// `[B, T]`, right-padded.
     pub input_ids: Tensor,
-    /// `[B, T]`, `IGNORE_INDEX` where no loss is taken; `None` for inference.
-    pub labels: Option<Tensor>,
+    /// Where the loss is taken; `None` for inference.
+    pub targets: Option<LossTargets>,
     /// LLaVA: `[images, C, S, S]`. NeXT: every image's tiles concatenated (`[tiles, C, S,
     /// S]`, base tile first), or the processor's `[images, max_tiles, C, S, S]`, whose
     /// padding tiles are dropped using `image_sizes`.
@@ -41,8 +42,6 @@ pub struct Batch {
     pub pixel_values_videos: Option<Tensor>,
     /// Frames of each video, in placeholder order; may be empty for 5-D video pixels.
     pub video_frames: Vec<i64>,
-    /// Labeled positions after the causal shift, counted on the host.
-    pub num_label_tokens: i64,
 }
 
 enum Tower {
@@ -298,7 +297,7 @@ impl LlavaModel {
     }
 
     /// Final hidden states `[B, T, H]`.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+    fn final_hidden(&self, batch: &Batch) -> Result<Tensor> {
         let embeds = self.embeddings(batch)?;
         let (b, t) = (embeds.size()[0], embeds.size()[1]);
         if let Some(window) = self.config.text.sliding_window {
@@ -341,17 +340,16 @@ fn scatter(
 impl Model for LlavaModel {
     type Batch = Batch;
 
-    fn forward(&self, batch: &Batch, _train: bool) -> Result<ModelOutput> {
-        let logits = self.decoder.logits(&self.hidden_states(batch)?);
-        let loss_sum = batch
-            .labels
-            .as_ref()
-            .map(|labels| shifted_token_loss_sum(&logits, labels, IGNORE_INDEX));
-        Ok(ModelOutput {
-            logits,
-            loss_sum,
-            num_label_tokens: batch.num_label_tokens,
-        })
+    fn hidden_states(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
+        self.final_hidden(batch)
+    }
+
+    fn loss_targets<'a>(&self, batch: &'a Batch) -> Option<&'a LossTargets> {
+        batch.targets.as_ref()
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        self.decoder.logits(hidden)
     }
 
     /// Decoder layers and vision encoder blocks (the projector is two linears, not worth it).

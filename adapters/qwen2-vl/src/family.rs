@@ -100,11 +100,10 @@ impl Collator for QwenCollator {
         let [(ip, ig), (vp, vg)] = media;
         Ok(Batch {
             input_ids: padded.input_ids.to_device(device),
-            labels: Some(padded.labels.to_device(device)),
+            targets: Some(padded.targets.to_device(device)),
             position_ids,
             images: self.media(ip, ig, device),
             videos: self.media(vp, vg, device),
-            num_label_tokens: padded.num_label_tokens,
         })
     }
 }

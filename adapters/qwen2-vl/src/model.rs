@@ -6,9 +6,10 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
-use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::family::{Component, Model};
 use lmms_ft_core::generate::DecodeState;
-use lmms_ft_core::nn::{shifted_token_loss_sum, Linear, ParamInit};
+use lmms_ft_core::loss::LossTargets;
+use lmms_ft_core::nn::{Linear, ParamInit};
 use lmms_ft_core::weights::{load_into, LoadOptions};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -28,14 +29,12 @@ pub struct Media {
 pub struct Batch {
     /// `[B, T]`, right-padded.
     pub input_ids: Tensor,
-    /// `[B, T]`, `IGNORE_INDEX` where no loss is taken; `None` for inference.
-    pub labels: Option<Tensor>,
+    /// Where the loss is taken; `None` for inference.
+    pub targets: Option<LossTargets>,
     /// `[3, B, T]` M-RoPE positions.
     pub position_ids: Tensor,
     pub images: Option<Media>,
     pub videos: Option<Media>,
-    /// Labeled positions after the causal shift, counted on the host.
-    pub num_label_tokens: i64,
 }
 
 pub struct Qwen2VlModel {
@@ -100,13 +99,6 @@ impl Qwen2VlModel {
         Ok(embeds)
     }
 
-    /// Final hidden states `[B, T, H]`.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
-        let embeds = self.embeddings(batch)?;
-        let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
-        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
-    }
-
     fn rotary(&self, positions: &Tensor, embeds: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = &self.config.text;
         ensure!(
@@ -134,17 +126,18 @@ impl Qwen2VlModel {
 impl Model for Qwen2VlModel {
     type Batch = Batch;
 
-    fn forward(&self, batch: &Batch, _train: bool) -> Result<ModelOutput> {
-        let logits = self.decoder.logits(&self.hidden_states(batch)?);
-        let loss_sum = batch
-            .labels
-            .as_ref()
-            .map(|labels| shifted_token_loss_sum(&logits, labels, IGNORE_INDEX));
-        Ok(ModelOutput {
-            logits,
-            loss_sum,
-            num_label_tokens: batch.num_label_tokens,
-        })
+    fn hidden_states(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
+        let embeds = self.embeddings(batch)?;
+        let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
+        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+    }
+
+    fn loss_targets<'a>(&self, batch: &'a Batch) -> Option<&'a LossTargets> {
+        batch.targets.as_ref()
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        self.decoder.logits(hidden)
     }
 
     fn var_store(&self) -> &VarStore {

@@ -112,7 +112,7 @@ fn check(vision_lora: bool) {
             .map(|(n, i)| {
                 (
                     n.to_string(),
-                    model.forward(&fx.batches[i], false).unwrap().logits,
+                    model.logits(&fx.batches[i]).unwrap(),
                 )
             })
             .collect()
@@ -138,7 +138,7 @@ fn check(vision_lora: bool) {
     );
     assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
     for (name, i) in names.iter().zip([0, 1, 3]) {
-        let logits = tch::no_grad(|| base.forward(&fx.batches[i], false).unwrap().logits);
+        let logits = tch::no_grad(|| base.logits(&fx.batches[i]).unwrap());
         let d = max_abs_diff(&logits, &ours[*name]);
         assert!(d <= 1e-4, "{name}: merged model in lmms-ft differs by {d}");
     }

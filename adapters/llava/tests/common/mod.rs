@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
-use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::family::HfConfig;
+use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::testing::cached_fixture;
 use lmms_ft_llava::config::LlavaConfig;
 use lmms_ft_llava::model::Batch;
@@ -85,10 +85,9 @@ impl Fixture {
             None => vec![],
         };
         let labels = self.get(name, "labels").unwrap();
-        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
         Batch {
             input_ids: self.get(name, "input_ids").unwrap().shallow_clone(),
-            labels: Some(labels.shallow_clone()),
+            targets: Some(LossTargets::from_labels(labels).unwrap()),
             pixel_values: self.get(name, "pixel_values").map(Tensor::shallow_clone),
             image_sizes,
             image_anyres,
@@ -96,7 +95,6 @@ impl Fixture {
                 .get(name, "pixel_values_videos")
                 .map(Tensor::shallow_clone),
             video_frames: ints(&sample["video_frames"]),
-            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
         }
     }
 }
