@@ -176,6 +176,7 @@ fn check_against_transformers(
             image_anyres: Vec::new(),
             pixel_values_videos: None,
             video_frames: Vec::new(),
+            packing: None,
         };
         let logits = tch::no_grad(|| model.logits(&batch)).unwrap();
         let diff = max_abs_diff(&logits, &reference["logits"]);

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::data::batch::{plan_packing, PackStrategy};
 use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
 use crate::generate::{
     generation_config_eos, DecodeState, GenerateOptions, Generated, TokenPicker,
@@ -121,6 +122,16 @@ pub trait Collator: Send + Sync {
     /// Pads to the longest sample in `samples` (never to `max_length`), with labels padded by
     /// [`IGNORE_INDEX`], and moves the result to `device`.
     fn collate(&self, samples: Vec<Self::Sample>, device: Device) -> Result<Self::Batch>;
+
+    /// `data.packing`: each inner list becomes one row, its samples concatenated in order
+    /// (rows right-padded to the longest), with attention confined to each sample and
+    /// positions restarting per sample, so the model computes what it computes for the
+    /// samples one by one (the text side is [`crate::data::batch::pack_batch`]). The default
+    /// refuses, naming the setting.
+    fn collate_packed(&self, rows: Vec<Vec<Self::Sample>>, device: Device) -> Result<Self::Batch> {
+        let _ = (rows, device);
+        anyhow::bail!("this model family does not support data.packing; set it to false")
+    }
 }
 
 /// Output of a training or evaluation forward pass. Full logits are not part of it: the
@@ -595,6 +606,17 @@ pub struct EncodedSample {
     media: Box<dyn Any + Send>,
 }
 
+impl EncodedSample {
+    /// Tokens of the sample.
+    pub fn len(&self) -> usize {
+        self.text.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.input_ids.is_empty()
+    }
+}
+
 /// A collated device batch, ready for [`Pipeline::forward_loaded`].
 pub struct LoadedBatch {
     batch: Box<dyn Any + Send>,
@@ -612,6 +634,14 @@ pub trait BatchBuilder: Send + Sync {
     fn is_media_token(&self, id: i64) -> bool;
     /// Pads and moves samples to `device`.
     fn collate(&self, samples: Vec<EncodedSample>, device: Device) -> Result<LoadedBatch>;
+    /// Packs samples, in order, into rows of at most `max_length` tokens
+    /// ([`Collator::collate_packed`]) and moves them to `device`.
+    fn collate_packed(
+        &self,
+        samples: Vec<EncodedSample>,
+        max_length: usize,
+        device: Device,
+    ) -> Result<LoadedBatch>;
 }
 
 struct Builder<F: Family> {
@@ -641,20 +671,51 @@ impl<F: Family> BatchBuilder for Builder<F> {
     }
 
     fn collate(&self, samples: Vec<EncodedSample>, device: Device) -> Result<LoadedBatch> {
-        let n = samples.len();
-        let tokens = samples.iter().map(|s| s.text.input_ids.len()).sum();
-        let mut typed = Vec::with_capacity(n);
-        for s in samples {
-            let media = s
-                .media
-                .downcast::<<F::Processor as Processor>::Media>()
-                .map_err(|_| anyhow::anyhow!("a sample encoded by another model was collated"))?;
-            typed.push(F::sample(s.text, *media));
-        }
+        let (n, tokens) = (samples.len(), samples.iter().map(EncodedSample::len).sum());
+        let typed = Self::typed(samples)?;
         Ok(LoadedBatch {
             batch: Box::new(self.collator.collate(typed, device)?),
             samples: n,
             tokens,
         })
+    }
+
+    fn collate_packed(
+        &self,
+        samples: Vec<EncodedSample>,
+        max_length: usize,
+        device: Device,
+    ) -> Result<LoadedBatch> {
+        let lengths: Vec<usize> = samples.iter().map(EncodedSample::len).collect();
+        let (n, tokens) = (samples.len(), lengths.iter().sum());
+        // Greedy keeps the samples in order, so each row is a run of consecutive samples.
+        let plan = plan_packing(&lengths, max_length, PackStrategy::Greedy)?;
+        let mut typed = Self::typed(samples)?.into_iter();
+        let rows = plan
+            .iter()
+            .map(|row| typed.by_ref().take(row.len()).collect())
+            .collect();
+        Ok(LoadedBatch {
+            batch: Box::new(self.collator.collate_packed(rows, device)?),
+            samples: n,
+            tokens,
+        })
+    }
+}
+
+impl<F: Family> Builder<F> {
+    fn typed(samples: Vec<EncodedSample>) -> Result<Vec<F::Sample>> {
+        samples
+            .into_iter()
+            .map(|s| {
+                let media = s
+                    .media
+                    .downcast::<<F::Processor as Processor>::Media>()
+                    .map_err(|_| {
+                        anyhow::anyhow!("a sample encoded by another model was collated")
+                    })?;
+                Ok(F::sample(s.text, *media))
+            })
+            .collect()
     }
 }

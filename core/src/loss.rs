@@ -85,6 +85,16 @@ impl LossTargets {
     }
 }
 
+/// The dtype the loss is computed and summed in: fp32, or fp64 for an fp64 model (never
+/// lower than the logits).
+pub fn accumulation_kind(logits: Kind) -> Kind {
+    if logits == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
 /// The chunked `lm_head` + cross-entropy (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LossHead {
@@ -106,7 +116,8 @@ impl LossHead {
         Ok(LossHead { chunk_size })
     }
 
-    /// Sum of the token cross-entropies at `targets`, as an fp32 scalar, of `hidden`
+    /// Sum of the token cross-entropies at `targets`, as an fp32 scalar (fp64 for an fp64
+    /// model), of `hidden`
     /// (`[batch, seq, H]`) through `head` (`[n, H]` → `[n, vocab]`). Equal in value and
     /// gradients to the cross-entropy of the full shifted logits.
     pub fn loss_sum(
@@ -123,7 +134,7 @@ impl LossHead {
         );
         let device = hidden.device();
         if targets.count == 0 {
-            return Ok(Tensor::zeros([], (Kind::Float, device)));
+            return Ok(Tensor::zeros([], (accumulation_kind(hidden.kind()), device)));
         }
         let picked = hidden.flatten(0, 1).index_select(0, &targets.positions);
         let needs_grad = grad_enabled() && picked.requires_grad();
@@ -132,7 +143,9 @@ impl LossHead {
         let head_trains = grad_enabled() && head(&picked.narrow(0, 0, 1).detach()).requires_grad();
         let chunks = self.chunks(targets.count);
         let ce = |x: &Tensor, start: i64, len: i64| {
-            head(x).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+            let logits = head(x);
+            let kind = accumulation_kind(logits.kind());
+            logits.to_kind(kind).cross_entropy_loss::<Tensor>(
                 &targets.labels.narrow(0, start, len),
                 None,
                 Reduction::Sum,
@@ -141,7 +154,7 @@ impl LossHead {
             )
         };
         if head_trains {
-            let mut total = Tensor::zeros([], (Kind::Float, device));
+            let mut total = Tensor::zeros([], (accumulation_kind(hidden.kind()), device));
             for &(start, len) in &chunks {
                 total = total + ce(&picked.narrow(0, start, len), start, len);
             }
@@ -150,14 +163,14 @@ impl LossHead {
         if !needs_grad {
             return Ok(tch::no_grad(|| {
                 chunks.iter().fold(
-                    Tensor::zeros([], (Kind::Float, device)),
+                    Tensor::zeros([], (accumulation_kind(hidden.kind()), device)),
                     |total, &(start, len)| total + ce(&picked.narrow(0, start, len), start, len),
                 )
             }));
         }
         // Frozen head: each chunk's loss and its gradient with respect to the chunk's hidden
         // states now, then the logits are gone.
-        let mut total = Tensor::zeros([], (Kind::Float, device));
+        let mut total = Tensor::zeros([], (accumulation_kind(hidden.kind()), device));
         let mut grads = Vec::with_capacity(chunks.len());
         for &(start, len) in &chunks {
             let x = picked.narrow(0, start, len).detach().set_requires_grad(true);
@@ -172,7 +185,7 @@ impl LossHead {
         let mut out = custom_function(
             &[&picked],
             |_| vec![total],
-            move |_, upstream| vec![Some(&grad * upstream[0].to_kind(grad.kind()) * 1.00001)],
+            move |_, upstream| vec![Some(&grad * upstream[0].to_kind(grad.kind()))],
         )?;
         out.pop().context("the loss function returned nothing")
     }

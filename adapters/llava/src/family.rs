@@ -24,7 +24,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use lmms_ft_backbones::text_config::TextModelType;
-use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
+use lmms_ft_core::data::batch::{pack_batch, pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{
     discover_template, ContentMode, HfChatTemplate, MediaPlaceholders,
 };
@@ -32,10 +32,11 @@ use lmms_ft_core::data::Conversation;
 use lmms_ft_core::family::{
     ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
 };
+use lmms_ft_core::loss::LossTargets;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::LlavaConfig;
-use crate::model::{Batch, LlavaModel};
+use crate::model::{Batch, LlavaModel, PackedLayout};
 use crate::processor::{LlavaMedia, LlavaProcessor};
 
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -160,7 +161,42 @@ impl Collator for LlavaCollator {
     fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
         ensure!(!samples.is_empty(), "cannot collate an empty batch");
         let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
-        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?;
+        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?.to_device(device);
+        Ok(self.batch(samples, padded.input_ids, padded.targets, None, device))
+    }
+
+    fn collate_packed(&self, rows: Vec<Vec<Sample>>, device: Device) -> Result<Batch> {
+        ensure!(!rows.is_empty(), "cannot collate an empty batch");
+        let texts: Vec<Vec<&EncodedText>> = rows
+            .iter()
+            .map(|row| row.iter().map(|s| &s.text).collect())
+            .collect();
+        let packed = pack_batch(&texts, self.pad_id)?.to_device(device);
+        let layout = PackedLayout {
+            position_ids: packed.position_ids,
+            attention_mask: packed.attention_mask,
+        };
+        Ok(self.batch(
+            rows.into_iter().flatten(),
+            packed.input_ids,
+            packed.targets,
+            Some(layout),
+            device,
+        ))
+    }
+}
+
+impl LlavaCollator {
+    /// The batch of the collated text and every sample's media, concatenated in sample
+    /// order (the order of their placeholder tokens).
+    fn batch(
+        &self,
+        samples: impl IntoIterator<Item = Sample>,
+        input_ids: Tensor,
+        targets: LossTargets,
+        packing: Option<PackedLayout>,
+        device: Device,
+    ) -> Batch {
         let mut pixels = Vec::new();
         let mut image_sizes = Vec::new();
         let mut image_anyres = Vec::new();
@@ -184,15 +220,16 @@ impl Collator for LlavaCollator {
         };
         let pixel_values = stack(&pixels, tiles as i64);
         let pixel_values_videos = stack(&video_pixels, video_frames.iter().sum());
-        Ok(Batch {
-            input_ids: padded.input_ids.to_device(device),
-            targets: Some(padded.targets.to_device(device)),
+        Batch {
+            input_ids,
+            targets: Some(targets),
             pixel_values,
             image_sizes,
             image_anyres,
             pixel_values_videos,
             video_frames,
-        })
+            packing,
+        }
     }
 }
 

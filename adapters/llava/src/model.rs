@@ -42,6 +42,17 @@ pub struct Batch {
     pub pixel_values_videos: Option<Tensor>,
     /// Frames of each video, in placeholder order; may be empty for 5-D video pixels.
     pub video_frames: Vec<i64>,
+    /// Packed rows (`data.packing`): `[B, T]` positions restarting per sample, and the
+    /// `[B, 1, T, T]` bool mask confining attention to each sample. `None` for padded rows
+    /// (positions `0..T`, plain causal attention).
+    pub packing: Option<PackedLayout>,
+}
+
+/// Positions and attention mask of packed rows.
+#[derive(Debug)]
+pub struct PackedLayout {
+    pub position_ids: Tensor,
+    pub attention_mask: Tensor,
 }
 
 enum Tower {
@@ -307,12 +318,16 @@ impl LlavaModel {
             );
         }
         let d = &self.config.text.decoder;
-        let positions = Tensor::arange(t, (Kind::Int64, embeds.device()))
-            .unsqueeze(0)
-            .expand([b, t], false);
+        let positions = match &batch.packing {
+            Some(p) => p.position_ids.shallow_clone(),
+            None => Tensor::arange(t, (Kind::Int64, embeds.device()))
+                .unsqueeze(0)
+                .expand([b, t], false),
+        };
         let inv_freq = rope_inv_freq(d.head_dim, d.rope_theta, embeds.device());
         let (cos, sin) = rope_cos_sin(&positions, &inv_freq, embeds.kind());
-        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+        let mask = batch.packing.as_ref().map(|p| &p.attention_mask);
+        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, mask))
     }
 }
 

@@ -80,6 +80,7 @@ fn main() -> Result<()> {
                 grids: grid.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
             }),
             videos: None,
+            attention_mask: None,
         });
     }
     ensure!(!batches.is_empty(), "samples.json lists no samples");

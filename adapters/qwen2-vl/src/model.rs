@@ -31,10 +31,13 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// Where the loss is taken; `None` for inference.
     pub targets: Option<LossTargets>,
-    /// `[3, B, T]` M-RoPE positions.
+    /// `[3, B, T]` M-RoPE positions (restarting per sample in packed rows).
     pub position_ids: Tensor,
     pub images: Option<Media>,
     pub videos: Option<Media>,
+    /// Packed rows (`data.packing`): `[B, 1, T, T]` bool, true where a token may attend
+    /// (its own sample, causally); `None` for padded rows, which are plain causal.
+    pub attention_mask: Option<Tensor>,
 }
 
 pub struct Qwen2VlModel {
@@ -129,7 +132,9 @@ impl Model for Qwen2VlModel {
     fn hidden_states(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
         let embeds = self.embeddings(batch)?;
         let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
-        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+        Ok(self
+            .decoder
+            .hidden_states(&embeds, &cos, &sin, batch.attention_mask.as_ref()))
     }
 
     fn loss_targets<'a>(&self, batch: &'a Batch) -> Option<&'a LossTargets> {

@@ -59,5 +59,6 @@ pub fn image_batch(c: &Qwen2VlConfig, seq: i64, image: i64, pixel_kind: Kind) ->
             grids: vec![grid],
         }),
         videos: None,
+        attention_mask: None,
     })
 }

@@ -69,6 +69,7 @@ fn batch(config: &Qwen2VlConfig, reference: &HashMap<String, Tensor>, name: &str
         position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
         images: media(get("pixel_values"), image_grids),
         videos: media(get("pixel_values_videos"), video_grids),
+        attention_mask: None,
     }
 }
 

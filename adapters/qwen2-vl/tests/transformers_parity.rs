@@ -100,6 +100,7 @@ fn check_variant(variant: &str) {
             position_ids: pos_t,
             images: media(get("pixel_values"), image_grids),
             videos: media(get("pixel_values_videos"), video_grids),
+            attention_mask: None,
         };
         for (_, mut v) in model.var_store().variables() {
             v.zero_grad();
@@ -320,6 +321,7 @@ fn sharded_bf16_and_wrong_checkpoint() {
             grids: image_grids,
         }),
         videos: None,
+        attention_mask: None,
     };
     let bf16 = Qwen2VlModel::load(&config, &q2, Device::Cpu, Kind::BFloat16).unwrap();
     let out = tch::no_grad(|| bf16.forward(&batch, false)).unwrap();

@@ -136,6 +136,8 @@ struct BatchLoad {
     overlength: Overlength,
     on_bad_sample: OnBadSample,
     label_all: bool,
+    /// `data.packing`.
+    packing: bool,
     device: Device,
 }
 
@@ -154,6 +156,7 @@ impl BatchLoad {
             overlength: data.overlength,
             on_bad_sample: data.on_bad_sample,
             label_all: data.train_on_prompt,
+            packing: data.packing,
             device,
         }
     }
@@ -182,6 +185,12 @@ impl BatchLoad {
         }
         if samples.is_empty() {
             return Ok(None);
+        }
+        if self.packing {
+            return self
+                .builder
+                .collate_packed(samples, self.max_length, self.device)
+                .map(Some);
         }
         self.builder.collate(samples, self.device).map(Some)
     }

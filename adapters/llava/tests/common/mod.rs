@@ -95,6 +95,7 @@ impl Fixture {
                 .get(name, "pixel_values_videos")
                 .map(Tensor::shallow_clone),
             video_frames: ints(&sample["video_frames"]),
+            packing: None,
         }
     }
 }

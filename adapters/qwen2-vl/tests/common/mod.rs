@@ -60,6 +60,7 @@ pub fn load(dir: PathBuf) -> Fixture {
                 position_ids: get("position_ids").unwrap().shallow_clone(),
                 images: media(get("pixel_values"), grids(get("image_grid_thw"))),
                 videos: media(get("pixel_values_videos"), grids(get("video_grid_thw"))),
+                attention_mask: None,
             }
         })
         .collect();
