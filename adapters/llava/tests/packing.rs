@@ -19,9 +19,10 @@ fn check(variant: &str) {
     let limits = ImageLimits::default();
     let image_a = load_image(&dir.join("image_a.png"), &limits).unwrap();
     let image_b = load_image(&dir.join("image_b.png"), &limits).unwrap();
-    let raw = std::fs::read(dir.join("video.rgb")).unwrap();
-    let clip = VideoClip {
-        frames: raw
+    // The fixture's four frames of 56 × 70 RGB8, for the variants that take videos.
+    let clip = || VideoClip {
+        frames: std::fs::read(dir.join("video.rgb"))
+            .unwrap()
             .chunks(56 * 70 * 3)
             .map(|c| RgbImage::from_raw(56, 70, c.to_vec()).unwrap())
             .collect(),
@@ -43,7 +44,7 @@ fn check(variant: &str) {
                 },
                 "video" => DecodedMedia {
                     images: vec![],
-                    videos: vec![clip.clone()],
+                    videos: vec![clip()],
                 },
                 _ => DecodedMedia::default(),
             },
