@@ -176,6 +176,10 @@ fn check_against_transformers(
             image_anyres: Vec::new(),
             pixel_values_videos: None,
             video_frames: Vec::new(),
+            media_tokens: [
+                ids.iter().filter(|&&t| t == config.image_token_id).count() as i64,
+                0,
+            ],
             packing: None,
         };
         let logits = tch::no_grad(|| model.logits(&batch)).unwrap();

@@ -22,9 +22,9 @@ use crate::autograd::{custom_function, grad_enabled};
 use crate::family::{Model, ModelOutput, IGNORE_INDEX};
 
 /// Positions per chunk when the config does not say: at a 152k vocabulary one chunk's fp32
-/// logits are 150 MiB, small beside the weights, while the head's matmul stays large enough
-/// to run at full speed.
-pub const DEFAULT_LOSS_CHUNK: usize = 256;
+/// logits are 37 MiB (the chunk's transients, logits, log-softmax and its gradient, about
+/// four times that), while the head's matrix product stays large enough to run at full speed.
+pub const DEFAULT_LOSS_CHUNK: usize = 64;
 
 /// Where a batch takes its loss: the flattened `[batch · seq]` position of every token that
 /// predicts a label (the one before the label, after the causal shift) and that label.

@@ -192,6 +192,8 @@ def table(theirs_path, ours_path):
     print(f"ratio lmms-ft / transformers+peft: step time {rows[1][5] / rows[0][5]:.2f} (mean over the same steps; "
           f"median {rows[1][4] / rows[0][4]:.2f}), CPU time per step (median) {rows[1][6] / rows[0][6]:.2f}, "
           f"peak RSS {rows[1][7] / rows[0][7]:.2f}")
+    if ours.get("peak_rss_after_load_mib"):
+        print(f"lmms-ft peak RSS right after loading the model: {ours['peak_rss_after_load_mib']:.0f} MiB")
     # Same base model and data with lora_B = 0: the first losses must agree, or the two
     # sides are not running the same step.
     print(f"first-step loss: transformers+peft {theirs['loss'][0]:.6f}, lmms-ft {ours['loss'][0]:.6f}")

@@ -23,7 +23,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$PY" scripts/bench/train_throughput.py make "$WORK/model" 2>/dev/null | sed 's/^/samples: /'
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc --all) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for _ in $(seq "$ROUNDS"); do
   "$PY" scripts/bench/train_throughput.py run "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" 2>/dev/null >>"$WORK/transformers.json"
   "$TARGET/debug/examples/train_throughput" "$WORK/model" "$STEPS" "$WARMUP" "$THREADS" >>"$WORK/lmms-ft.json"

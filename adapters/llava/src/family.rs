@@ -141,6 +141,8 @@ pub struct Sample {
 pub struct LlavaCollator {
     tile: i64,
     pad_id: i64,
+    /// `<image>` and `<video>` ids, whose placeholders the collator counts.
+    media_ids: [Option<i64>; 2],
 }
 
 impl LlavaCollator {
@@ -150,6 +152,7 @@ impl LlavaCollator {
             // Padding sits after every real token under causal attention and carries no
             // label; it only must not be the image token.
             pad_id: if config.image_token_id == 0 { 1 } else { 0 },
+            media_ids: [Some(config.image_token_id), config.video_token_id],
         }
     }
 }
@@ -203,7 +206,11 @@ impl LlavaCollator {
         let mut video_pixels = Vec::new();
         let mut video_frames = Vec::new();
         let mut tiles = 0;
+        let mut media_tokens = [0i64; 2];
         for s in samples {
+            for (count, id) in media_tokens.iter_mut().zip(self.media_ids) {
+                *count += s.text.input_ids.iter().filter(|&&t| Some(t) == id).count() as i64;
+            }
             pixels.extend(s.media.pixels);
             image_sizes.extend(s.media.image_sizes);
             image_anyres.extend(s.media.image_anyres);
@@ -228,6 +235,7 @@ impl LlavaCollator {
             image_anyres,
             pixel_values_videos,
             video_frames,
+            media_tokens,
             packing,
         }
     }

@@ -42,6 +42,9 @@ pub struct Batch {
     pub pixel_values_videos: Option<Tensor>,
     /// Frames of each video, in placeholder order; may be empty for 5-D video pixels.
     pub video_frames: Vec<i64>,
+    /// `<image>` and `<video>` placeholder tokens in `input_ids`, counted on the host (by the
+    /// collator), so checking them against the features needs no device sync.
+    pub media_tokens: [i64; 2],
     /// Packed rows (`data.packing`): `[B, T]` positions restarting per sample, and the
     /// `[B, 1, T, T]` bool mask confining attention to each sample. `None` for padded rows
     /// (positions `0..T`, plain causal attention).
@@ -291,7 +294,7 @@ impl LlavaModel {
             embeds = scatter(
                 &embeds,
                 &batch.input_ids,
-                self.config.image_token_id,
+                (self.config.image_token_id, batch.media_tokens[0]),
                 &feats,
                 "image",
             )?;
@@ -302,7 +305,8 @@ impl LlavaModel {
                 .video_token_id
                 .context("this LLaVA architecture takes no videos")?;
             let feats = self.video_features(frames, &batch.video_frames)?;
-            embeds = scatter(&embeds, &batch.input_ids, id, &feats, "video")?;
+            let placeholders = (id, batch.media_tokens[1]);
+            embeds = scatter(&embeds, &batch.input_ids, placeholders, &feats, "video")?;
         }
         Ok(embeds)
     }
@@ -331,16 +335,16 @@ impl LlavaModel {
     }
 }
 
-/// `masked_scatter` of `feats` (`[tokens, H]`) into the positions of `token` in `ids`.
+/// `masked_scatter` of `feats` (`[tokens, H]`) into the positions of `token` in `ids`, which
+/// holds `placeholders` of them.
 fn scatter(
     embeds: &Tensor,
     ids: &Tensor,
-    token: i64,
+    (token, placeholders): (i64, i64),
     feats: &Tensor,
     what: &str,
 ) -> Result<Tensor> {
     let mask = ids.eq(token);
-    let placeholders = mask.sum(Kind::Int64).int64_value(&[]);
     ensure!(
         placeholders == feats.size()[0],
         "the batch has {placeholders} {what} tokens but its {what}s give {} features",

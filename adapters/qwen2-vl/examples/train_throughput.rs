@@ -97,6 +97,7 @@ fn main() -> Result<()> {
     c.lora.alpha = 16.0;
     c.lora.dropout = 0.05;
     let mut trainer = Trainer::new(&mut model, TrainOptions::from_config(&c, steps)?)?;
+    let loaded_peak = peak_rss_bytes();
     let (mut times, mut cpu, mut losses, mut tokens) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for s in 0..steps as usize {
@@ -121,6 +122,7 @@ fn main() -> Result<()> {
             "cpu_s": cpu.get(warmup..).unwrap_or_default(),
             "loss": losses,
             "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+            "peak_rss_after_load_mib": loaded_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         })
     );
     Ok(())

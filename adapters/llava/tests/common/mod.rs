@@ -67,6 +67,16 @@ impl Fixture {
         &self.path
     }
 
+    /// `<image>` and `<video>` tokens in sample `name`'s input ids.
+    pub fn media_tokens(&self, name: &str) -> [i64; 2] {
+        let ids: Vec<i64> = Vec::try_from(self.get(name, "input_ids").unwrap().flatten(0, -1)).unwrap();
+        let count = |id: Option<i64>| ids.iter().filter(|&&t| Some(t) == id).count() as i64;
+        [
+            count(Some(self.config.image_token_id)),
+            count(self.config.video_token_id),
+        ]
+    }
+
     /// Sample `name` as transformers' processor made it, labels on every non-media token.
     pub fn batch(&self, name: &str) -> Batch {
         let sample = &self.meta["samples"][name];
@@ -95,6 +105,7 @@ impl Fixture {
                 .get(name, "pixel_values_videos")
                 .map(Tensor::shallow_clone),
             video_frames: ints(&sample["video_frames"]),
+            media_tokens: self.media_tokens(name),
             packing: None,
         }
     }
