@@ -78,9 +78,7 @@ fn logits_of(model: &Qwen2VlModel, fx: &common::Fixture) -> BTreeMap<String, Ten
         ["text", "image", "video"]
             .iter()
             .zip([0, 1, 3])
-            .map(|(n, i)| {
-                (n.to_string(), model.logits(&fx.batches[i]).unwrap())
-            })
+            .map(|(n, i)| (n.to_string(), model.logits(&fx.batches[i]).unwrap()))
             .collect()
     })
 }

@@ -65,9 +65,7 @@ impl LossTargets {
     /// hand (tests, benchmarks); collators use [`LossTargets::from_rows`] on the labels they
     /// already hold.
     pub fn from_labels(labels: &Tensor) -> Result<LossTargets> {
-        let (b, t) = labels
-            .size2()
-            .context("labels must be [batch, seq]")?;
+        let (b, t) = labels.size2().context("labels must be [batch, seq]")?;
         let flat: Vec<i64> = Vec::try_from(labels.to_device(Device::Cpu).flatten(0, -1))
             .context("reading labels")?;
         let t = t as usize;
@@ -126,7 +124,10 @@ impl LossHead {
         targets: &LossTargets,
         head: &dyn Fn(&Tensor) -> Tensor,
     ) -> Result<Tensor> {
-        ensure!(self.chunk_size > 0, "the loss chunk size must be at least 1");
+        ensure!(
+            self.chunk_size > 0,
+            "the loss chunk size must be at least 1"
+        );
         ensure!(
             hidden.dim() == 3,
             "hidden states must be [batch, seq, hidden], got {:?}",
@@ -134,7 +135,10 @@ impl LossHead {
         );
         let device = hidden.device();
         if targets.count == 0 {
-            return Ok(Tensor::zeros([], (accumulation_kind(hidden.kind()), device)));
+            return Ok(Tensor::zeros(
+                [],
+                (accumulation_kind(hidden.kind()), device),
+            ));
         }
         let picked = hidden.flatten(0, 1).index_select(0, &targets.positions);
         let needs_grad = grad_enabled() && picked.requires_grad();
@@ -153,33 +157,35 @@ impl LossHead {
                 0.0,
             )
         };
+        let sum = |losses: Vec<Tensor>| Tensor::stack(&losses, 0).sum(losses[0].kind());
+        let plain = || -> Vec<Tensor> {
+            chunks
+                .iter()
+                .map(|&(start, len)| ce(&picked.narrow(0, start, len), start, len))
+                .collect()
+        };
         if head_trains {
-            let mut total = Tensor::zeros([], (accumulation_kind(hidden.kind()), device));
-            for &(start, len) in &chunks {
-                total = total + ce(&picked.narrow(0, start, len), start, len);
-            }
-            return Ok(total);
+            return Ok(sum(plain()));
         }
         if !needs_grad {
-            return Ok(tch::no_grad(|| {
-                chunks.iter().fold(
-                    Tensor::zeros([], (accumulation_kind(hidden.kind()), device)),
-                    |total, &(start, len)| total + ce(&picked.narrow(0, start, len), start, len),
-                )
-            }));
+            return Ok(tch::no_grad(|| sum(plain())));
         }
         // Frozen head: each chunk's loss and its gradient with respect to the chunk's hidden
         // states now, then the logits are gone.
-        let mut total = Tensor::zeros([], (accumulation_kind(hidden.kind()), device));
+        let mut losses = Vec::with_capacity(chunks.len());
         let mut grads = Vec::with_capacity(chunks.len());
         for &(start, len) in &chunks {
-            let x = picked.narrow(0, start, len).detach().set_requires_grad(true);
+            let x = picked
+                .narrow(0, start, len)
+                .detach()
+                .set_requires_grad(true);
             let loss = ce(&x, start, len);
             let mut g = Tensor::f_run_backward(&[&loss], &[&x], false, false)
                 .context("backward through the lm_head")?;
             grads.push(g.pop().context("no gradient for the lm_head input")?);
-            total = total + loss.detach();
+            losses.push(loss.detach());
         }
+        let total = sum(losses);
         let grad = Tensor::cat(&grads, 0);
         drop(grads);
         let mut out = custom_function(

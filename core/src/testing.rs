@@ -38,7 +38,11 @@ pub fn repo_root() -> PathBuf {
 /// repository (with their provenance) so a bare clone passes the suite.
 pub fn hf_configs() -> PathBuf {
     let dir = repo_root().join("tests/data/hub");
-    assert!(dir.is_dir(), "{} is missing from the checkout", dir.display());
+    assert!(
+        dir.is_dir(),
+        "{} is missing from the checkout",
+        dir.display()
+    );
     dir
 }
 
@@ -297,11 +301,19 @@ pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
         drop(logits);
         let (want, want_grads) = loss_and_grads(&vars, full);
         let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
-        let scale = want_grads.iter().flatten().map(|w| norm(w).powi(2)).sum::<f64>().sqrt();
+        let scale = want_grads
+            .iter()
+            .flatten()
+            .map(|w| norm(w).powi(2))
+            .sum::<f64>()
+            .sqrt();
         assert!(scale > 0.0, "{what}: no gradient reached any parameter");
         for chunk in [3, usize::MAX] {
             let case = format!("{what} (chunk {chunk}, frozen head: {frozen_head})");
-            let out = LossHead::new(chunk).unwrap().forward(model, batch, true).unwrap();
+            let out = LossHead::new(chunk)
+                .unwrap()
+                .forward(model, batch, true)
+                .unwrap();
             assert_eq!(out.num_label_tokens, targets.count, "{case}");
             let (got, got_grads) = loss_and_grads(&vars, out.loss_sum.expect("a loss"));
             assert!(
@@ -324,7 +336,10 @@ pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
                 }
             }
             let rel = total.sqrt() / scale;
-            assert!(rel <= grad_tol, "{case}: gradients differ by {rel:.3e} relative");
+            assert!(
+                rel <= grad_tol,
+                "{case}: gradients differ by {rel:.3e} relative"
+            );
             eprintln!("{case}: loss {got:.6} vs {want:.6}, gradients within {rel:.2e}");
         }
     }
@@ -389,7 +404,12 @@ pub fn assert_packing_matches_padding(
     // Errors are measured against the norm of the whole gradient: some gradients, such as a
     // key bias's, are zero up to rounding.
     let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
-    let scale = want_grads.iter().flatten().map(|w| norm(w).powi(2)).sum::<f64>().sqrt();
+    let scale = want_grads
+        .iter()
+        .flatten()
+        .map(|w| norm(w).powi(2))
+        .sum::<f64>()
+        .sqrt();
     assert!(scale > 0.0, "{what}: no gradient reached any parameter");
     let (mut compared, mut total) = (0, 0.0);
     for ((name, _), (g, w)) in vars.iter().zip(got_grads.iter().zip(&want_grads)) {
@@ -408,7 +428,10 @@ pub fn assert_packing_matches_padding(
         }
     }
     let rel = total.sqrt() / scale;
-    assert!(rel <= 1e-5, "{what}: packed gradients differ by {rel:.3e} relative");
+    assert!(
+        rel <= 1e-5,
+        "{what}: packed gradients differ by {rel:.3e} relative"
+    );
     eprintln!(
         "{what}: {} samples in {} packed rows: loss {got:.6} vs padded {want:.6}, {compared} gradients within {rel:.2e}",
         samples.len(),

@@ -15,10 +15,20 @@ fn check(variant: &str) {
     // Every sample in fp64 (exact up to rounding), the image sample in fp32 too.
     for (kind, samples) in [(Kind::Double, usize::MAX), (Kind::Float, 2)] {
         let model = LlavaModel::load(&fx.config, fx.dir(), Device::Cpu, kind).unwrap();
-        for name in fx.sample_names().iter().take(samples).skip(usize::from(samples == 2)) {
+        for name in fx
+            .sample_names()
+            .iter()
+            .take(samples)
+            .skip(usize::from(samples == 2))
+        {
             let batch = fx.batch(name);
             let labels = fx.get(name, "labels").unwrap();
-            assert_loss_head_matches_full_logits(&model, &batch, labels, &format!("{variant}/{name}"));
+            assert_loss_head_matches_full_logits(
+                &model,
+                &batch,
+                labels,
+                &format!("{variant}/{name}"),
+            );
         }
     }
 }

@@ -83,7 +83,11 @@ impl QwenCollator {
 
     /// Every sample's media, concatenated in sample order (the order of their placeholder
     /// tokens in the batch).
-    fn media_of(&self, samples: impl IntoIterator<Item = Sample>, device: Device) -> [Option<Media>; 2] {
+    fn media_of(
+        &self,
+        samples: impl IntoIterator<Item = Sample>,
+        device: Device,
+    ) -> [Option<Media>; 2] {
         let mut media = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
         for s in samples {
             media[0].0.extend(s.media.image_patches);

@@ -66,8 +66,18 @@ fn check(variant: &str) {
         .collect();
     let all: usize = lengths.iter().sum();
     let pair = (lengths[0] + lengths[1]).max(*lengths.iter().max().unwrap());
-    assert_packing_matches_padding(pipeline.as_ref(), &samples, all, &format!("{variant}, one row"));
-    assert_packing_matches_padding(pipeline.as_ref(), &samples, pair, &format!("{variant}, rows of {pair}"));
+    assert_packing_matches_padding(
+        pipeline.as_ref(),
+        &samples,
+        all,
+        &format!("{variant}, one row"),
+    );
+    assert_packing_matches_padding(
+        pipeline.as_ref(),
+        &samples,
+        pair,
+        &format!("{variant}, rows of {pair}"),
+    );
 }
 
 #[test]

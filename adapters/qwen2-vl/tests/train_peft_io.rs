@@ -109,12 +109,7 @@ fn check(vision_lora: bool) {
         names
             .iter()
             .zip([0, 1, 3])
-            .map(|(n, i)| {
-                (
-                    n.to_string(),
-                    model.logits(&fx.batches[i]).unwrap(),
-                )
-            })
+            .map(|(n, i)| (n.to_string(), model.logits(&fx.batches[i]).unwrap()))
             .collect()
     });
     let blobs: BTreeMap<String, Blob> = ours

@@ -69,7 +69,8 @@ impl Fixture {
 
     /// `<image>` and `<video>` tokens in sample `name`'s input ids.
     pub fn media_tokens(&self, name: &str) -> [i64; 2] {
-        let ids: Vec<i64> = Vec::try_from(self.get(name, "input_ids").unwrap().flatten(0, -1)).unwrap();
+        let ids: Vec<i64> =
+            Vec::try_from(self.get(name, "input_ids").unwrap().flatten(0, -1)).unwrap();
         let count = |id: Option<i64>| ids.iter().filter(|&&t| Some(t) == id).count() as i64;
         [
             count(Some(self.config.image_token_id)),
