@@ -108,9 +108,11 @@ pub struct DataSection {
     pub video_max_frames: usize,
     /// Images whose header declares more pixels than this are refused (decompression bombs).
     pub max_image_pixels: u64,
-    /// Pack the samples of each batch into rows of at most `max_length` tokens instead of
-    /// padding them to the longest: attention stays within each sample and positions restart
-    /// per sample, so the loss is the one of the samples run one by one, without padding.
+    /// Pack the samples of each batch into rows of at most `max_length` tokens (in order)
+    /// instead of padding them to the longest: attention stays within each sample and
+    /// positions restart per sample, so the loss is the one of the samples run one by one,
+    /// without compute spent on padding. `train.batch_size` still counts samples, so the
+    /// sampler, resuming and the per-token loss normalisation are unchanged.
     pub packing: bool,
 }
 
