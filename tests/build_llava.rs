@@ -182,17 +182,19 @@ fn check_against_transformers(
     for (name, pixels) in [("their", their_pixels.shallow_clone()), ("our", ours)] {
         let batch = Batch {
             input_ids: input_ids.shallow_clone(),
-            labels: None,
+            targets: None,
             pixel_values: Some(pixels),
             image_sizes: vec![[h, w]],
             image_anyres: Vec::new(),
             pixel_values_videos: None,
             video_frames: Vec::new(),
-            num_label_tokens: 0,
+            media_tokens: [
+                ids.iter().filter(|&&t| t == config.image_token_id).count() as i64,
+                0,
+            ],
+            packing: None,
         };
-        let logits = tch::no_grad(|| model.forward(&batch, false))
-            .unwrap()
-            .logits;
+        let logits = tch::no_grad(|| model.logits(&batch)).unwrap();
         let diff = max_abs_diff(&logits, &reference["logits"]);
         eprintln!(
             "{}: logits with {name} pixels differ by {diff:.3e}",

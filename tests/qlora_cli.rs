@@ -105,7 +105,7 @@ fn qlora_run_writes_a_peft_adapter_that_merges_into_the_dense_base() {
         [("text", 0), ("image", 1), ("video", 3)]
             .iter()
             .map(|&(n, i)| {
-                let l: Tensor = model.forward(&fx.batches[i], false).unwrap().logits;
+                let l: Tensor = model.logits(&fx.batches[i]).unwrap();
                 (n.to_string(), Blob::from_tensor(&l).unwrap())
             })
             .collect()

@@ -78,10 +78,7 @@ fn logits_of(model: &Qwen2VlModel, fx: &common::Fixture) -> BTreeMap<String, Ten
         ["text", "image", "video"]
             .iter()
             .zip([0, 1, 3])
-            .map(|(n, i)| {
-                let out = model.forward(&fx.batches[i], false).unwrap();
-                (n.to_string(), out.logits)
-            })
+            .map(|(n, i)| (n.to_string(), model.logits(&fx.batches[i]).unwrap()))
             .collect()
     })
 }

@@ -108,6 +108,12 @@ pub struct DataSection {
     pub video_max_frames: usize,
     /// Images whose header declares more pixels than this are refused (decompression bombs).
     pub max_image_pixels: u64,
+    /// Pack the samples of each batch into rows of at most `max_length` tokens (in order)
+    /// instead of padding them to the longest: attention stays within each sample and
+    /// positions restart per sample, so the loss is the one of the samples run one by one,
+    /// without compute spent on padding. `train.batch_size` still counts samples, so the
+    /// sampler, resuming and the per-token loss normalisation are unchanged.
+    pub packing: bool,
 }
 
 impl Default for DataSection {
@@ -130,6 +136,7 @@ impl Default for DataSection {
             video_min_frames: 4,
             video_max_frames: 768,
             max_image_pixels: crate::data::media::DEFAULT_MAX_IMAGE_PIXELS,
+            packing: false,
         }
     }
 }
@@ -208,6 +215,10 @@ pub struct TrainSection {
     /// Largest weight shard of a full fine-tuning output, in bytes (`save_pretrained`'s
     /// `max_shard_size`).
     pub max_shard_size: u64,
+    /// Labeled positions whose `lm_head` logits are computed at once by the loss: fewer
+    /// holds less memory (one chunk's `[chunk, vocab]` fp32 logits at a time), more runs
+    /// fewer, larger matrix products. The loss and gradients do not depend on it.
+    pub loss_chunk_size: usize,
 }
 
 /// How one part of the model trains.
@@ -278,6 +289,7 @@ impl Default for TrainSection {
             overwrite: false,
             group_by_length: false,
             dataloader_workers: 2,
+            loss_chunk_size: crate::loss::DEFAULT_LOSS_CHUNK,
             max_shard_size: 5 * 1024 * 1024 * 1024,
         }
     }

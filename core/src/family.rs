@@ -9,7 +9,8 @@
 //! conversation + decoded media → [`Processor::process`] (tensors, token count per media)
 //! → [`ChatTemplate::encode`] (ids with media placeholders expanded, labels)
 //! → [`Family::sample`] → [`Collator::collate`] (a padded batch on the device)
-//! → [`Model::forward`] (logits, summed loss, label count).
+//! → [`Model::hidden_states`] (final hidden states) → the core's [`LossHead`] (`lm_head` and
+//! cross-entropy at the labeled positions only: summed loss, label count).
 
 use std::any::Any;
 use std::marker::PhantomData;
@@ -19,10 +20,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::data::batch::{plan_packing, PackStrategy};
 use crate::data::{Conversation, DecodedMedia, RgbImage, VideoClip};
 use crate::generate::{
     decode_loop, generation_config_eos, DecodeState, GenerateOptions, Generated, TextStream,
 };
+use crate::loss::{LossHead, LossTargets};
 use crate::nn::Linear;
 use crate::quant::{load_quantized, QuantSpec};
 
@@ -119,12 +122,22 @@ pub trait Collator: Send + Sync {
     /// Pads to the longest sample in `samples` (never to `max_length`), with labels padded by
     /// [`IGNORE_INDEX`], and moves the result to `device`.
     fn collate(&self, samples: Vec<Self::Sample>, device: Device) -> Result<Self::Batch>;
+
+    /// `data.packing`: each inner list becomes one row, its samples concatenated in order
+    /// (rows right-padded to the longest), with attention confined to each sample and
+    /// positions restarting per sample, so the model computes what it computes for the
+    /// samples one by one (the text side is [`crate::data::batch::pack_batch`]). The default
+    /// refuses, naming the setting.
+    fn collate_packed(&self, rows: Vec<Vec<Self::Sample>>, device: Device) -> Result<Self::Batch> {
+        let _ = (rows, device);
+        anyhow::bail!("this model family does not support data.packing; set it to false")
+    }
 }
 
-/// Output of a forward pass.
+/// Output of a training or evaluation forward pass. Full logits are not part of it: the
+/// loss is taken at the labeled positions only ([`LossHead`]); [`Model::logits`] gives them
+/// for tools that need every position.
 pub struct ModelOutput {
-    /// `[batch, seq, vocab]`.
-    pub logits: Tensor,
     /// Sum (not mean) of the token cross-entropies over labeled positions, as a fp32 scalar;
     /// `None` when the batch carries no labels. Summing lets the trainer average over all
     /// label tokens of an accumulated batch rather than per micro-batch.
@@ -146,9 +159,29 @@ impl ModelOutput {
 pub trait Model: Send {
     type Batch;
 
-    /// Runs the model. Labels are shifted inside (position t predicts label t+1), as in
-    /// `transformers`' causal-LM loss.
-    fn forward(&self, batch: &Self::Batch, train: bool) -> Result<ModelOutput>;
+    /// Runs the model up to its final norm: hidden states `[batch, seq, hidden]`.
+    fn hidden_states(&self, batch: &Self::Batch, train: bool) -> Result<Tensor>;
+
+    /// Where the batch's loss is taken (built by the collator); `None` for a batch without
+    /// labels.
+    fn loss_targets<'a>(&self, batch: &'a Self::Batch) -> Option<&'a LossTargets>;
+
+    /// The output projection (`lm_head`, or the tied embeddings): `[.., hidden]` →
+    /// `[.., vocab]`.
+    fn lm_head(&self, hidden: &Tensor) -> Tensor;
+
+    /// Summed loss of the batch through the core's [`LossHead`] with its default chunking.
+    /// Labels are shifted (position t predicts label t+1), as in `transformers`' causal-LM
+    /// loss. Families do not override it: the loss is the core's, the same for all of them.
+    fn forward(&self, batch: &Self::Batch, train: bool) -> Result<ModelOutput> {
+        LossHead::default().forward(self, batch, train)
+    }
+
+    /// Full logits `[batch, seq, vocab]` of every position, for tools and tests that need
+    /// them (inference, parity checks); training never builds them.
+    fn logits(&self, batch: &Self::Batch) -> Result<Tensor> {
+        Ok(self.lm_head(&self.hidden_states(batch, false)?))
+    }
 
     /// The parameters, named exactly as in the Hub checkpoint (`model.layers.0...`).
     fn var_store(&self) -> &nn::VarStore;
@@ -360,6 +393,9 @@ pub trait Pipeline {
     fn batch_builder(&self) -> Arc<dyn BatchBuilder>;
     /// Runs a batch built by this pipeline's [`BatchBuilder`].
     fn forward_loaded(&self, batch: &LoadedBatch, train: bool) -> Result<ModelOutput>;
+    /// Sets how [`Pipeline::forward`] and [`Pipeline::forward_loaded`] take the loss
+    /// (`train.loss_chunk_size`); [`LossHead::default`] until called.
+    fn set_loss_head(&mut self, head: LossHead);
 }
 
 /// Object-safe face of a [`Family`], stored in the registry.
@@ -429,6 +465,7 @@ struct Opened<F: Family> {
     device: Device,
     /// Template end-of-turn / end-of-sequence ids plus `generation_config.json`'s.
     stop_ids: Vec<i64>,
+    loss_head: LossHead,
 }
 
 impl<F: Family> Pipeline for Opened<F> {
@@ -443,7 +480,7 @@ impl<F: Family> Pipeline for Opened<F> {
             samples.push(F::sample(text, media));
         }
         let batch = self.collator.collate(samples, self.device)?;
-        self.model.forward(&batch, train)
+        self.loss_head.forward(&self.model, &batch, train)
     }
 
     fn var_store(&self) -> &nn::VarStore {
@@ -521,7 +558,11 @@ impl<F: Family> Pipeline for Opened<F> {
             .batch
             .downcast_ref::<F::Batch>()
             .context("a batch built by another model's pipeline was passed to this one")?;
-        self.model.forward(typed, train)
+        self.loss_head.forward(&self.model, typed, train)
+    }
+
+    fn set_loss_head(&mut self, head: LossHead) {
+        self.loss_head = head;
     }
 }
 
@@ -558,6 +599,7 @@ fn open_with<F: Family>(
         model,
         device: opts.device,
         stop_ids,
+        loss_head: LossHead::default(),
     }))
 }
 
@@ -606,6 +648,17 @@ pub struct EncodedSample {
     media: Box<dyn Any + Send>,
 }
 
+impl EncodedSample {
+    /// Tokens of the sample.
+    pub fn len(&self) -> usize {
+        self.text.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.input_ids.is_empty()
+    }
+}
+
 /// A collated device batch, ready for [`Pipeline::forward_loaded`].
 pub struct LoadedBatch {
     batch: Box<dyn Any + Send>,
@@ -623,6 +676,14 @@ pub trait BatchBuilder: Send + Sync {
     fn is_media_token(&self, id: i64) -> bool;
     /// Pads and moves samples to `device`.
     fn collate(&self, samples: Vec<EncodedSample>, device: Device) -> Result<LoadedBatch>;
+    /// Packs samples, in order, into rows of at most `max_length` tokens
+    /// ([`Collator::collate_packed`]) and moves them to `device`.
+    fn collate_packed(
+        &self,
+        samples: Vec<EncodedSample>,
+        max_length: usize,
+        device: Device,
+    ) -> Result<LoadedBatch>;
 }
 
 struct Builder<F: Family> {
@@ -652,20 +713,51 @@ impl<F: Family> BatchBuilder for Builder<F> {
     }
 
     fn collate(&self, samples: Vec<EncodedSample>, device: Device) -> Result<LoadedBatch> {
-        let n = samples.len();
-        let tokens = samples.iter().map(|s| s.text.input_ids.len()).sum();
-        let mut typed = Vec::with_capacity(n);
-        for s in samples {
-            let media = s
-                .media
-                .downcast::<<F::Processor as Processor>::Media>()
-                .map_err(|_| anyhow::anyhow!("a sample encoded by another model was collated"))?;
-            typed.push(F::sample(s.text, *media));
-        }
+        let (n, tokens) = (samples.len(), samples.iter().map(EncodedSample::len).sum());
+        let typed = Self::typed(samples)?;
         Ok(LoadedBatch {
             batch: Box::new(self.collator.collate(typed, device)?),
             samples: n,
             tokens,
         })
+    }
+
+    fn collate_packed(
+        &self,
+        samples: Vec<EncodedSample>,
+        max_length: usize,
+        device: Device,
+    ) -> Result<LoadedBatch> {
+        let lengths: Vec<usize> = samples.iter().map(EncodedSample::len).collect();
+        let (n, tokens) = (samples.len(), lengths.iter().sum());
+        // Greedy keeps the samples in order, so each row is a run of consecutive samples.
+        let plan = plan_packing(&lengths, max_length, PackStrategy::Greedy)?;
+        let mut typed = Self::typed(samples)?.into_iter();
+        let rows = plan
+            .iter()
+            .map(|row| typed.by_ref().take(row.len()).collect())
+            .collect();
+        Ok(LoadedBatch {
+            batch: Box::new(self.collator.collate_packed(rows, device)?),
+            samples: n,
+            tokens,
+        })
+    }
+}
+
+impl<F: Family> Builder<F> {
+    fn typed(samples: Vec<EncodedSample>) -> Result<Vec<F::Sample>> {
+        samples
+            .into_iter()
+            .map(|s| {
+                let media = s
+                    .media
+                    .downcast::<<F::Processor as Processor>::Media>()
+                    .map_err(|_| {
+                        anyhow::anyhow!("a sample encoded by another model was collated")
+                    })?;
+                Ok(F::sample(s.text, *media))
+            })
+            .collect()
     }
 }

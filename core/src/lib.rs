@@ -14,6 +14,7 @@ pub mod generate;
 pub mod hf_json;
 pub mod hub;
 pub mod logging;
+pub mod loss;
 pub mod nn;
 pub mod peft;
 pub mod quant;

@@ -295,14 +295,15 @@ pub fn sdpa(
 }
 
 /// Cross-entropy summed over positions whose label is not `ignore`, after the causal shift
-/// (position t predicts label t+1), computed in fp32. The count of labeled positions is left
-/// to the collator, which knows it on the host without a device sync.
+/// (position t predicts label t+1), computed in fp32 (fp64 for fp64 logits), from the full
+/// `[batch, seq, vocab]` logits: what `transformers` computes, and the reference the core's
+/// chunked loss head ([`crate::loss::LossHead`]) is tested against.
 pub fn shifted_token_loss_sum(logits: &Tensor, labels: &Tensor, ignore: i64) -> Tensor {
     let (_, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
     let shift_logits = logits
         .narrow(1, 0, t - 1)
         .reshape([-1, v])
-        .to_kind(Kind::Float);
+        .to_kind(crate::loss::accumulation_kind(logits.kind()));
     let shift_labels = labels.narrow(1, 1, t - 1).reshape([-1]);
     shift_logits.cross_entropy_loss::<Tensor>(&shift_labels, None, tch::Reduction::Sum, ignore, 0.0)
 }

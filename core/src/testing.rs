@@ -319,3 +319,204 @@ pub fn write_test_video(
     write_packets(&mut enc, &mut octx);
     octx.write_trailer().unwrap();
 }
+
+/// Loss and gradient of every variable that requires grad, after one backward of `loss`.
+fn loss_and_grads(
+    vars: &[(String, tch::Tensor)],
+    loss: tch::Tensor,
+) -> (f64, Vec<Option<tch::Tensor>>) {
+    for (_, v) in vars {
+        let _ = crate::autograd::take_grad(v);
+    }
+    loss.backward();
+    let grads = vars
+        .iter()
+        .map(|(_, v)| crate::autograd::take_grad(v))
+        .collect();
+    (loss.double_value(&[]), grads)
+}
+
+/// Checks the core's loss head on a family's model: for chunks of 3 positions (several
+/// chunks, the last one short) and one chunk for everything, the summed loss of [`crate::loss::LossHead`] equals the cross-entropy of
+/// the full shifted logits `[batch, seq, vocab]` (`labels` is the batch's `[batch, seq]`
+/// label tensor), and so does the gradient of every parameter. Both head paths are
+/// exercised: every parameter trainable (the head's gradient through ordinary autograd), and
+/// the head's weight (`lm_head`, or the embeddings of a tied model) frozen with the rest
+/// trainable (the gradient taken per chunk in forward). Leaves every parameter trainable.
+///
+/// Tolerances, relative: with an fp64 model, loss and every parameter's gradient ≤ 1e-10
+/// (gradients measured against the norm of the whole gradient, since some, such as a key
+/// bias's, are zero up to rounding; ~1e-16 is typical). With an fp32 model the loss ≤ 1e-6
+/// and the gradients ≤ 2e-5: both sides then reduce over the whole vocabulary in fp32
+/// (`Σ_v (p_v − y_v) W_v`, 150k terms that cancel) with differently shaped matrix products,
+/// which alone moves them by ~5e-6.
+pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
+    model: &M,
+    batch: &M::Batch,
+    labels: &tch::Tensor,
+    what: &str,
+) {
+    use crate::loss::LossHead;
+    let mut vars: Vec<(String, tch::Tensor)> = crate::family::Model::var_store(model)
+        .variables()
+        .into_iter()
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let fp64 = vars.iter().all(|(_, v)| v.kind() == tch::Kind::Double);
+    let (loss_tol, grad_tol) = if fp64 { (1e-10, 1e-10) } else { (1e-6, 2e-5) };
+    let what = format!("{what} ({})", if fp64 { "fp64" } else { "fp32" });
+    let targets = model.loss_targets(batch).expect("the batch has labels");
+    assert!(targets.count > 0, "{what}: the batch has no label tokens");
+    // The head's weight: `lm_head`, or the embeddings a tied model reuses.
+    let untied = vars.iter().any(|(n, _)| n.ends_with("lm_head.weight"));
+    let head_weight = if untied {
+        "lm_head.weight"
+    } else {
+        "embed_tokens.weight"
+    };
+    for frozen_head in [false, true] {
+        for (name, v) in &vars {
+            let _ = v.set_requires_grad(!(frozen_head && name.ends_with(head_weight)));
+        }
+        let logits = model.lm_head(&model.hidden_states(batch, true).unwrap());
+        let full = crate::nn::shifted_token_loss_sum(&logits, labels, crate::family::IGNORE_INDEX);
+        drop(logits);
+        let (want, want_grads) = loss_and_grads(&vars, full);
+        let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
+        let scale = want_grads
+            .iter()
+            .flatten()
+            .map(|w| norm(w).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(scale > 0.0, "{what}: no gradient reached any parameter");
+        for chunk in [3, usize::MAX] {
+            let case = format!("{what} (chunk {chunk}, frozen head: {frozen_head})");
+            let out = LossHead::new(chunk)
+                .unwrap()
+                .forward(model, batch, true)
+                .unwrap();
+            assert_eq!(out.num_label_tokens, targets.count, "{case}");
+            let (got, got_grads) = loss_and_grads(&vars, out.loss_sum.expect("a loss"));
+            assert!(
+                (got - want).abs() <= loss_tol * want.abs(),
+                "{case}: loss {got} vs full logits {want}"
+            );
+            let mut total = 0.0;
+            for ((name, _), (g, w)) in vars.iter().zip(got_grads.iter().zip(&want_grads)) {
+                match (g, w) {
+                    (None, None) => {}
+                    (Some(g), Some(w)) => {
+                        let err = norm(&(g - w));
+                        assert!(
+                            err <= grad_tol * scale,
+                            "{case}: gradient of {name} differs by {err:.3e} (gradient norm {scale:.3e})"
+                        );
+                        total += err * err;
+                    }
+                    _ => panic!("{case}: {name} has a gradient on one side only"),
+                }
+            }
+            let rel = total.sqrt() / scale;
+            assert!(
+                rel <= grad_tol,
+                "{case}: gradients differ by {rel:.3e} relative"
+            );
+            eprintln!("{case}: loss {got:.6} vs {want:.6}, gradients within {rel:.2e}");
+        }
+    }
+    for (_, v) in &vars {
+        let _ = v.set_requires_grad(true);
+    }
+}
+
+/// Checks `data.packing` through a pipeline's own batch building: `samples` packed into rows
+/// of at most `max_length` tokens ([`crate::family::BatchBuilder::collate_packed`]) give the
+/// loss, the label count and every parameter's gradient of the same samples padded into a
+/// batch (fp32, ≤ 1e-5 relative; gradients against the norm of the whole gradient). `max_length` must make some row hold several samples, so
+/// the check cannot pass by packing nothing. Leaves every parameter trainable.
+pub fn assert_packing_matches_padding(
+    pipeline: &dyn crate::family::Pipeline,
+    samples: &[crate::family::PreparedConversation],
+    max_length: usize,
+    what: &str,
+) {
+    let builder = pipeline.batch_builder();
+    let encode = || -> Vec<crate::family::EncodedSample> {
+        samples
+            .iter()
+            .map(|s| builder.encode(s, false).unwrap())
+            .collect()
+    };
+    let lengths: Vec<usize> = encode().iter().map(|s| s.len()).collect();
+    let plan = crate::data::batch::plan_packing(
+        &lengths,
+        max_length,
+        crate::data::batch::PackStrategy::Greedy,
+    )
+    .unwrap();
+    assert!(
+        plan.iter().any(|row| row.len() > 1),
+        "{what}: max_length {max_length} packs no two of the samples ({lengths:?}) together"
+    );
+    let padded = builder.collate(encode(), tch::Device::Cpu).unwrap();
+    let packed = builder
+        .collate_packed(encode(), max_length, tch::Device::Cpu)
+        .unwrap();
+    let mut vars: Vec<(String, tch::Tensor)> =
+        pipeline.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, v) in &vars {
+        let _ = v.set_requires_grad(true);
+    }
+    let run = |batch: &crate::family::LoadedBatch| {
+        let out = pipeline.forward_loaded(batch, true).unwrap();
+        let n = out.num_label_tokens;
+        let (loss, grads) = loss_and_grads(&vars, out.loss_sum.expect("a loss"));
+        (loss, n, grads)
+    };
+    let (want, want_n, want_grads) = run(&padded);
+    let (got, got_n, got_grads) = run(&packed);
+    assert!(want_n > 0, "{what}: no label tokens");
+    assert_eq!(got_n, want_n, "{what}: label tokens packed vs padded");
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "{what}: packed loss {got} vs padded {want}"
+    );
+    // Errors are measured against the norm of the whole gradient: some gradients, such as a
+    // key bias's, are zero up to rounding.
+    let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
+    let scale = want_grads
+        .iter()
+        .flatten()
+        .map(|w| norm(w).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(scale > 0.0, "{what}: no gradient reached any parameter");
+    let (mut compared, mut total) = (0, 0.0);
+    for ((name, _), (g, w)) in vars.iter().zip(got_grads.iter().zip(&want_grads)) {
+        match (g, w) {
+            (None, None) => {}
+            (Some(g), Some(w)) => {
+                let err = norm(&(g - w));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{what}: packed gradient of {name} differs by {err:.3e} (gradient norm {scale:.3e})"
+                );
+                total += err * err;
+                compared += 1;
+            }
+            _ => panic!("{what}: {name} has a gradient on one side only"),
+        }
+    }
+    let rel = total.sqrt() / scale;
+    assert!(
+        rel <= 1e-5,
+        "{what}: packed gradients differ by {rel:.3e} relative"
+    );
+    eprintln!(
+        "{what}: {} samples in {} packed rows: loss {got:.6} vs padded {want:.6}, {compared} gradients within {rel:.2e}",
+        samples.len(),
+        plan.len()
+    );
+}

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 use lmms_ft_core::data::{Conversation, DecodedMedia, RgbImage, Role, Turn, VideoClip};
 use lmms_ft_core::family::*;
+use lmms_ft_core::loss::LossTargets;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 struct Toy;
@@ -66,11 +67,10 @@ impl ChatTemplate for Bytes {
 struct Pad;
 impl Collator for Pad {
     type Sample = EncodedText;
-    type Batch = (Tensor, Tensor);
-    fn collate(&self, s: Vec<EncodedText>, d: Device) -> Result<(Tensor, Tensor)> {
+    type Batch = ToyBatch;
+    fn collate(&self, s: Vec<EncodedText>, d: Device) -> Result<ToyBatch> {
         let len = s.iter().map(|x| x.input_ids.len()).max().unwrap_or(0);
         let mut ids = Vec::new();
-        let mut labels = Vec::new();
         for x in &s {
             ids.extend(
                 x.input_ids
@@ -79,20 +79,20 @@ impl Collator for Pad {
                     .chain(std::iter::repeat(0))
                     .take(len),
             );
-            labels.extend(
-                x.labels
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat(IGNORE_INDEX))
-                    .take(len),
-            );
         }
-        let shape = [s.len() as i64, len as i64];
-        Ok((
-            Tensor::from_slice(&ids).view(shape).to(d),
-            Tensor::from_slice(&labels).view(shape).to(d),
-        ))
+        let targets =
+            LossTargets::from_samples(s.iter().enumerate().map(|(r, x)| (r * len, &x.labels[..])));
+        Ok(ToyBatch {
+            ids: Tensor::from_slice(&ids)
+                .view([s.len() as i64, len as i64])
+                .to(d),
+            targets: targets.to_device(d),
+        })
     }
+}
+struct ToyBatch {
+    ids: Tensor,
+    targets: LossTargets,
 }
 struct ToyModel {
     vs: nn::VarStore,
@@ -100,28 +100,15 @@ struct ToyModel {
     head: nn::Linear,
 }
 impl Model for ToyModel {
-    type Batch = (Tensor, Tensor);
-    fn forward(&self, (ids, labels): &(Tensor, Tensor), _train: bool) -> Result<ModelOutput> {
-        let logits = self.head.forward(&self.embed.forward(ids));
-        let v = logits.size()[2];
-        let shift_logits = logits.narrow(1, 0, logits.size()[1] - 1).reshape([-1, v]);
-        let shift_labels = labels.narrow(1, 1, labels.size()[1] - 1).reshape([-1]);
-        let loss_sum = shift_logits.cross_entropy_loss::<Tensor>(
-            &shift_labels,
-            None,
-            tch::Reduction::Sum,
-            IGNORE_INDEX,
-            0.0,
-        );
-        let n = shift_labels
-            .ne(IGNORE_INDEX)
-            .sum(Kind::Int64)
-            .int64_value(&[]);
-        Ok(ModelOutput {
-            logits,
-            loss_sum: Some(loss_sum),
-            num_label_tokens: n,
-        })
+    type Batch = ToyBatch;
+    fn hidden_states(&self, batch: &ToyBatch, _train: bool) -> Result<Tensor> {
+        Ok(self.embed.forward(&batch.ids))
+    }
+    fn loss_targets<'a>(&self, batch: &'a ToyBatch) -> Option<&'a LossTargets> {
+        Some(&batch.targets)
+    }
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        self.head.forward(hidden)
     }
     fn var_store(&self) -> &nn::VarStore {
         &self.vs
@@ -132,7 +119,7 @@ impl Family for Toy {
     type Processor = NoMedia;
     type Template = Bytes;
     type Sample = EncodedText;
-    type Batch = (Tensor, Tensor);
+    type Batch = ToyBatch;
     type Collator = Pad;
     type Model = ToyModel;
     fn processor(_: &ToyConfig, _: &Path, _: &ProcessorOptions) -> Result<NoMedia> {
@@ -280,4 +267,43 @@ fn loading_a_checkpoint_of_another_shape_is_an_error() {
         },
     );
     assert!(err.is_err());
+}
+
+#[test]
+fn loss_head_matches_full_logits_on_the_toy_family() {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let embed = nn::embedding(&root / "model" / "embed_tokens", 260, 8, Default::default());
+    let no_bias = nn::LinearConfig {
+        bias: false,
+        ..Default::default()
+    };
+    let head = nn::linear(&root / "lm_head", 8, 260, no_bias);
+    let model = ToyModel { vs, embed, head };
+    // Two rows of different lengths, so one is padded and its padding is never a target.
+    let long = Conversation {
+        turns: vec![
+            Turn::text(Role::User, "what is the loss?"),
+            Turn::text(Role::Assistant, "a sum over labeled tokens"),
+        ],
+    };
+    let texts: Vec<EncodedText> = [conversation(), long]
+        .iter()
+        .map(|c| Bytes.encode(c, &MediaTokens::default(), false).unwrap())
+        .collect();
+    let len = texts.iter().map(|t| t.labels.len()).max().unwrap();
+    let labels: Vec<i64> = texts
+        .iter()
+        .flat_map(|t| {
+            t.labels
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(IGNORE_INDEX))
+                .take(len)
+        })
+        .collect();
+    let labels = Tensor::from_slice(&labels).view([2, len as i64]);
+    let batch = Pad.collate(texts, Device::Cpu).unwrap();
+    lmms_ft_core::testing::assert_loss_head_matches_full_logits(&model, &batch, &labels, "toy");
 }

@@ -24,7 +24,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use lmms_ft_backbones::text_config::TextModelType;
-use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
+use lmms_ft_core::data::batch::{pack_batch, pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{
     discover_template, ContentMode, HfChatTemplate, MediaPlaceholders,
 };
@@ -32,10 +32,11 @@ use lmms_ft_core::data::Conversation;
 use lmms_ft_core::family::{
     ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
 };
+use lmms_ft_core::loss::LossTargets;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::LlavaConfig;
-use crate::model::{Batch, LlavaModel};
+use crate::model::{Batch, LlavaModel, PackedLayout};
 use crate::processor::{LlavaMedia, LlavaProcessor};
 
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -150,6 +151,8 @@ pub struct Sample {
 pub struct LlavaCollator {
     tile: i64,
     pad_id: i64,
+    /// `<image>` and `<video>` ids, whose placeholders the collator counts.
+    media_ids: [Option<i64>; 2],
 }
 
 impl LlavaCollator {
@@ -159,6 +162,7 @@ impl LlavaCollator {
             // Padding sits after every real token under causal attention and carries no
             // label; it only must not be the image token.
             pad_id: if config.image_token_id == 0 { 1 } else { 0 },
+            media_ids: [Some(config.image_token_id), config.video_token_id],
         }
     }
 }
@@ -170,14 +174,53 @@ impl Collator for LlavaCollator {
     fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
         ensure!(!samples.is_empty(), "cannot collate an empty batch");
         let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
-        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?;
+        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?.to_device(device);
+        Ok(self.batch(samples, padded.input_ids, padded.targets, None, device))
+    }
+
+    fn collate_packed(&self, rows: Vec<Vec<Sample>>, device: Device) -> Result<Batch> {
+        ensure!(!rows.is_empty(), "cannot collate an empty batch");
+        let texts: Vec<Vec<&EncodedText>> = rows
+            .iter()
+            .map(|row| row.iter().map(|s| &s.text).collect())
+            .collect();
+        let packed = pack_batch(&texts, self.pad_id)?.to_device(device);
+        let layout = PackedLayout {
+            position_ids: packed.position_ids,
+            attention_mask: packed.attention_mask,
+        };
+        Ok(self.batch(
+            rows.into_iter().flatten(),
+            packed.input_ids,
+            packed.targets,
+            Some(layout),
+            device,
+        ))
+    }
+}
+
+impl LlavaCollator {
+    /// The batch of the collated text and every sample's media, concatenated in sample
+    /// order (the order of their placeholder tokens).
+    fn batch(
+        &self,
+        samples: impl IntoIterator<Item = Sample>,
+        input_ids: Tensor,
+        targets: LossTargets,
+        packing: Option<PackedLayout>,
+        device: Device,
+    ) -> Batch {
         let mut pixels = Vec::new();
         let mut image_sizes = Vec::new();
         let mut image_anyres = Vec::new();
         let mut video_pixels = Vec::new();
         let mut video_frames = Vec::new();
         let mut tiles = 0;
+        let mut media_tokens = [0i64; 2];
         for s in samples {
+            for (count, id) in media_tokens.iter_mut().zip(self.media_ids) {
+                *count += s.text.input_ids.iter().filter(|&&t| Some(t) == id).count() as i64;
+            }
             pixels.extend(s.media.pixels);
             image_sizes.extend(s.media.image_sizes);
             image_anyres.extend(s.media.image_anyres);
@@ -194,16 +237,17 @@ impl Collator for LlavaCollator {
         };
         let pixel_values = stack(&pixels, tiles as i64);
         let pixel_values_videos = stack(&video_pixels, video_frames.iter().sum());
-        Ok(Batch {
-            input_ids: padded.input_ids.to_device(device),
-            labels: Some(padded.labels.to_device(device)),
+        Batch {
+            input_ids,
+            targets: Some(targets),
             pixel_values,
             image_sizes,
             image_anyres,
             pixel_values_videos,
             video_frames,
-            num_label_tokens: padded.num_label_tokens,
-        })
+            media_tokens,
+            packing,
+        }
     }
 }
 

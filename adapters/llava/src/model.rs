@@ -11,9 +11,10 @@ use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
 use lmms_ft_backbones::siglip::SiglipVisionTower;
-use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::family::{Component, Model};
 use lmms_ft_core::generate::DecodeState;
-use lmms_ft_core::nn::{rope_inv_freq, shifted_token_loss_sum, Linear, ParamInit};
+use lmms_ft_core::loss::LossTargets;
+use lmms_ft_core::nn::{rope_inv_freq, Linear, ParamInit};
 use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -26,8 +27,8 @@ use crate::weights::load_llava;
 pub struct Batch {
     /// `[B, T]`, right-padded.
     pub input_ids: Tensor,
-    /// `[B, T]`, `IGNORE_INDEX` where no loss is taken; `None` for inference.
-    pub labels: Option<Tensor>,
+    /// Where the loss is taken; `None` for inference.
+    pub targets: Option<LossTargets>,
     /// LLaVA: `[images, C, S, S]`. NeXT: every image's tiles concatenated (`[tiles, C, S,
     /// S]`, base tile first), or the processor's `[images, max_tiles, C, S, S]`, whose
     /// padding tiles are dropped using `image_sizes`.
@@ -42,8 +43,20 @@ pub struct Batch {
     pub pixel_values_videos: Option<Tensor>,
     /// Frames of each video, in placeholder order; may be empty for 5-D video pixels.
     pub video_frames: Vec<i64>,
-    /// Labeled positions after the causal shift, counted on the host.
-    pub num_label_tokens: i64,
+    /// `<image>` and `<video>` placeholder tokens in `input_ids`, counted on the host (by the
+    /// collator), so checking them against the features needs no device sync.
+    pub media_tokens: [i64; 2],
+    /// Packed rows (`data.packing`): `[B, T]` positions restarting per sample, and the
+    /// `[B, 1, T, T]` bool mask confining attention to each sample. `None` for padded rows
+    /// (positions `0..T`, plain causal attention).
+    pub packing: Option<PackedLayout>,
+}
+
+/// Positions and attention mask of packed rows.
+#[derive(Debug)]
+pub struct PackedLayout {
+    pub position_ids: Tensor,
+    pub attention_mask: Tensor,
 }
 
 enum Tower {
@@ -289,7 +302,7 @@ impl LlavaModel {
             embeds = scatter(
                 &embeds,
                 &batch.input_ids,
-                self.config.image_token_id,
+                (self.config.image_token_id, batch.media_tokens[0]),
                 &feats,
                 "image",
             )?;
@@ -300,21 +313,26 @@ impl LlavaModel {
                 .video_token_id
                 .context("this LLaVA architecture takes no videos")?;
             let feats = self.video_features(frames, &batch.video_frames)?;
-            embeds = scatter(&embeds, &batch.input_ids, id, &feats, "video")?;
+            let placeholders = (id, batch.media_tokens[1]);
+            embeds = scatter(&embeds, &batch.input_ids, placeholders, &feats, "video")?;
         }
         Ok(embeds)
     }
 
     /// Final hidden states `[B, T, H]`.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+    fn final_hidden(&self, batch: &Batch) -> Result<Tensor> {
         let embeds = self.embeddings(batch)?;
         let (b, t) = (embeds.size()[0], embeds.size()[1]);
         self.check_window(t)?;
-        let positions = Tensor::arange(t, (Kind::Int64, embeds.device()))
-            .unsqueeze(0)
-            .expand([b, t], false);
+        let positions = match &batch.packing {
+            Some(p) => p.position_ids.shallow_clone(),
+            None => Tensor::arange(t, (Kind::Int64, embeds.device()))
+                .unsqueeze(0)
+                .expand([b, t], false),
+        };
         let (cos, sin) = self.rotary(&positions);
-        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
+        let mask = batch.packing.as_ref().map(|p| &p.attention_mask);
+        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, mask))
     }
 
     /// The shared decoder has only full causal attention, equal to sliding-window attention
@@ -341,16 +359,16 @@ impl LlavaModel {
     }
 }
 
-/// `masked_scatter` of `feats` (`[tokens, H]`) into the positions of `token` in `ids`.
+/// `masked_scatter` of `feats` (`[tokens, H]`) into the positions of `token` in `ids`, which
+/// holds `placeholders` of them.
 fn scatter(
     embeds: &Tensor,
     ids: &Tensor,
-    token: i64,
+    (token, placeholders): (i64, i64),
     feats: &Tensor,
     what: &str,
 ) -> Result<Tensor> {
     let mask = ids.eq(token);
-    let placeholders = mask.sum(Kind::Int64).int64_value(&[]);
     ensure!(
         placeholders == feats.size()[0],
         "the batch has {placeholders} {what} tokens but its {what}s give {} features",
@@ -365,17 +383,16 @@ fn scatter(
 impl Model for LlavaModel {
     type Batch = Batch;
 
-    fn forward(&self, batch: &Batch, _train: bool) -> Result<ModelOutput> {
-        let logits = self.decoder.logits(&self.hidden_states(batch)?);
-        let loss_sum = batch
-            .labels
-            .as_ref()
-            .map(|labels| shifted_token_loss_sum(&logits, labels, IGNORE_INDEX));
-        Ok(ModelOutput {
-            logits,
-            loss_sum,
-            num_label_tokens: batch.num_label_tokens,
-        })
+    fn hidden_states(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
+        self.final_hidden(batch)
+    }
+
+    fn loss_targets<'a>(&self, batch: &'a Batch) -> Option<&'a LossTargets> {
+        batch.targets.as_ref()
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        self.decoder.logits(hidden)
     }
 
     /// Prompt rows are right-padded with positions `0..T`, so a row's first new token takes

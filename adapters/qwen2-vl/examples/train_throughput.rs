@@ -1,7 +1,8 @@
 //! LoRA training throughput of lmms-ft, the other side of `scripts/bench/train_throughput.sh`:
-//! the same checkpoint, sample and hyper-parameters as `scripts/bench/train_throughput.py run`
-//! (LoRA r 16 / alpha 32 / dropout 0.05 on every LLM linear, AdamW lr 1e-4, cosine, clipping
-//! at 1.0, batch 1), timed per optimiser step through the engine's `Trainer::train_step`.
+//! the same checkpoint, samples and hyper-parameters as `scripts/bench/train_throughput.py run`
+//! (LoRA r 8 / alpha 16 / dropout 0.05 on every LLM linear, AdamW lr 1e-4, cosine, clipping
+//! at 1.0, batch 1, step s on sample s mod SAMPLES), timed per optimiser step through the
+//! engine's `Trainer::train_step` (whose loss is the core's chunked loss head).
 //!
 //! Usage: `cargo run -p lmms-ft-qwen2-vl --example train_throughput -- DIR STEPS WARMUP THREADS`
 //! (DIR made by `train_throughput.py make`). Prints one JSON line: step times after WARMUP
@@ -13,8 +14,8 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use lmms_ft_core::config::{Config, Mode, Scheduler};
-use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
-use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::family::{HfConfig, Model};
+use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::train::metrics::peak_rss_bytes;
 use lmms_ft_core::train::{TrainOptions, Trainer};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
@@ -59,27 +60,30 @@ fn main() -> Result<()> {
     let inputs: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("inputs.safetensors"))?
         .into_iter()
         .collect();
-    let get = |k: &str| {
-        inputs
-            .get(k)
-            .with_context(|| format!("inputs.safetensors has no {k}"))
-    };
-    let labels = get("labels")?;
-    let grid: Vec<i64> = Vec::try_from(get("image_grid_thw")?.flatten(0, -1))?;
-    let batch = Batch {
-        input_ids: get("input_ids")?.shallow_clone(),
-        labels: Some(labels.shallow_clone()),
-        position_ids: get("position_ids")?.shallow_clone(),
-        images: Some(Media {
-            pixels: get("pixel_values")?.shallow_clone(),
-            grids: grid.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
-        }),
-        videos: None,
-        num_label_tokens: count_shifted_labels(
-            &[Vec::<i64>::try_from(labels.flatten(0, -1))?],
-            IGNORE_INDEX,
-        ),
-    };
+    let described: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("samples.json")).context("reading samples.json")?,
+    )?;
+    let mut batches = Vec::with_capacity(described.len());
+    for i in 0..described.len() {
+        let get = |k: &str| {
+            inputs
+                .get(&format!("{i}.{k}"))
+                .with_context(|| format!("inputs.safetensors has no {i}.{k}"))
+        };
+        let grid: Vec<i64> = Vec::try_from(get("image_grid_thw")?.flatten(0, -1))?;
+        batches.push(Batch {
+            input_ids: get("input_ids")?.shallow_clone(),
+            targets: Some(LossTargets::from_labels(get("labels")?)?),
+            position_ids: get("position_ids")?.shallow_clone(),
+            images: Some(Media {
+                pixels: get("pixel_values")?.shallow_clone(),
+                grids: grid.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
+            }),
+            videos: None,
+            attention_mask: None,
+        });
+    }
+    ensure!(!batches.is_empty(), "samples.json lists no samples");
 
     let mut model = Qwen2VlModel::load(&config, &dir, Device::Cpu, Kind::Float)?;
     let mut c = Config::default();
@@ -89,30 +93,36 @@ fn main() -> Result<()> {
     c.train.warmup_ratio = 0.0;
     c.train.scheduler = Scheduler::Cosine;
     c.train.max_grad_norm = 1.0;
-    c.lora.r = 16;
-    c.lora.alpha = 32.0;
+    c.lora.r = 8;
+    c.lora.alpha = 16.0;
     c.lora.dropout = 0.05;
     let mut trainer = Trainer::new(&mut model, TrainOptions::from_config(&c, steps)?)?;
-    let (mut times, mut cpu, mut losses) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..steps {
+    let loaded_peak = peak_rss_bytes();
+    let (mut times, mut cpu, mut losses, mut tokens) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for s in 0..steps as usize {
+        let batch = &batches[s % batches.len()];
         let (t0, c0) = (Instant::now(), cpu_seconds()?);
-        let stats = trainer.train_step(&[()], |_| model.forward(&batch, true))?;
+        // Read at once, as the Python side's `loss.item()` does every step.
+        let stats = trainer.train_step(&[()], |_| model.forward(batch, true))?;
         times.push(t0.elapsed().as_secs_f64());
         cpu.push(cpu_seconds()? - c0);
         losses.push(stats.loss);
+        tokens.push(batch.input_ids.size()[1]);
     }
     println!(
         "{}",
         serde_json::json!({
             "side": "lmms-ft",
             "threads": tch::get_num_threads(),
-            "tokens": batch.input_ids.size()[1],
+            "tokens": tokens.get(warmup..).unwrap_or_default(),
             "trainable": trainer.num_trainable(),
             "warmup": warmup,
             "step_s": times.get(warmup..).unwrap_or_default(),
             "cpu_s": cpu.get(warmup..).unwrap_or_default(),
             "loss": losses,
             "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+            "peak_rss_after_load_mib": loaded_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         })
     );
     Ok(())

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{ensure, Result};
-use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
+use lmms_ft_core::data::batch::{pack_batch, pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{ContentMode, HfChatTemplate, MediaPlaceholders};
 use lmms_ft_core::family::{Collator, EncodedText, Family, ProcessorOptions};
 use tch::{Device, Kind, Tensor};
@@ -47,9 +47,21 @@ impl QwenCollator {
     /// `[3, B, T]` positions for right-padded rows; padding positions are 0, as in
     /// `transformers` when an attention mask is given.
     pub fn positions(&self, samples: &[Sample], len: usize) -> Result<Tensor> {
-        let b = samples.len();
-        let mut flat = vec![0i64; 3 * b * len];
-        for (row, s) in samples.iter().enumerate() {
+        let placed: Vec<(usize, usize, &Sample)> =
+            samples.iter().enumerate().map(|(r, s)| (r, 0, s)).collect();
+        self.placed_positions(&placed, samples.len(), len)
+    }
+
+    /// `[3, rows, T]` positions of samples placed at `(row, offset)`, each sample's own
+    /// positions starting from 0 wherever it sits (packed rows hold several).
+    fn placed_positions(
+        &self,
+        placed: &[(usize, usize, &Sample)],
+        rows: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let mut flat = vec![0i64; 3 * rows * len];
+        for &(row, offset, s) in placed {
             let pos = position_ids(
                 &s.text.input_ids,
                 &self.rope,
@@ -62,11 +74,29 @@ impl QwenCollator {
                     .zip(s.media.video_seconds.iter().copied()),
             )?;
             for (axis, values) in pos.iter().enumerate() {
-                let start = (axis * b + row) * len;
+                let start = (axis * rows + row) * len + offset;
                 flat[start..start + values.len()].copy_from_slice(values);
             }
         }
-        Ok(Tensor::from_slice(&flat).view([3, b as i64, len as i64]))
+        Ok(Tensor::from_slice(&flat).view([3, rows as i64, len as i64]))
+    }
+
+    /// Every sample's media, concatenated in sample order (the order of their placeholder
+    /// tokens in the batch).
+    fn media_of(
+        &self,
+        samples: impl IntoIterator<Item = Sample>,
+        device: Device,
+    ) -> [Option<Media>; 2] {
+        let mut media = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+        for s in samples {
+            media[0].0.extend(s.media.image_patches);
+            media[0].1.extend(s.media.image_grids);
+            media[1].0.extend(s.media.video_patches);
+            media[1].1.extend(s.media.video_grids);
+        }
+        let [(ip, ig), (vp, vg)] = media;
+        [self.media(ip, ig, device), self.media(vp, vg, device)]
     }
 
     fn media(&self, patches: Vec<f32>, grids: Vec<[i64; 3]>, device: Device) -> Option<Media> {
@@ -90,21 +120,43 @@ impl Collator for QwenCollator {
         let padded = pad_batch(&texts, 0, PaddingSide::Right)?;
         let len = padded.input_ids.size()[1] as usize;
         let position_ids = self.positions(&samples, len)?.to_device(device);
-        let mut media = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
-        for s in samples {
-            media[0].0.extend(s.media.image_patches);
-            media[0].1.extend(s.media.image_grids);
-            media[1].0.extend(s.media.video_patches);
-            media[1].1.extend(s.media.video_grids);
-        }
-        let [(ip, ig), (vp, vg)] = media;
+        let [images, videos] = self.media_of(samples, device);
         Ok(Batch {
             input_ids: padded.input_ids.to_device(device),
-            labels: Some(padded.labels.to_device(device)),
+            targets: Some(padded.targets.to_device(device)),
             position_ids,
-            images: self.media(ip, ig, device),
-            videos: self.media(vp, vg, device),
-            num_label_tokens: padded.num_label_tokens,
+            images,
+            videos,
+            attention_mask: None,
+        })
+    }
+
+    fn collate_packed(&self, rows: Vec<Vec<Sample>>, device: Device) -> Result<Batch> {
+        ensure!(!rows.is_empty(), "cannot collate an empty batch");
+        let texts: Vec<Vec<&EncodedText>> = rows
+            .iter()
+            .map(|row| row.iter().map(|s| &s.text).collect())
+            .collect();
+        // Pad id 0 is never a media token, and padded positions carry no loss.
+        let packed = pack_batch(&texts, 0)?;
+        let len = packed.input_ids.size()[1] as usize;
+        let placed: Vec<(usize, usize, &Sample)> = rows
+            .iter()
+            .zip(&packed.cu_seqlens)
+            .enumerate()
+            .flat_map(|(r, (row, cu))| row.iter().zip(cu).map(move |(s, &at)| (r, at as usize, s)))
+            .collect();
+        let position_ids = self
+            .placed_positions(&placed, rows.len(), len)?
+            .to_device(device);
+        let [images, videos] = self.media_of(rows.into_iter().flatten(), device);
+        Ok(Batch {
+            input_ids: packed.input_ids.to_device(device),
+            targets: Some(packed.targets.to_device(device)),
+            position_ids,
+            images,
+            videos,
+            attention_mask: Some(packed.attention_mask.to_device(device)),
         })
     }
 }

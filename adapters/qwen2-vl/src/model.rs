@@ -6,9 +6,10 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
-use lmms_ft_core::family::{Component, Model, ModelOutput, IGNORE_INDEX};
+use lmms_ft_core::family::{Component, Model};
 use lmms_ft_core::generate::DecodeState;
-use lmms_ft_core::nn::{shifted_token_loss_sum, Linear, ParamInit};
+use lmms_ft_core::loss::LossTargets;
+use lmms_ft_core::nn::{Linear, ParamInit};
 use lmms_ft_core::weights::{load_into, LoadOptions};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -28,14 +29,15 @@ pub struct Media {
 pub struct Batch {
     /// `[B, T]`, right-padded.
     pub input_ids: Tensor,
-    /// `[B, T]`, `IGNORE_INDEX` where no loss is taken; `None` for inference.
-    pub labels: Option<Tensor>,
-    /// `[3, B, T]` M-RoPE positions.
+    /// Where the loss is taken; `None` for inference.
+    pub targets: Option<LossTargets>,
+    /// `[3, B, T]` M-RoPE positions (restarting per sample in packed rows).
     pub position_ids: Tensor,
     pub images: Option<Media>,
     pub videos: Option<Media>,
-    /// Labeled positions after the causal shift, counted on the host.
-    pub num_label_tokens: i64,
+    /// Packed rows (`data.packing`): `[B, 1, T, T]` bool, true where a token may attend
+    /// (its own sample, causally); `None` for padded rows, which are plain causal.
+    pub attention_mask: Option<Tensor>,
 }
 
 pub struct Qwen2VlModel {
@@ -111,13 +113,6 @@ impl Qwen2VlModel {
         Ok(embeds)
     }
 
-    /// Final hidden states `[B, T, H]`.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
-        let embeds = self.embeddings(batch)?;
-        let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
-        Ok(self.decoder.hidden_states(&embeds, &cos, &sin, None))
-    }
-
     fn rotary(&self, positions: &Tensor, embeds: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = &self.config.text;
         ensure!(
@@ -139,17 +134,20 @@ impl Qwen2VlModel {
 impl Model for Qwen2VlModel {
     type Batch = Batch;
 
-    fn forward(&self, batch: &Batch, _train: bool) -> Result<ModelOutput> {
-        let logits = self.decoder.logits(&self.hidden_states(batch)?);
-        let loss_sum = batch
-            .labels
-            .as_ref()
-            .map(|labels| shifted_token_loss_sum(&logits, labels, IGNORE_INDEX));
-        Ok(ModelOutput {
-            logits,
-            loss_sum,
-            num_label_tokens: batch.num_label_tokens,
-        })
+    fn hidden_states(&self, batch: &Batch, _train: bool) -> Result<Tensor> {
+        let embeds = self.embeddings(batch)?;
+        let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
+        Ok(self
+            .decoder
+            .hidden_states(&embeds, &cos, &sin, batch.attention_mask.as_ref()))
+    }
+
+    fn loss_targets<'a>(&self, batch: &'a Batch) -> Option<&'a LossTargets> {
+        batch.targets.as_ref()
+    }
+
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        self.decoder.logits(hidden)
     }
 
     fn var_store(&self) -> &VarStore {

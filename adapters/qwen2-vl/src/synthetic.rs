@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Result};
 use lmms_ft_core::family::IGNORE_INDEX;
+use lmms_ft_core::loss::LossTargets;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Qwen2VlConfig;
@@ -48,14 +49,9 @@ pub fn image_batch(c: &Qwen2VlConfig, seq: i64, image: i64, pixel_kind: Kind) ->
         &mut std::iter::empty::<([i64; 3], f64)>(),
     )?;
     let patch_dim = c.vision.in_channels * c.vision.temporal_patch_size * patch * patch;
-    let num_label_tokens = labels
-        .iter()
-        .skip(1)
-        .filter(|&&l| l != IGNORE_INDEX)
-        .count() as i64;
     Ok(Batch {
         input_ids: Tensor::from_slice(&ids).view([1, -1]),
-        labels: Some(Tensor::from_slice(&labels).view([1, -1])),
+        targets: Some(LossTargets::from_samples([(0, labels.as_slice())])),
         position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
         images: Some(Media {
             pixels: Tensor::randn([side * side, patch_dim], (Kind::Float, Device::Cpu))
@@ -63,6 +59,6 @@ pub fn image_batch(c: &Qwen2VlConfig, seq: i64, image: i64, pixel_kind: Kind) ->
             grids: vec![grid],
         }),
         videos: None,
-        num_label_tokens,
+        attention_mask: None,
     })
 }

@@ -17,8 +17,9 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::{HfConfig, Model, IGNORE_INDEX};
-use lmms_ft_core::nn::{count_shifted_labels, LoraAdapter};
+use lmms_ft_core::family::{HfConfig, Model};
+use lmms_ft_core::loss::LossTargets;
+use lmms_ft_core::nn::LoraAdapter;
 use lmms_ft_core::testing::{cached_fixture, max_abs_diff};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::{Batch, Media, Qwen2VlModel};
@@ -56,7 +57,6 @@ fn batch(config: &Qwen2VlConfig, reference: &HashMap<String, Tensor>, name: &str
     )
     .unwrap();
     let labels = get("labels").unwrap();
-    let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
     let media = |pixels: Option<&Tensor>, grids: Vec<[i64; 3]>| {
         pixels.map(|p| Media {
             pixels: p.shallow_clone(),
@@ -65,11 +65,11 @@ fn batch(config: &Qwen2VlConfig, reference: &HashMap<String, Tensor>, name: &str
     };
     Batch {
         input_ids: ids_t.shallow_clone(),
-        labels: Some(labels.shallow_clone()),
+        targets: Some(LossTargets::from_labels(labels).unwrap()),
         position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
         images: media(get("pixel_values"), image_grids),
         videos: media(get("pixel_values_videos"), video_grids),
-        num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
+        attention_mask: None,
     }
 }
 

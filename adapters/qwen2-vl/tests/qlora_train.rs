@@ -75,7 +75,7 @@ fn logits(model: &Qwen2VlModel) -> BTreeMap<String, Tensor> {
         [("text", 0), ("image", 1), ("video", 3)]
             .iter()
             .map(|&(n, i)| {
-                let l = model.forward(&fx.batches[i], false).unwrap().logits;
+                let l = model.logits(&fx.batches[i]).unwrap();
                 (n.to_string(), l)
             })
             .collect()

@@ -109,12 +109,7 @@ fn check(vision_lora: bool) {
         names
             .iter()
             .zip([0, 1, 3])
-            .map(|(n, i)| {
-                (
-                    n.to_string(),
-                    model.forward(&fx.batches[i], false).unwrap().logits,
-                )
-            })
+            .map(|(n, i)| (n.to_string(), model.logits(&fx.batches[i]).unwrap()))
             .collect()
     });
     let blobs: BTreeMap<String, Blob> = ours
@@ -138,7 +133,7 @@ fn check(vision_lora: bool) {
     );
     assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
     for (name, i) in names.iter().zip([0, 1, 3]) {
-        let logits = tch::no_grad(|| base.forward(&fx.batches[i], false).unwrap().logits);
+        let logits = tch::no_grad(|| base.logits(&fx.batches[i]).unwrap());
         let d = max_abs_diff(&logits, &ours[*name]);
         assert!(d <= 1e-4, "{name}: merged model in lmms-ft differs by {d}");
     }

@@ -127,8 +127,9 @@ fn bf16_training_keeps_fp32_parts_and_tracks_fp32_and_peft() {
         assert_eq!(st.exp_avg_sq.kind(), Kind::Float, "{}: exp_avg_sq", p.name);
     }
     assert_eq!(lora, 28, "2 layers × 7 linears × (A, B)");
+    let logits = tch::no_grad(|| model.logits(&fx.batches[1]).unwrap());
+    assert_eq!(logits.kind(), Kind::BFloat16, "compute is bf16");
     let out = tch::no_grad(|| model.forward(&fx.batches[1], false).unwrap());
-    assert_eq!(out.logits.kind(), Kind::BFloat16, "compute is bf16");
     assert_eq!(
         out.loss_sum.as_ref().unwrap().kind(),
         Kind::Float,

@@ -8,10 +8,8 @@ use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{
-    ChatTemplate, Collator, Family, HfConfig, Model, Processor, IGNORE_INDEX,
-};
-use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor};
+use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::testing::{cached_fixture, conversation_from_messages, max_abs_diff};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};
 use lmms_ft_qwen2_vl::family::Qwen2Vl;
@@ -86,7 +84,6 @@ fn check_variant(variant: &str) {
         );
 
         let labels = get("labels").unwrap();
-        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
         let media = |pixels: Option<&Tensor>, grids: Vec<[i64; 3]>| {
             pixels.map(|p| Media {
                 pixels: p.shallow_clone(),
@@ -95,17 +92,18 @@ fn check_variant(variant: &str) {
         };
         let batch = Batch {
             input_ids: ids_t.shallow_clone(),
-            labels: Some(labels.shallow_clone()),
+            targets: Some(LossTargets::from_labels(labels).unwrap()),
             position_ids: pos_t,
             images: media(get("pixel_values"), image_grids),
             videos: media(get("pixel_values_videos"), video_grids),
-            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
+            attention_mask: None,
         };
         for (_, mut v) in model.var_store().variables() {
             v.zero_grad();
         }
+        let logits = tch::no_grad(|| model.logits(&batch)).unwrap();
+        let logit_diff = max_abs_diff(&logits, get("logits").unwrap());
         let out = model.forward(&batch, true).unwrap();
-        let logit_diff = max_abs_diff(&out.logits, get("logits").unwrap());
         assert!(
             logit_diff <= 1e-4,
             "{variant}/{name}: logits differ by {logit_diff}"
@@ -312,20 +310,21 @@ fn sharded_bf16_and_wrong_checkpoint() {
     .unwrap();
     let batch = Batch {
         input_ids: ids.shallow_clone(),
-        labels: None,
+        targets: None,
         position_ids: Tensor::from_slice(&pos.concat()).view([3, 1, -1]),
         images: Some(Media {
             pixels: reference["two_images.pixel_values"].shallow_clone(),
             grids: image_grids,
         }),
         videos: None,
-        num_label_tokens: 0,
+        attention_mask: None,
     };
     let bf16 = Qwen2VlModel::load(&config, &q2, Device::Cpu, Kind::BFloat16).unwrap();
     let out = tch::no_grad(|| bf16.forward(&batch, false)).unwrap();
-    assert_eq!(out.logits.kind(), Kind::BFloat16);
     assert!(out.loss_sum.is_none());
-    let d = max_abs_diff(&out.logits, &reference["two_images.logits"]);
+    let logits = tch::no_grad(|| bf16.logits(&batch)).unwrap();
+    assert_eq!(logits.kind(), Kind::BFloat16);
+    let d = max_abs_diff(&logits, &reference["two_images.logits"]);
     assert!(d < 0.05, "bf16 logits differ from fp32 by {d}");
 
     // A Qwen2.5-VL checkpoint under a Qwen2-VL config: names and shapes differ.

@@ -13,8 +13,8 @@ pub mod sampler;
 
 pub use length::{fit_length, Fitted, OverlengthReason};
 pub use pack::{
-    block_causal_mask, block_causal_mask_additive, collate_packed, pack_row, plan_packing,
-    PackStrategy, PackedBatch, PackedRow,
+    block_causal_mask, block_causal_mask_additive, collate_packed, pack_batch, pack_row,
+    plan_packing, PackStrategy, PackedBatch, PackedRow,
 };
 pub use pad::{pad_batch, PaddedBatch, PaddingSide};
 pub use sampler::{permutation, BatchSampler, LengthGroupedSampler, SamplerState, ShuffledSampler};

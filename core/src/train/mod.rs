@@ -113,11 +113,55 @@ pub struct StepStats {
     pub label_tokens: i64,
 }
 
+/// A step's statistics before they are read from the device. Reading them
+/// ([`PendingStats::read`]) waits for the device to finish the step, so the run loop reads
+/// only the steps it logs or checkpoints, and the device otherwise runs ahead.
+#[derive(Debug)]
+pub struct PendingStats {
+    pub step: u64,
+    pub lr: f64,
+    pub label_tokens: i64,
+    /// Summed loss of the step's micro-batches (fp32 scalar).
+    loss_sum: Tensor,
+    /// Global gradient norm before clipping (fp32 scalar).
+    grad_norm: Tensor,
+}
+
+impl PendingStats {
+    /// The step's numbers; a non-finite loss or gradient norm is an error here, since the
+    /// step is only checked when read: the run loop reads every logged step and every step it
+    /// is about to checkpoint, so a checkpoint never holds weights a NaN step wrote.
+    pub fn read(&self) -> Result<StepStats> {
+        let loss = self.loss_sum.double_value(&[]) / self.label_tokens as f64;
+        if !loss.is_finite() {
+            bail!(
+                "loss is {loss} at step {}; stopping (the last checkpoint is intact)",
+                self.step
+            );
+        }
+        let grad_norm = self.grad_norm.double_value(&[]);
+        if !grad_norm.is_finite() {
+            bail!(
+                "gradient norm is {grad_norm} at step {}; stopping (the last checkpoint is intact)",
+                self.step
+            );
+        }
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            lr: self.lr,
+            grad_norm,
+            label_tokens: self.label_tokens,
+        })
+    }
+}
+
 pub struct Trainer {
     pub options: TrainOptions,
     pub params: Vec<Param>,
     grads: Vec<Option<Tensor>>,
-    loss_sum: f64,
+    /// Summed loss of the micro-batches so far in this step, kept on the device.
+    loss_sum: Option<Tensor>,
     pub optimizer: AdamW,
     /// Optimiser steps taken so far.
     pub step: u64,
@@ -196,7 +240,7 @@ impl Trainer {
         Ok(Trainer {
             optimizer: AdamW::new(n, options.beta1, options.beta2, options.eps),
             grads: (0..n).map(|_| None).collect(),
-            loss_sum: 0.0,
+            loss_sum: None,
             options,
             params,
             step: 0,
@@ -215,18 +259,16 @@ impl Trainer {
     }
 
     /// Back-propagates the summed loss of one micro-batch and adds its gradients (in fp32)
-    /// to the step's accumulators. Returns the micro-batch's summed loss.
-    pub fn backward(&mut self, out: &ModelOutput) -> Result<f64> {
+    /// to the step's accumulators. Nothing is read from the device: the loss joins the
+    /// step's sum there. A micro-batch without label tokens contributes nothing and is
+    /// skipped.
+    pub fn backward(&mut self, out: &ModelOutput) -> Result<()> {
         let loss = out
             .loss_sum
             .as_ref()
             .context("the batch has no labels, so there is no loss to train on")?;
-        let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            bail!(
-                "loss is {value} at step {}; stopping (the last checkpoint is intact)",
-                self.step + 1
-            );
+        if out.num_label_tokens == 0 {
+            return Ok(());
         }
         // `loss.backward()` rather than `autograd.grad(loss, params)`: parameters used inside
         // a gradient-checkpointed block are reached only by the block's re-entrant inner
@@ -244,46 +286,52 @@ impl Trainer {
                 None => g,
             });
         }
-        self.loss_sum += value;
-        Ok(value)
+        let loss = loss.detach().to_kind(Kind::Float);
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(sum) => sum + loss,
+            None => loss,
+        });
+        Ok(())
     }
 
     /// Ends an accumulated step: divides the gradients by `label_tokens` (the label tokens of
     /// every micro-batch together, so long and short samples weigh per token, not per
-    /// micro-batch), clips, and applies AdamW at the scheduled learning rate.
-    pub fn optimizer_step(&mut self, label_tokens: i64) -> Result<StepStats> {
+    /// micro-batch), clips, and applies AdamW at the scheduled learning rate, all without
+    /// waiting for the device; the loss and gradient norm come back unread.
+    pub fn optimizer_step_deferred(&mut self, label_tokens: i64) -> Result<PendingStats> {
         if label_tokens <= 0 {
             bail!(
                 "step {} has no label tokens; every sample of the batch is fully masked",
                 self.step + 1
             );
         }
+        let loss_sum = self
+            .loss_sum
+            .take()
+            .context("optimizer step without a backward pass")?;
         let scale = 1.0 / label_tokens as f64;
         for g in self.grads.iter_mut().flatten() {
             let _ = g.g_mul_scalar_(scale);
         }
         let grad_norm = clip_grad_norm(&mut self.grads, self.options.max_grad_norm);
-        if !grad_norm.is_finite() {
-            bail!(
-                "gradient norm is {grad_norm} at step {}; stopping (the last checkpoint is intact)",
-                self.step + 1
-            );
-        }
         let factor = self.options.schedule.factor(self.step);
         self.optimizer.step(&self.params, &self.grads, factor);
         for g in self.grads.iter_mut() {
             *g = None;
         }
-        let loss = self.loss_sum / label_tokens as f64;
-        self.loss_sum = 0.0;
         self.step += 1;
-        Ok(StepStats {
+        Ok(PendingStats {
             step: self.step,
-            loss,
             lr: self.options.lrs[2] * factor,
-            grad_norm,
             label_tokens,
+            loss_sum,
+            grad_norm,
         })
+    }
+
+    /// [`Trainer::optimizer_step_deferred`], read at once.
+    pub fn optimizer_step(&mut self, label_tokens: i64) -> Result<StepStats> {
+        self.optimizer_step_deferred(label_tokens)?.read()
     }
 
     /// One optimiser step over `micro_batches` (gradient accumulation). Torch's generator is
@@ -292,8 +340,18 @@ impl Trainer {
     pub fn train_step<B>(
         &mut self,
         micro_batches: &[B],
-        mut forward: impl FnMut(&B) -> Result<ModelOutput>,
+        forward: impl FnMut(&B) -> Result<ModelOutput>,
     ) -> Result<StepStats> {
+        self.train_step_deferred(micro_batches, forward)?.read()
+    }
+
+    /// [`Trainer::train_step`] without reading the step's loss and gradient norm back from
+    /// the device (the training loop reads them only when it logs).
+    pub fn train_step_deferred<B>(
+        &mut self,
+        micro_batches: &[B],
+        mut forward: impl FnMut(&B) -> Result<ModelOutput>,
+    ) -> Result<PendingStats> {
         tch::manual_seed(self.options.seed.wrapping_add(1 + self.step) as i64);
         self.set_training(true);
         let mut tokens = 0;
@@ -302,6 +360,6 @@ impl Trainer {
             tokens += out.num_label_tokens;
             self.backward(&out)?;
         }
-        self.optimizer_step(tokens)
+        self.optimizer_step_deferred(tokens)
     }
 }

@@ -81,17 +81,19 @@ impl AdamW {
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. `max_norm <= 0` only measures.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> f64 {
+/// clipping, as an fp32 scalar on the gradients' device. Computed there as torch does
+/// (`max_norm / (norm + 1e-6)`, clamped at 1), so nothing waits for the device.
+/// `max_norm <= 0` only measures.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Tensor {
     let norms: Vec<Tensor> = grads.iter().flatten().map(|g| g.norm()).collect();
     if norms.is_empty() {
-        return 0.0;
+        return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
     }
-    let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+    let total = Tensor::stack(&norms, 0).norm().to_kind(Kind::Float);
     if max_norm > 0.0 {
-        let coef = (max_norm / (total + 1e-6)).min(1.0);
+        let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
         for g in grads.iter_mut().flatten() {
-            let _ = g.g_mul_scalar_(coef);
+            let _ = g.g_mul_(&coef);
         }
     }
     total

@@ -39,6 +39,7 @@ use crate::data::validate::{screen_record, Checks, MediaCheck, Problem};
 use crate::family::{
     BatchBuilder, DynFamily, EncodedSample, LoadedBatch, OpenOptions, Pipeline, ProcessorOptions,
 };
+use crate::loss::LossHead;
 use crate::peft::io::{copy_model_files, save_adapter, save_hf_weights};
 use crate::quant::QuantSpec;
 
@@ -136,6 +137,8 @@ struct BatchLoad {
     overlength: Overlength,
     on_bad_sample: OnBadSample,
     label_all: bool,
+    /// `data.packing`.
+    packing: bool,
     device: Device,
 }
 
@@ -154,6 +157,7 @@ impl BatchLoad {
             overlength: data.overlength,
             on_bad_sample: data.on_bad_sample,
             label_all: data.train_on_prompt,
+            packing: data.packing,
             device,
         }
     }
@@ -182,6 +186,12 @@ impl BatchLoad {
         }
         if samples.is_empty() {
             return Ok(None);
+        }
+        if self.packing {
+            return self
+                .builder
+                .collate_packed(samples, self.max_length, self.device)
+                .map(Some);
         }
         self.builder.collate(samples, self.device).map(Some)
     }
@@ -256,7 +266,14 @@ impl Reporter {
         Reporter { bar }
     }
 
-    fn step(&self, s: &StepStats, log: bool) {
+    /// A finished step; its stats when the loop read them (logged or checkpointed steps).
+    fn step(&self, step: u64, stats: Option<&StepStats>, log: bool) {
+        let Some(s) = stats else {
+            if let Some(bar) = &self.bar {
+                bar.set_position(step);
+            }
+            return;
+        };
         match &self.bar {
             Some(bar) => {
                 bar.set_position(s.step);
@@ -296,7 +313,8 @@ fn evaluate(
     batch_size: usize,
 ) -> Result<(f64, i64)> {
     trainer.set_training(false);
-    let (mut sum, mut tokens) = (0.0, 0i64);
+    // Summed on the device and read once at the end.
+    let (mut sum, mut tokens) = (None::<tch::Tensor>, 0i64);
     let indices: Vec<usize> = (0..eval.records.len()).collect();
     for chunk in indices.chunks(batch_size) {
         let Some(batch) = eval.load(chunk).context("loading eval data")? else {
@@ -304,12 +322,16 @@ fn evaluate(
         };
         let out = tch::no_grad(|| pipeline.forward_loaded(&batch, false))?;
         if let Some(s) = out.loss_sum {
-            sum += s.double_value(&[]);
+            sum = Some(match sum {
+                Some(total) => total + s,
+                None => s,
+            });
             tokens += out.num_label_tokens;
         }
     }
     trainer.set_training(true);
     ensure!(tokens > 0, "the eval data has no label tokens");
+    let sum = sum.map_or(0.0, |s| s.double_value(&[]));
     Ok((sum / tokens as f64, tokens))
 }
 
@@ -355,6 +377,7 @@ pub fn train(
     } else {
         family.open(model_dir, open)?
     };
+    pipeline.set_loss_head(LossHead::new(t.loss_chunk_size).context("train.loss_chunk_size")?);
     let mut records = read_records(train_path, &cfg.data)?;
     let sampler: Arc<dyn BatchSampler> = if t.group_by_length {
         let media = MediaOptions::from_config(&cfg.data);
@@ -504,21 +527,31 @@ pub fn train(
             continue;
         }
         empty_steps = 0;
-        let stats = trainer
-            .train_step(&micro, |b| pipeline.forward_loaded(b, true))
-            .with_context(|| match &last_checkpoint {
-                Some(dir) => format!(
-                    "training stopped; the last good checkpoint is {}",
-                    dir.display()
-                ),
-                None => "training stopped before the first checkpoint".to_string(),
-            })?;
-        let step = stats.step;
+        let stopped = || match &last_checkpoint {
+            Some(dir) => format!(
+                "training stopped; the last good checkpoint is {}",
+                dir.display()
+            ),
+            None => "training stopped before the first checkpoint".to_string(),
+        };
+        let pending = trainer
+            .train_step_deferred(&micro, |b| pipeline.forward_loaded(b, true))
+            .with_context(stopped)?;
+        let step = pending.step;
         let log_now = step % t.logging_steps == 0 || step == total;
-        if log_now {
-            metrics.log(&stats)?;
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        let save_now = step % t.save_steps == 0 || (interrupted && step < total);
+        // Reading the loss waits for the device, so only logged steps and steps about to be
+        // checkpointed are read (which also checks them for NaN before they are saved).
+        let stats = if log_now || save_now {
+            Some(pending.read().with_context(stopped)?)
+        } else {
+            None
+        };
+        if let (true, Some(stats)) = (log_now, &stats) {
+            metrics.log(stats)?;
         }
-        reporter.step(&stats, log_now);
+        reporter.step(step, stats.as_ref(), log_now);
         if let (Some(eval), Some(every)) = (&eval, t.eval_steps) {
             if every > 0 && step % every == 0 {
                 let (loss, tokens) = evaluate(pipeline.as_ref(), &trainer, eval, t.batch_size)?;
@@ -526,8 +559,7 @@ pub fn train(
                 reporter.info(|| tracing::info!(step, eval_loss = loss, "eval"));
             }
         }
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if step % t.save_steps == 0 || (interrupted && step < total) {
+        if save_now {
             let dir = save(&trainer, &mut pipeline, position)?;
             reporter.info(|| tracing::info!(step, "saved {}", dir.display()));
             last_checkpoint = Some(dir);

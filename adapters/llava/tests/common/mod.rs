@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
-use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::family::HfConfig;
+use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::testing::cached_fixture;
 use lmms_ft_llava::config::LlavaConfig;
 use lmms_ft_llava::model::Batch;
@@ -82,6 +82,17 @@ impl Fixture {
         &self.path
     }
 
+    /// `<image>` and `<video>` tokens in sample `name`'s input ids.
+    pub fn media_tokens(&self, name: &str) -> [i64; 2] {
+        let ids: Vec<i64> =
+            Vec::try_from(self.get(name, "input_ids").unwrap().flatten(0, -1)).unwrap();
+        let count = |id: Option<i64>| ids.iter().filter(|&&t| Some(t) == id).count() as i64;
+        [
+            count(Some(self.config.image_token_id)),
+            count(self.config.video_token_id),
+        ]
+    }
+
     /// Sample `name` as transformers' processor made it, labels on every non-media token.
     pub fn batch(&self, name: &str) -> Batch {
         let sample = &self.meta["samples"][name];
@@ -100,10 +111,9 @@ impl Fixture {
             None => vec![],
         };
         let labels = self.get(name, "labels").unwrap();
-        let label_rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
         Batch {
             input_ids: self.get(name, "input_ids").unwrap().shallow_clone(),
-            labels: Some(labels.shallow_clone()),
+            targets: Some(LossTargets::from_labels(labels).unwrap()),
             pixel_values: self.get(name, "pixel_values").map(Tensor::shallow_clone),
             image_sizes,
             image_anyres,
@@ -111,7 +121,8 @@ impl Fixture {
                 .get(name, "pixel_values_videos")
                 .map(Tensor::shallow_clone),
             video_frames: ints(&sample["video_frames"]),
-            num_label_tokens: count_shifted_labels(&label_rows, IGNORE_INDEX),
+            media_tokens: self.media_tokens(name),
+            packing: None,
         }
     }
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use lmms_ft_core::family::{HfConfig, IGNORE_INDEX};
-use lmms_ft_core::nn::count_shifted_labels;
+use lmms_ft_core::family::HfConfig;
+use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::testing::cached_fixture;
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
 use lmms_ft_qwen2_vl::model::{Batch, Media};
@@ -48,7 +48,6 @@ pub fn load(dir: PathBuf) -> Fixture {
         .map(|name| {
             let get = |k: &str| reference.get(&format!("{name}.{k}"));
             let labels = get("labels").unwrap();
-            let rows = vec![Vec::<i64>::try_from(labels.flatten(0, -1)).unwrap()];
             let media = |p: Option<&Tensor>, g: Vec<[i64; 3]>| {
                 p.map(|p| Media {
                     pixels: p.shallow_clone(),
@@ -57,11 +56,11 @@ pub fn load(dir: PathBuf) -> Fixture {
             };
             Batch {
                 input_ids: get("input_ids").unwrap().shallow_clone(),
-                labels: Some(labels.shallow_clone()),
+                targets: Some(LossTargets::from_labels(labels).unwrap()),
                 position_ids: get("position_ids").unwrap().shallow_clone(),
                 images: media(get("pixel_values"), grids(get("image_grid_thw"))),
                 videos: media(get("pixel_values_videos"), grids(get("video_grid_thw"))),
-                num_label_tokens: count_shifted_labels(&rows, IGNORE_INDEX),
+                attention_mask: None,
             }
         })
         .collect();

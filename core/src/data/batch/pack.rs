@@ -14,10 +14,11 @@
 //! Families with their own position scheme (e.g. Qwen2-VL's 3-D rotary positions) compute
 //! positions per sample and concatenate them using [`PackedRow::cu_seqlens`].
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::family::{EncodedText, IGNORE_INDEX};
+use crate::loss::LossTargets;
 
 /// How samples are assigned to rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -206,6 +207,9 @@ pub struct PackedBatch {
     pub attention_mask: Tensor,
     /// Per row, the sample boundaries.
     pub cu_seqlens: Vec<Vec<i64>>,
+    /// Where the loss is taken; never across a sample boundary, since each sample's first
+    /// label is [`IGNORE_INDEX`] in its row.
+    pub targets: LossTargets,
 }
 
 impl PackedBatch {
@@ -216,6 +220,7 @@ impl PackedBatch {
             position_ids: self.position_ids.to_device(device),
             attention_mask: self.attention_mask.to_device(device),
             cu_seqlens: self.cu_seqlens,
+            targets: self.targets.to_device(device),
         }
     }
 }
@@ -254,5 +259,21 @@ pub fn collate_packed(rows: &[PackedRow], pad_id: i64) -> Result<PackedBatch> {
         position_ids: Tensor::from_slice(&pos).reshape(shape),
         attention_mask: Tensor::stack(&masks, 0).unsqueeze(1),
         cu_seqlens: rows.iter().map(|r| r.cu_seqlens.clone()).collect(),
+        targets: LossTargets::from_samples(
+            rows.iter()
+                .enumerate()
+                .map(|(r, row)| (r * t, row.labels.as_slice())),
+        ),
     })
+}
+
+/// Packs each row's samples ([`pack_row`]) and collates the rows ([`collate_packed`]): the
+/// text side of a family's packed collation.
+pub fn pack_batch(rows: &[Vec<&EncodedText>], pad_id: i64) -> Result<PackedBatch> {
+    let packed = rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| pack_row(row).with_context(|| format!("packing row {r}")))
+        .collect::<Result<Vec<_>>>()?;
+    collate_packed(&packed, pad_id)
 }

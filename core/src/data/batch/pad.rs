@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 
 use crate::family::{EncodedText, IGNORE_INDEX};
+use crate::loss::LossTargets;
 
 /// Where the padding goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,6 +33,8 @@ pub struct PaddedBatch {
     /// Labelled positions after the one-token shift of the causal loss (the divisor of the
     /// mean loss), counted while the labels are at hand so collators need no copy of them.
     pub num_label_tokens: i64,
+    /// Where the loss is taken, found on the host while the labels are at hand.
+    pub targets: LossTargets,
 }
 
 impl PaddedBatch {
@@ -42,6 +45,7 @@ impl PaddedBatch {
             attention_mask: self.attention_mask.to_device(device),
             lengths: self.lengths,
             num_label_tokens: self.num_label_tokens,
+            targets: self.targets.to_device(device),
         }
     }
 }
@@ -74,6 +78,7 @@ pub fn pad_batch<T: Borrow<EncodedText>>(
     let mut ids = vec![pad_id; b * t];
     let mut labels = vec![IGNORE_INDEX; b * t];
     let mut mask = vec![0i64; b * t];
+    let mut starts = Vec::with_capacity(b);
     for (row, s) in samples.iter().enumerate() {
         let n = s.input_ids.len();
         let start = row * t
@@ -84,22 +89,21 @@ pub fn pad_batch<T: Borrow<EncodedText>>(
         ids[start..start + n].copy_from_slice(&s.input_ids);
         labels[start..start + n].copy_from_slice(&s.labels);
         mask[start..start + n].fill(1);
+        starts.push(start);
     }
+    let targets = LossTargets::from_samples(
+        starts
+            .iter()
+            .zip(&samples)
+            .map(|(&start, s)| (start, s.labels.as_slice())),
+    );
     let shape = [b as i64, t as i64];
     Ok(PaddedBatch {
         input_ids: Tensor::from_slice(&ids).reshape(shape),
         labels: Tensor::from_slice(&labels).reshape(shape),
         attention_mask: Tensor::from_slice(&mask).reshape(shape),
         lengths: samples.iter().map(|s| s.input_ids.len()).collect(),
-        num_label_tokens: samples
-            .iter()
-            .map(|s| {
-                s.labels
-                    .iter()
-                    .skip(1)
-                    .filter(|&&l| l != IGNORE_INDEX)
-                    .count() as i64
-            })
-            .sum(),
+        num_label_tokens: targets.count,
+        targets,
     })
 }
