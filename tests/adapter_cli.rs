@@ -134,9 +134,14 @@ fn evaluate_with_an_lmms_ft_adapter_equals_merge_lora() {
             "train.batch_size=1",
             "train.learning_rate=2e-2",
             "lora.r=4",
+            "train.eval_steps=3",
+            "train.eval_generate_samples=2",
+            "train.eval_max_new_tokens=4",
+            &format!("data.eval={}", data.display()),
         ],
     )));
     assert!(trained.join("adapter_model.safetensors").is_file());
+    check_eval_generation(&fixture, &trained, &data, tmp.path());
     let merged = tmp.path().join("merged");
     assert_ok(&lmms_ft(&[
         "merge-lora",
@@ -151,4 +156,66 @@ fn evaluate_with_an_lmms_ft_adapter_equals_merge_lora() {
     let ours = losses(&fixture, Some(&trained), &data, &fixture);
     let merged = losses(&merged, None, &data, &fixture);
     assert_close(&ours, &merged, &base, "lmms-ft adapter");
+}
+
+/// The answers generated at the last evaluation of training (step 3, the final adapter)
+/// score what `evaluate --generate --adapter` gives on the same two samples, and the loss
+/// plot draws the metric.
+fn check_eval_generation(fixture: &Path, trained: &Path, data: &Path, tmp: &Path) {
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(trained.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let gen: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r.get("eval_rouge_l").is_some())
+        .collect();
+    assert_eq!(gen.len(), 1, "{rows:?}");
+    assert_eq!(gen[0]["step"], 3);
+    assert_eq!(gen[0]["eval_generated"], 2);
+    assert!(rows
+        .iter()
+        .any(|r| r["step"] == 3 && r.get("eval_loss").is_some()));
+
+    let records: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(data).unwrap()).unwrap();
+    let two = tmp.join("two.json");
+    std::fs::write(&two, serde_json::to_string(&records[..2]).unwrap()).unwrap();
+    let json = tmp.join("two-eval.json");
+    assert_ok(&lmms_ft(&[
+        "evaluate",
+        "--model-path",
+        fixture.to_str().unwrap(),
+        "--adapter",
+        trained.to_str().unwrap(),
+        "--data",
+        two.to_str().unwrap(),
+        "--image-folder",
+        fixture.to_str().unwrap(),
+        "--generate",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["exact_match", "token_f1", "rouge_l"] {
+        let during = gen[0][format!("eval_{key}")].as_f64().unwrap();
+        let after = report["generation"][key].as_f64().unwrap();
+        assert!(
+            (during - after).abs() < 1e-12,
+            "{key}: {during} in training, {after} after"
+        );
+    }
+    let png = image::open(trained.join("loss.png")).unwrap().to_rgb8();
+    let green = png
+        .pixels()
+        .filter(|p| p[1] > 120 && p[0] < 40 && p[2] < 90)
+        .count();
+    assert!(
+        green > 20,
+        "the generation metric is not drawn ({green} pixels)"
+    );
 }

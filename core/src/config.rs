@@ -190,6 +190,11 @@ pub struct TrainSection {
     pub save_steps: u64,
     pub save_total_limit: Option<usize>,
     pub eval_steps: Option<u64>,
+    /// At each evaluation, also generate the last assistant turn of this many eval samples
+    /// (the first ones) and log exact match, token F1 and ROUGE-L beside `eval_loss`; 0 = off.
+    pub eval_generate_samples: usize,
+    /// New-token limit of those generations (greedy).
+    pub eval_max_new_tokens: usize,
     /// How each part trains; unset parts follow `mode` (see [`TrainSection::component_modes`]).
     pub vision: Option<ComponentMode>,
     pub projector: Option<ComponentMode>,
@@ -277,6 +282,8 @@ impl Default for TrainSection {
             save_steps: 500,
             save_total_limit: None,
             eval_steps: None,
+            eval_generate_samples: 0,
+            eval_max_new_tokens: 64,
             vision: None,
             projector: None,
             llm: None,

@@ -280,3 +280,85 @@ impl TextStream {
         Ok(piece)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[rows, 10]` logits whose argmax is `picks[row]`.
+    fn logits(picks: &[i64]) -> Tensor {
+        let t = Tensor::zeros([picks.len() as i64, 10], (Kind::Float, tch::Device::Cpu));
+        for (row, &p) in picks.iter().enumerate() {
+            let _ = t.get(row as i64).get(p).fill_(1.0);
+        }
+        t
+    }
+
+    /// Row 0 stops at its third pick (stop id 9), row 1 runs to `max_new_tokens`; the
+    /// stopped row is fed its stop token while the other goes on, and streaming sees only
+    /// kept tokens, in order.
+    #[test]
+    fn rows_stop_on_their_own() {
+        let script = [[1, 4], [2, 5], [9, 6], [3, 7], [3, 8]];
+        let mut fed = Vec::new();
+        let mut calls = 0;
+        let mut seen = Vec::new();
+        let opts = GenerateOptions {
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let out = decode_loop(
+            logits(&script[0]),
+            &mut |tokens| {
+                fed.push(tokens.to_vec());
+                calls += 1;
+                Ok(logits(&script[calls]))
+            },
+            &[9],
+            &opts,
+            &mut |row, id| seen.push((row, id)),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                RowOutput {
+                    token_ids: vec![1, 2],
+                    stopped: true
+                },
+                RowOutput {
+                    token_ids: vec![4, 5, 6, 7],
+                    stopped: false
+                },
+            ]
+        );
+        assert_eq!(fed, vec![vec![1, 4], vec![2, 5], vec![9, 6]]);
+        assert_eq!(seen, vec![(0, 1), (1, 4), (0, 2), (1, 5), (1, 6), (1, 7)]);
+        let none = decode_loop(
+            logits(&[1]),
+            &mut |_| bail!("no step for max_new_tokens = 0"),
+            &[9],
+            &GenerateOptions {
+                max_new_tokens: 0,
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(none, vec![RowOutput::default()]);
+    }
+
+    /// Streamed pieces join to the full decode, holding back an incomplete character.
+    #[test]
+    fn text_stream_holds_back_incomplete_characters() {
+        // Ids stand for bytes of "aé!" (é is two bytes).
+        let bytes = "aé!".as_bytes().to_vec();
+        let decode = |ids: &[i64]| -> Result<String> {
+            let b: Vec<u8> = ids.iter().map(|&i| bytes[i as usize]).collect();
+            Ok(String::from_utf8_lossy(&b).into_owned())
+        };
+        let mut s = TextStream::new();
+        let pieces: Vec<String> = (0..4).map(|i| s.push(i, &decode).unwrap()).collect();
+        assert_eq!(pieces, vec!["a", "", "é", "!"]);
+    }
+}

@@ -2,7 +2,8 @@
 //! flushed as it happens so a killed run keeps every line written before the kill.
 //!
 //! Train rows: `step, loss, lr, grad_norm, tokens_per_s, peak_rss_mb`; evaluation rows:
-//! `step, eval_loss, eval_tokens`.
+//! `step, eval_loss, eval_tokens`; generation rows (`train.eval_generate_samples`): `step,
+//! eval_exact_match, eval_token_f1, eval_rouge_l, eval_generated`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::StepStats;
+use crate::eval::metrics::Scores;
 
 pub const FILE: &str = "metrics.jsonl";
 
@@ -89,6 +91,17 @@ impl MetricsLog {
     /// Appends an evaluation row.
     pub fn log_eval(&mut self, step: u64, loss: f64, tokens: i64) -> Result<()> {
         self.write(json!({"step": step, "eval_loss": loss, "eval_tokens": tokens}))
+    }
+
+    /// Appends the scores of answers generated at an evaluation.
+    pub fn log_eval_generation(&mut self, step: u64, mean: &Scores, samples: usize) -> Result<()> {
+        self.write(json!({
+            "step": step,
+            "eval_exact_match": mean.exact_match,
+            "eval_token_f1": mean.token_f1,
+            "eval_rouge_l": mean.rouge_l,
+            "eval_generated": samples,
+        }))
     }
 
     fn write(&mut self, row: serde_json::Value) -> Result<()> {

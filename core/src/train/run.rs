@@ -36,9 +36,11 @@ use crate::data::dataset::{Dataset, Record};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::data::prepare::{dataset_options, prepare, MediaOptions};
 use crate::data::validate::{screen_record, Checks, MediaCheck, Problem};
+use crate::eval::answers::generate_answers;
 use crate::family::{
     BatchBuilder, DynFamily, EncodedSample, LoadedBatch, OpenOptions, Pipeline, ProcessorOptions,
 };
+use crate::generate::GenerateOptions;
 use crate::loss::LossHead;
 use crate::peft::io::{copy_model_files, save_adapter, save_hf_weights};
 use crate::quant::QuantSpec;
@@ -291,7 +293,7 @@ impl Reporter {
     }
 
     /// Logs around the bar so the two do not garble each other.
-    fn info(&self, f: impl FnOnce()) {
+    fn info<R>(&self, f: impl FnOnce() -> R) -> R {
         match &self.bar {
             Some(bar) => bar.suspend(f),
             None => f(),
@@ -333,6 +335,44 @@ fn evaluate(
     ensure!(tokens > 0, "the eval data has no label tokens");
     let sum = sum.map_or(0.0, |s| s.double_value(&[]));
     Ok((sum / tokens as f64, tokens))
+}
+
+/// Eval loss and, with `train.eval_generate_samples`, the scores of greedy answers to the
+/// first eval samples, logged to `metrics.jsonl`.
+fn evaluate_and_log(
+    cfg: &Config,
+    pipeline: &dyn Pipeline,
+    trainer: &Trainer,
+    eval: &BatchLoad,
+    metrics: &mut MetricsLog,
+    step: u64,
+) -> Result<()> {
+    let t = &cfg.train;
+    let (loss, tokens) = evaluate(pipeline, trainer, eval, t.batch_size)?;
+    metrics.log_eval(step, loss, tokens)?;
+    tracing::info!(step, eval_loss = loss, "eval");
+    let n = t.eval_generate_samples.min(eval.records.len());
+    if n == 0 {
+        return Ok(());
+    }
+    let records: Vec<(usize, Record)> = eval.records[..n].iter().cloned().enumerate().collect();
+    let opts = GenerateOptions {
+        max_new_tokens: t.eval_max_new_tokens,
+        ..GenerateOptions::default()
+    };
+    trainer.set_training(false);
+    let answers = generate_answers(pipeline, &records, &eval.media, &opts, t.batch_size);
+    trainer.set_training(true);
+    let answers = answers.context("generating answers for the eval samples")?;
+    metrics.log_eval_generation(step, &answers.mean, answers.num_samples)?;
+    tracing::info!(
+        step,
+        exact_match = answers.mean.exact_match,
+        token_f1 = answers.mean.token_f1,
+        rouge_l = answers.mean.rouge_l,
+        "eval generation"
+    );
+    Ok(())
 }
 
 /// Runs training as `cfg` says on the model in `model_dir`.
@@ -554,9 +594,9 @@ pub fn train(
         reporter.step(step, stats.as_ref(), log_now);
         if let (Some(eval), Some(every)) = (&eval, t.eval_steps) {
             if every > 0 && step % every == 0 {
-                let (loss, tokens) = evaluate(pipeline.as_ref(), &trainer, eval, t.batch_size)?;
-                metrics.log_eval(step, loss, tokens)?;
-                reporter.info(|| tracing::info!(step, eval_loss = loss, "eval"));
+                reporter.info(|| {
+                    evaluate_and_log(cfg, pipeline.as_ref(), &trainer, eval, &mut metrics, step)
+                })?;
             }
         }
         if save_now {
@@ -582,9 +622,14 @@ pub fn train(
         if t.eval_steps
             .is_none_or(|every| every == 0 || trainer.step % every != 0)
         {
-            let (loss, tokens) = evaluate(pipeline.as_ref(), &trainer, eval, t.batch_size)?;
-            metrics.log_eval(trainer.step, loss, tokens)?;
-            tracing::info!(step = trainer.step, eval_loss = loss, "eval");
+            evaluate_and_log(
+                cfg,
+                pipeline.as_ref(),
+                &trainer,
+                eval,
+                &mut metrics,
+                trainer.step,
+            )?;
         }
     }
     write_outputs(cfg, pipeline.as_mut(), &trainer, model_dir, metrics.path())?;
@@ -627,7 +672,13 @@ fn write_outputs(
     let text = toml::to_string_pretty(cfg).context("rendering the resolved config")?;
     let path = out.join(CONFIG_FILE);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let (train, eval) = plot::series(&metrics::read_rows(metrics_path)?);
-    plot::plot_losses(&train, &eval, &out.join("loss.png"))?;
+    let rows = metrics::read_rows(metrics_path)?;
+    let (train, eval) = plot::series(&rows);
+    plot::plot_curves(
+        &train,
+        &eval,
+        &plot::generation_series(&rows),
+        &out.join("loss.png"),
+    )?;
     outdir::record_outputs(out, &copied)
 }
