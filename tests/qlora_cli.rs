@@ -9,7 +9,7 @@ mod common;
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -19,27 +19,9 @@ use lmms_ft_core::peft::io::{load_adapter, read_safetensors, write_safetensors, 
 use lmms_ft_core::testing::run_oracle;
 use lmms_ft_core::train::metrics::read_rows;
 use lmms_ft_qwen2_vl::model::Qwen2VlModel;
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::{assert_ok, lmms_ft, train_args};
 use tch::{Device, Kind, Tensor};
-
-fn dataset(dir: &Path) -> PathBuf {
-    let records: Vec<Value> = (0..6)
-        .map(|i| {
-            let (image, answer) = match i % 2 {
-                0 => ("image_a.png", "It is mostly red."),
-                _ => ("image_b.png", "Blue and green stripes."),
-            };
-            json!({"image": image, "conversations": [
-                {"from": "human", "value": format!("<image>\nWhat is in picture {i}?")},
-                {"from": "gpt", "value": answer},
-            ]})
-        })
-        .collect();
-    let path = dir.join("train.json");
-    std::fs::write(&path, serde_json::to_string(&records).unwrap()).unwrap();
-    path
-}
 
 fn train(fx: &common::Fixture, data: &Path, out: &Path, sets: &[&str]) -> Output {
     let qlora = [
@@ -63,7 +45,7 @@ fn stderr_of(out: &Output) -> String {
 fn qlora_run_writes_a_peft_adapter_that_merges_into_the_dense_base() {
     let fx = common::fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let data = dataset(tmp.path());
+    let data = support::image_dataset(tmp.path());
     let out = tmp.path().join("out");
     assert_ok(&train(fx, &data, &out, &[]));
 
@@ -145,7 +127,7 @@ fn qlora_run_writes_a_peft_adapter_that_merges_into_the_dense_base() {
 fn bad_quant_settings_are_clear_errors() {
     let fx = common::fixture();
     let tmp = tempfile::tempdir().unwrap();
-    let data = dataset(tmp.path());
+    let data = support::image_dataset(tmp.path());
     let out = tmp.path().join("out");
     let err = stderr_of(&train(fx, &data, &out, &["quant.type=int3"]));
     assert!(err.contains("quant.type") && err.contains("nf4"), "{err}");

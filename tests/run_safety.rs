@@ -28,7 +28,7 @@ use lmms_ft_core::peft::io::read_safetensors;
 use lmms_ft_core::testing::{cached_fixture, max_abs_diff};
 use lmms_ft_core::train::integrity::{self, DISK_BYTES_ENV, STALLED_MARKER, STALL_SAVE_ENV};
 use lmms_ft_core::train::{checkpoint, metrics::read_rows};
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::{assert_ok, lmms_ft};
 use tch::Tensor;
 
@@ -47,24 +47,6 @@ const SETS: [&str; 7] = [
 fn qwen2_vl() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| cached_fixture("qwen2_vl_fixture.py", "qwen2_vl").0)
-}
-
-fn dataset(dir: &Path) -> PathBuf {
-    let records: Vec<Value> = (0..6)
-        .map(|i| {
-            let (image, answer) = match i % 2 {
-                0 => ("image_a.png", "It is mostly red."),
-                _ => ("image_b.png", "Blue and green stripes."),
-            };
-            json!({"image": image, "conversations": [
-                {"from": "human", "value": format!("<image>\nWhat is in picture {i}?")},
-                {"from": "gpt", "value": answer},
-            ]})
-        })
-        .collect();
-    let path = dir.join("train.json");
-    std::fs::write(&path, serde_json::to_string(&records).unwrap()).unwrap();
-    path
 }
 
 /// `train` of `model` on the shared dataset into `out` (images from the Qwen2-VL fixture).
@@ -105,7 +87,7 @@ fn reference() -> &'static Reference {
     static REF: OnceLock<Reference> = OnceLock::new();
     REF.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
-        let data = dataset(tmp.path());
+        let data = support::image_dataset(tmp.path());
         let out = tmp.path().join("reference");
         let r = Reference {
             data,

@@ -2,8 +2,10 @@
 //! a `train` run on a fixture checkpoint.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use serde_json::{json, Value};
 
 pub fn lmms_ft<S: AsRef<OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
@@ -46,4 +48,26 @@ pub fn train_args(model: &Path, data: &Path, out: &Path, sets: &[&str]) -> Vec<S
         args.push(s.to_string());
     }
     args
+}
+
+/// `dir/train.json`: six LLaVA-format samples alternating the fixture's two images, for runs
+/// whose outcome, not their data, is under test. Not every binary that includes this module
+/// trains on it.
+#[allow(dead_code)]
+pub fn image_dataset(dir: &Path) -> PathBuf {
+    let records: Vec<Value> = (0..6)
+        .map(|i| {
+            let (image, answer) = match i % 2 {
+                0 => ("image_a.png", "It is mostly red."),
+                _ => ("image_b.png", "Blue and green stripes."),
+            };
+            json!({"image": image, "conversations": [
+                {"from": "human", "value": format!("<image>\nWhat is in picture {i}?")},
+                {"from": "gpt", "value": answer},
+            ]})
+        })
+        .collect();
+    let path = dir.join("train.json");
+    std::fs::write(&path, serde_json::to_string(&records).unwrap()).unwrap();
+    path
 }
