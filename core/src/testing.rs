@@ -430,6 +430,29 @@ pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
     }
 }
 
+/// [`assert_packing_matches_padding`] twice: all `samples` in one row, and rows as long as the
+/// first two samples together (at least the longest sample), so packing is checked both with
+/// every sample sharing a row and with samples split across rows.
+pub fn assert_packing_matches_padding_in_rows(
+    pipeline: &dyn crate::family::Pipeline,
+    samples: &[crate::family::PreparedConversation],
+    variant: &str,
+) {
+    let lengths: Vec<usize> = samples
+        .iter()
+        .map(|s| pipeline.data().encoded_length(s).unwrap())
+        .collect();
+    let all: usize = lengths.iter().sum();
+    let pair = (lengths[0] + lengths[1]).max(*lengths.iter().max().unwrap());
+    assert_packing_matches_padding(pipeline, samples, all, &format!("{variant}, one row"));
+    assert_packing_matches_padding(
+        pipeline,
+        samples,
+        pair,
+        &format!("{variant}, rows of {pair}"),
+    );
+}
+
 /// Checks `data.packing` through a pipeline's own batch building: `samples` packed into rows
 /// of at most `max_length` tokens ([`crate::family::BatchBuilder::collate_packed`]) give the
 /// loss, the label count and every parameter's gradient of the same samples padded into a

@@ -7,7 +7,7 @@
 use lmms_ft_core::data::media::{load_image, ImageLimits};
 use lmms_ft_core::data::{DecodedMedia, RgbImage, VideoClip};
 use lmms_ft_core::family::{DynFamily, Erased, OpenOptions, PreparedConversation};
-use lmms_ft_core::testing::{assert_packing_matches_padding, conversation_from_messages};
+use lmms_ft_core::testing::{assert_packing_matches_padding_in_rows, conversation_from_messages};
 use lmms_ft_llava::family::Llava;
 use tch::{Device, Kind};
 
@@ -60,24 +60,7 @@ fn check(variant: &str) {
             },
         )
         .unwrap();
-    let lengths: Vec<usize> = samples
-        .iter()
-        .map(|s| pipeline.data().encoded_length(s).unwrap())
-        .collect();
-    let all: usize = lengths.iter().sum();
-    let pair = (lengths[0] + lengths[1]).max(*lengths.iter().max().unwrap());
-    assert_packing_matches_padding(
-        pipeline.as_ref(),
-        &samples,
-        all,
-        &format!("{variant}, one row"),
-    );
-    assert_packing_matches_padding(
-        pipeline.as_ref(),
-        &samples,
-        pair,
-        &format!("{variant}, rows of {pair}"),
-    );
+    assert_packing_matches_padding_in_rows(pipeline.as_ref(), &samples, variant);
 }
 
 #[test]
