@@ -320,6 +320,46 @@ pub fn write_test_video(
     octx.write_trailer().unwrap();
 }
 
+/// Asserts that `got` gradients equal `want` within `tol`, each parameter's error and the
+/// whole error measured against the norm of the whole `want` gradient (some gradients, such
+/// as a key bias's, are zero up to rounding, so per-tensor relative errors mean nothing).
+/// Returns the whole relative error and how many tensors were compared.
+fn assert_grads_close(
+    vars: &[(String, tch::Tensor)],
+    got: &[Option<tch::Tensor>],
+    want: &[Option<tch::Tensor>],
+    tol: f64,
+    what: &str,
+) -> (f64, usize) {
+    let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
+    let scale = want
+        .iter()
+        .flatten()
+        .map(|w| norm(w).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(scale > 0.0, "{what}: no gradient reached any parameter");
+    let (mut compared, mut total) = (0, 0.0);
+    for ((name, _), (g, w)) in vars.iter().zip(got.iter().zip(want)) {
+        match (g, w) {
+            (None, None) => {}
+            (Some(g), Some(w)) => {
+                let err = norm(&(g - w));
+                assert!(
+                    err <= tol * scale,
+                    "{what}: gradient of {name} differs by {err:.3e} (gradient norm {scale:.3e})"
+                );
+                total += err * err;
+                compared += 1;
+            }
+            _ => panic!("{what}: {name} has a gradient on one side only"),
+        }
+    }
+    let rel = total.sqrt() / scale;
+    assert!(rel <= tol, "{what}: gradients differ by {rel:.3e} relative");
+    (rel, compared)
+}
+
 /// Loss and gradient of every variable that requires grad, after one backward of `loss`.
 fn loss_and_grads(
     vars: &[(String, tch::Tensor)],
@@ -382,14 +422,6 @@ pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
         let full = crate::nn::shifted_token_loss_sum(&logits, labels, crate::family::IGNORE_INDEX);
         drop(logits);
         let (want, want_grads) = loss_and_grads(&vars, full);
-        let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
-        let scale = want_grads
-            .iter()
-            .flatten()
-            .map(|w| norm(w).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!(scale > 0.0, "{what}: no gradient reached any parameter");
         for chunk in [3, usize::MAX] {
             let case = format!("{what} (chunk {chunk}, frozen head: {frozen_head})");
             let out = LossHead::new(chunk)
@@ -402,26 +434,7 @@ pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
                 (got - want).abs() <= loss_tol * want.abs(),
                 "{case}: loss {got} vs full logits {want}"
             );
-            let mut total = 0.0;
-            for ((name, _), (g, w)) in vars.iter().zip(got_grads.iter().zip(&want_grads)) {
-                match (g, w) {
-                    (None, None) => {}
-                    (Some(g), Some(w)) => {
-                        let err = norm(&(g - w));
-                        assert!(
-                            err <= grad_tol * scale,
-                            "{case}: gradient of {name} differs by {err:.3e} (gradient norm {scale:.3e})"
-                        );
-                        total += err * err;
-                    }
-                    _ => panic!("{case}: {name} has a gradient on one side only"),
-                }
-            }
-            let rel = total.sqrt() / scale;
-            assert!(
-                rel <= grad_tol,
-                "{case}: gradients differ by {rel:.3e} relative"
-            );
+            let (rel, _) = assert_grads_close(&vars, &got_grads, &want_grads, grad_tol, &case);
             eprintln!("{case}: loss {got:.6} vs {want:.6}, gradients within {rel:.2e}");
         }
     }
@@ -506,36 +519,12 @@ pub fn assert_packing_matches_padding(
         (got - want).abs() <= 1e-5 * want.abs(),
         "{what}: packed loss {got} vs padded {want}"
     );
-    // Errors are measured against the norm of the whole gradient: some gradients, such as a
-    // key bias's, are zero up to rounding.
-    let norm = |t: &tch::Tensor| t.norm().double_value(&[]);
-    let scale = want_grads
-        .iter()
-        .flatten()
-        .map(|w| norm(w).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    assert!(scale > 0.0, "{what}: no gradient reached any parameter");
-    let (mut compared, mut total) = (0, 0.0);
-    for ((name, _), (g, w)) in vars.iter().zip(got_grads.iter().zip(&want_grads)) {
-        match (g, w) {
-            (None, None) => {}
-            (Some(g), Some(w)) => {
-                let err = norm(&(g - w));
-                assert!(
-                    err <= 1e-5 * scale,
-                    "{what}: packed gradient of {name} differs by {err:.3e} (gradient norm {scale:.3e})"
-                );
-                total += err * err;
-                compared += 1;
-            }
-            _ => panic!("{what}: {name} has a gradient on one side only"),
-        }
-    }
-    let rel = total.sqrt() / scale;
-    assert!(
-        rel <= 1e-5,
-        "{what}: packed gradients differ by {rel:.3e} relative"
+    let (rel, compared) = assert_grads_close(
+        &vars,
+        &got_grads,
+        &want_grads,
+        1e-5,
+        &format!("{what} (packed)"),
     );
     eprintln!(
         "{what}: {} samples in {} packed rows: loss {got:.6} vs padded {want:.6}, {compared} gradients within {rel:.2e}",
