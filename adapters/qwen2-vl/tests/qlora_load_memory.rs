@@ -4,7 +4,7 @@
 //! measurement works) grows by at least its size.
 
 use lmms_ft_core::config::Config;
-use lmms_ft_core::family::{HfConfig, Model, Trainable};
+use lmms_ft_core::family::{HfConfig, Trainable};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::quant::{load_quantized, QuantSpec};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
