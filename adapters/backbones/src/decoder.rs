@@ -48,10 +48,34 @@ impl DecoderConfig {
     }
 }
 
+/// How a checkpoint stores the attention input and MLP input projections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProjectionLayout {
+    /// `q_proj` / `k_proj` / `v_proj` and `gate_proj` / `up_proj` (Llama, Mistral, Qwen2).
+    #[default]
+    Split,
+    /// One `qkv_proj` (rows: q, then k, then v) and one `gate_up_proj` (rows: gate, then up),
+    /// as Phi-3 stores them; LoRA then adapts the fused modules, as `peft` does on them.
+    Fused,
+}
+
+/// The q/k/v projections, separate or fused.
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl Qkv {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        }
+    }
+}
+
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     heads: i64,
     kv_heads: i64,
@@ -61,9 +85,14 @@ pub struct Attention {
 impl ShallowClone for Attention {
     fn shallow_clone(&self) -> Self {
         Attention {
-            q_proj: self.q_proj.shallow_clone(),
-            k_proj: self.k_proj.shallow_clone(),
-            v_proj: self.v_proj.shallow_clone(),
+            qkv: match &self.qkv {
+                Qkv::Split { q, k, v } => Qkv::Split {
+                    q: q.shallow_clone(),
+                    k: k.shallow_clone(),
+                    v: v.shallow_clone(),
+                },
+                Qkv::Fused(qkv) => Qkv::Fused(qkv.shallow_clone()),
+            },
             o_proj: self.o_proj.shallow_clone(),
             heads: self.heads,
             kv_heads: self.kv_heads,
@@ -73,13 +102,26 @@ impl ShallowClone for Attention {
 }
 
 impl Attention {
-    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    fn new(p: &Path, c: &DecoderConfig, init: ParamInit, layout: ProjectionLayout) -> Self {
         let q = c.num_heads * c.head_dim;
         let kv = c.num_kv_heads * c.head_dim;
+        let h = c.hidden_size;
+        let qkv = match layout {
+            ProjectionLayout::Split => Qkv::Split {
+                q: Linear::new(&(p / "q_proj"), h, q, c.qkv_bias, init),
+                k: Linear::new(&(p / "k_proj"), h, kv, c.qkv_bias, init),
+                v: Linear::new(&(p / "v_proj"), h, kv, c.qkv_bias, init),
+            },
+            ProjectionLayout::Fused => Qkv::Fused(Linear::new(
+                &(p / "qkv_proj"),
+                h,
+                q + 2 * kv,
+                c.qkv_bias,
+                init,
+            )),
+        };
         Attention {
-            q_proj: Linear::new(&(p / "q_proj"), c.hidden_size, q, c.qkv_bias, init),
-            k_proj: Linear::new(&(p / "k_proj"), c.hidden_size, kv, c.qkv_bias, init),
-            v_proj: Linear::new(&(p / "v_proj"), c.hidden_size, kv, c.qkv_bias, init),
+            qkv,
             o_proj: Linear::new(&(p / "o_proj"), q, c.hidden_size, c.o_bias, init),
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
@@ -99,10 +141,22 @@ impl Attention {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("[B, T, H]");
-        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = split(self.q_proj.forward(x), self.heads);
-        let k = split(self.k_proj.forward(x), self.kv_heads);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let split = |y: Tensor, n: i64| y.reshape([b, t, n, self.head_dim]).transpose(1, 2);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x);
+                let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    y.narrow(-1, 0, nq),
+                    y.narrow(-1, nq, nkv),
+                    y.narrow(-1, nq + nkv, nkv),
+                )
+            }
+        };
+        let q = split(q, self.heads);
+        let k = split(k, self.kv_heads);
+        let v = split(v, self.kv_heads);
         let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
         let q = apply_rotary(&q, &cos, &sin);
         let mut k = apply_rotary(&k, &cos, &sin);
@@ -139,39 +193,46 @@ impl Attention {
     }
 }
 
+/// The gate and up projections, separate or fused.
+enum GateUp {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
 }
 
 impl ShallowClone for Mlp {
     fn shallow_clone(&self) -> Self {
         Mlp {
-            gate_proj: self.gate_proj.shallow_clone(),
-            up_proj: self.up_proj.shallow_clone(),
+            gate_up: match &self.gate_up {
+                GateUp::Split { gate, up } => GateUp::Split {
+                    gate: gate.shallow_clone(),
+                    up: up.shallow_clone(),
+                },
+                GateUp::Fused(gu) => GateUp::Fused(gu.shallow_clone()),
+            },
             down_proj: self.down_proj.shallow_clone(),
         }
     }
 }
 
 impl Mlp {
-    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    fn new(p: &Path, c: &DecoderConfig, init: ParamInit, layout: ProjectionLayout) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let gate_up = match layout {
+            ProjectionLayout::Split => GateUp::Split {
+                gate: Linear::new(&(p / "gate_proj"), h, i, false, init),
+                up: Linear::new(&(p / "up_proj"), h, i, false, init),
+            },
+            ProjectionLayout::Fused => {
+                GateUp::Fused(Linear::new(&(p / "gate_up_proj"), h, 2 * i, false, init))
+            }
+        };
         Mlp {
-            gate_proj: Linear::new(
-                &(p / "gate_proj"),
-                c.hidden_size,
-                c.intermediate_size,
-                false,
-                init,
-            ),
-            up_proj: Linear::new(
-                &(p / "up_proj"),
-                c.hidden_size,
-                c.intermediate_size,
-                false,
-                init,
-            ),
+            gate_up,
             down_proj: Linear::new(
                 &(p / "down_proj"),
                 c.intermediate_size,
@@ -183,8 +244,24 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        let (gate, up) = match &self.gate_up {
+            GateUp::Split { gate, up } => (gate.forward(x), up.forward(x)),
+            GateUp::Fused(gu) => {
+                let y = gu.forward(x);
+                let i = y.size().last().copied().unwrap_or(0) / 2;
+                (y.narrow(-1, 0, i), y.narrow(-1, i, i))
+            }
+        };
+        self.down_proj.forward(&(gate.silu() * up))
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut all = match &self.gate_up {
+            GateUp::Split { gate, up } => vec![gate, up],
+            GateUp::Fused(gu) => vec![gu],
+        };
+        all.push(&self.down_proj);
+        all
     }
 }
 
@@ -210,35 +287,29 @@ impl DecoderLayer {
     /// Whether any parameter of the layer (LoRA factors included) trains.
     pub fn has_trainable(&self) -> bool {
         let a = &self.self_attn;
-        let m = &self.mlp;
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
-        .into_iter()
-        .flat_map(linear_tensors)
-        .chain([
-            &self.input_layernorm.weight,
-            &self.post_attention_layernorm.weight,
-        ])
-        .any(|t| t.requires_grad())
+        a.qkv
+            .linears()
+            .into_iter()
+            .chain([&a.o_proj])
+            .chain(self.mlp.linears())
+            .flat_map(linear_tensors)
+            .chain([
+                &self.input_layernorm.weight,
+                &self.post_attention_layernorm.weight,
+            ])
+            .any(|t| t.requires_grad())
     }
 
-    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    fn new(p: &Path, c: &DecoderConfig, init: ParamInit, layout: ProjectionLayout) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
-            self_attn: Attention::new(&(p / "self_attn"), c, init),
+            self_attn: Attention::new(&(p / "self_attn"), c, init, layout),
             post_attention_layernorm: RmsNorm::new(
                 &(p / "post_attention_layernorm"),
                 c.hidden_size,
                 c.rms_norm_eps,
             ),
-            mlp: Mlp::new(&(p / "mlp"), c, init),
+            mlp: Mlp::new(&(p / "mlp"), c, init, layout),
         }
     }
 
@@ -273,6 +344,17 @@ pub struct Decoder {
 impl Decoder {
     /// `model` is the path of `embed_tokens` / `layers` / `norm`; `lm_head` is the head's.
     pub fn new(model: &Path, lm_head: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        Decoder::with_layout(model, lm_head, c, init, ProjectionLayout::Split)
+    }
+
+    /// [`Decoder::new`] for checkpoints whose projections are stored as `layout` says.
+    pub fn with_layout(
+        model: &Path,
+        lm_head: &Path,
+        c: &DecoderConfig,
+        init: ParamInit,
+        layout: ProjectionLayout,
+    ) -> Self {
         Decoder {
             embed_tokens: Embedding::new(
                 &(model / "embed_tokens"),
@@ -281,7 +363,7 @@ impl Decoder {
                 init,
             ),
             layers: (0..c.num_layers)
-                .map(|i| DecoderLayer::new(&(model / "layers" / i), c, init))
+                .map(|i| DecoderLayer::new(&(model / "layers" / i), c, init, layout))
                 .collect(),
             norm: RmsNorm::new(&(model / "norm"), c.hidden_size, c.rms_norm_eps),
             lm_head: (!c.tie_word_embeddings)
@@ -308,13 +390,23 @@ impl Decoder {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("{model}.layers.{i}");
             let a = &mut layer.self_attn;
-            f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
-            f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
-            f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+            match &mut a.qkv {
+                Qkv::Split { q, k, v } => {
+                    f(&format!("{p}.self_attn.q_proj"), q);
+                    f(&format!("{p}.self_attn.k_proj"), k);
+                    f(&format!("{p}.self_attn.v_proj"), v);
+                }
+                Qkv::Fused(qkv) => f(&format!("{p}.self_attn.qkv_proj"), qkv),
+            }
             f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj);
             let m = &mut layer.mlp;
-            f(&format!("{p}.mlp.gate_proj"), &mut m.gate_proj);
-            f(&format!("{p}.mlp.up_proj"), &mut m.up_proj);
+            match &mut m.gate_up {
+                GateUp::Split { gate, up } => {
+                    f(&format!("{p}.mlp.gate_proj"), gate);
+                    f(&format!("{p}.mlp.up_proj"), up);
+                }
+                GateUp::Fused(gu) => f(&format!("{p}.mlp.gate_up_proj"), gu),
+            }
             f(&format!("{p}.mlp.down_proj"), &mut m.down_proj);
         }
         if let Some(head) = &mut self.lm_head {

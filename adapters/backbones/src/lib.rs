@@ -5,6 +5,7 @@
 
 pub mod clip;
 pub mod decoder;
+pub mod longrope;
 pub mod siglip;
 pub mod text_config;
 pub mod vit;
