@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{ensure, Result};
-use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder, ProjectionLayout};
+use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder, DecoderOptions, ProjectionLayout};
 use lmms_ft_core::family::{Component, Model};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
@@ -53,12 +53,16 @@ impl Phi3VModel {
         vs.set_kind(kind);
         let root = vs.root();
         let vision = ImageEmbedding::new(&(&root / "model" / "vision_embed_tokens"), config, init);
-        let decoder = Decoder::with_layout(
+        let opts = DecoderOptions {
+            projections: ProjectionLayout::Fused,
+            ..DecoderOptions::default()
+        };
+        let decoder = Decoder::new_with(
             &(&root / "model"),
             &(&root / "lm_head"),
             &config.text,
+            &opts,
             init,
-            ProjectionLayout::Fused,
         );
         Phi3VModel {
             config: config.clone(),

@@ -1,18 +1,21 @@
 """Reference training run: transformers + peft + a plain PyTorch AdamW loop.
 
-Usage: python train_qwen2_vl.py FIXTURE_DIR OUT_DIR {lora|lora_vision|full} ACCUM STEPS [bf16]
+Usage: python train_qwen_vl.py FIXTURE_DIR OUT_DIR {lora|lora_vision|full} ACCUM STEPS [bf16]
 
-FIXTURE_DIR is made by qwen2_vl_fixture.py (checkpoint + reference.safetensors with the
-processed inputs of four samples). Step s uses micro-batches (s*ACCUM + j) % 4, j < ACCUM,
-each of batch size 1. The loss of a step is the summed token cross-entropy of all its
-micro-batches divided by their total label tokens; each micro-batch back-propagates its sum
-divided by that total, so the gradient is the mean over all label tokens of the step.
+FIXTURE_DIR is made by qwen2_vl_fixture.py or qwen3_vl_fixture.py (checkpoint +
+reference.safetensors with the processed inputs of four samples); the family (Qwen2-VL /
+Qwen2.5-VL or Qwen3-VL) comes from its config.json and decides the module names below.
+Step s uses micro-batches (s*ACCUM + j) % 4, j < ACCUM, each of batch size 1. The loss of a
+step is the summed token cross-entropy of all its micro-batches divided by their total label
+tokens; each micro-batch back-propagates its sum divided by that total, so the gradient is
+the mean over all label tokens of the step.
 
 lora: LoRA (r=4, alpha=8, rsLoRA off, dropout 0) on every linear layer of the language
-model except lm_head; the merger (projector) trains fully at its own lr; the vision blocks
-are frozen. lora_vision: the same, plus LoRA on every linear of the vision blocks (attn.qkv,
-attn.proj, mlp.fc1, mlp.fc2) at the vision lr. The initial adapter has random non-zero lora_A and lora_B and is written to
-OUT_DIR/init_adapter (PEFT layout) for the other side to load.
+model except lm_head; the merger (projector; Qwen3-VL: with the DeepStack mergers) trains
+fully at its own lr; the vision blocks are frozen. lora_vision: the same, plus LoRA on every
+linear of the vision blocks (attn.qkv, attn.proj and the MLP's two) at the vision lr. The
+initial adapter has random non-zero lora_A and lora_B and is written to OUT_DIR/init_adapter
+(PEFT layout) for the other side to load.
 full: every parameter trains; vision, merger and LLM each have their own lr.
 
 bf16: the model is loaded in bf16 (weights, norms and compute); peft keeps the LoRA
@@ -31,7 +34,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2VLForConditionalGeneration, get_cosine_schedule_with_warmup
+from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
 
 fixture, out, mode, accum, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 dtype = torch.bfloat16 if sys.argv[6:] == ["bf16"] else torch.float32
@@ -39,7 +42,9 @@ os.makedirs(out, exist_ok=True)
 torch.manual_seed(1234)
 torch.use_deterministic_algorithms(True)
 
-model = Qwen2VLForConditionalGeneration.from_pretrained(fixture, dtype=dtype)
+with open(os.path.join(fixture, "config.json")) as f:
+    qwen3 = json.load(f)["model_type"] == "qwen3_vl"
+model = AutoModelForImageTextToText.from_pretrained(fixture, dtype=dtype)
 model.train()
 ref = load_file(os.path.join(fixture, "reference.safetensors"))
 names = ["text", "image", "two_images", "video"]
@@ -70,10 +75,16 @@ def is_norm_or_bias(module, param_name):
     return param_name.endswith("bias") or "Norm" in type(module).__name__
 
 
-hub = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-
 LLM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-VISION_TARGETS = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+if qwen3:
+    # Qwen3-VL checkpoints use the run-time names; the DeepStack mergers project too.
+    hub = lambda n: n
+    VISION_TARGETS = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc[12])"
+    PROJECTOR = (".visual.merger.", ".visual.deepstack_merger_list.")
+else:
+    hub = lambda n: n.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+    VISION_TARGETS = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+    PROJECTOR = (".visual.merger.",)
 
 if mode in ("lora", "lora_vision"):
     from peft import LoraConfig, get_peft_model
@@ -89,7 +100,7 @@ if mode in ("lora", "lora_vision"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(os.path.join(out, "init_adapter"))
     for n, p in model.named_parameters():
-        if ".visual.merger." in n:
+        if any(m in n for m in PROJECTOR):
             p.requires_grad_(True)
     base = model.base_model.model
 else:
@@ -98,12 +109,14 @@ else:
 groups = {"vision": ([], []), "projector": ([], []), "llm": ([], [])}
 lrs = {"vision": VISION_LR, "projector": PROJ_LR, "llm": LR}
 tracked = {}
+seen = set()  # tied embeddings: lm_head.weight is embed_tokens.weight, trained once
 for mname, module in base.named_modules():
     for pname, p in module.named_parameters(recurse=False):
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in seen:
             continue
+        seen.add(id(p))
         full = f"{mname}.{pname}" if mname else pname
-        part = "projector" if ".visual.merger." in f".{full}" else "vision" if "visual." in full else "llm"
+        part = "projector" if any(m in f".{full}" for m in PROJECTOR) else "vision" if "visual." in full else "llm"
         decay = not is_norm_or_bias(module, pname)
         groups[part][0 if decay else 1].append(p)
         tracked[hub(full.replace(".default", ""))] = p
