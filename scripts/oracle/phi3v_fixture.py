@@ -6,8 +6,8 @@ transformers 5 has no Phi-3-V class, so the oracle is Microsoft's `modeling_phi3
 friends, run under transformers 4.45.2 (installed by scripts/setup.sh into
 $LMMS_FT_PHI3V_PYTHONPATH, put in front of the venv's packages here). The Hub code is not part
 of this repository: it is read from HUB_CODE_DIR (default: $LMMS_FT_PHI3V_HUB_CODE, else
-../shared/hf-configs/microsoft--Phi-3-vision-128k-instruct beside the checkout), copied into a
-temporary package (the files import each other relatively) and imported from there.
+../shared/hf-configs/microsoft--Phi-3-vision-128k-instruct beside the checkout; see
+phi3v_hub.py).
 HUB_DATA_DIR holds the real config.json / tokenizer files (tests/data/hub/microsoft--...).
 
 The tiny model keeps the real config's structure (su RoPE with short/long factors, HD
@@ -28,51 +28,29 @@ as full rows at two positions plus fixed vocabulary columns at every position pl
 log-sum-exp of every position.
 """
 
-import glob
 import json
-import math
 import os
 import re
 import shutil
 import sys
-import tempfile
 
-oracle = os.environ.get("LMMS_FT_PHI3V_PYTHONPATH") or os.path.join(
-    os.environ.get("LMMS_FT_HOME", os.path.expanduser("~/.cache/lmms-ft")), "oracle-tf445")
-if not os.path.isdir(os.path.join(oracle, "transformers")):
-    sys.exit(f"no transformers 4.45.2 oracle at {oracle}: run scripts/setup.sh")
-sys.path.insert(0, oracle)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import phi3v_hub  # noqa: E402
+
+out, data_dir = sys.argv[1], sys.argv[2]
+pkg_root, hub = phi3v_hub.load(sys.argv[3] if len(sys.argv) > 3 else None)
+os.makedirs(out, exist_ok=True)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
-out, data_dir = sys.argv[1], sys.argv[2]
-repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-code_dir = (sys.argv[3] if len(sys.argv) > 3 else None) or os.environ.get("LMMS_FT_PHI3V_HUB_CODE") or \
-    os.path.join(os.path.dirname(repo), "shared", "hf-configs", "microsoft--Phi-3-vision-128k-instruct")
-if not os.path.isfile(os.path.join(code_dir, "modeling_phi3_v.py")):
-    sys.exit(f"no Phi-3-V Hub code in {code_dir} (set LMMS_FT_PHI3V_HUB_CODE)")
-os.makedirs(out, exist_ok=True)
-
-import transformers  # noqa: E402
-
-assert transformers.__version__ == "4.45.2", transformers.__version__
-pkg_root = tempfile.mkdtemp(prefix="phi3v-hub-")
-pkg = os.path.join(pkg_root, "phi3v_hub")
-os.makedirs(pkg)
-for f in glob.glob(os.path.join(code_dir, "*.py")):
-    shutil.copy(f, pkg)
-open(os.path.join(pkg, "__init__.py"), "w").close()
-sys.path.insert(0, pkg_root)
-from transformers import AutoTokenizer, CLIPVisionConfig  # noqa: E402
-
-import phi3v_hub.image_embedding_phi3_v as hub_embedding  # noqa: E402
-from phi3v_hub.configuration_phi3_v import Phi3VConfig  # noqa: E402
-from phi3v_hub.image_processing_phi3_v import Phi3VImageProcessor  # noqa: E402
-from phi3v_hub.modeling_phi3_v import Phi3VForCausalLM  # noqa: E402
-from phi3v_hub.processing_phi3_v import Phi3VProcessor  # noqa: E402
+Phi3VConfig = hub["configuration"].Phi3VConfig
+Phi3VImageProcessor = hub["image_processing"].Phi3VImageProcessor
+Phi3VForCausalLM = hub["modeling"].Phi3VForCausalLM
+Phi3VProcessor = hub["processing"].Phi3VProcessor
 
 torch.manual_seed(0)
 real = json.load(open(os.path.join(data_dir, "config.json")))
@@ -85,7 +63,7 @@ with torch.device("meta"):
 clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
             num_channels=3, projection_dim=32, attention_dropout=0.0, dropout=0.0)
-hub_embedding.CLIP_VIT_LARGE_PATCH14_336_CONFIG = CLIPVisionConfig(**clip)
+phi3v_hub.set_tower(hub["embedding"], clip)
 cfg = json.loads(json.dumps(real))
 cfg.pop("_name_or_path", None)
 cfg.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

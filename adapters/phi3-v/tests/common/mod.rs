@@ -86,3 +86,41 @@ pub fn assert_rel_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) -> f6
     assert!(rel <= tol, "{what}: relative error {rel:.3e} > {tol:.0e}");
     rel
 }
+
+/// Sample `name` encoded by our template and processor, with the reference's model-level
+/// labels (every text token) in place of the label rule's.
+pub fn sample_with_labels(fx: &Fixture, name: &str) -> lmms_ft_phi3_v::family::Sample {
+    use lmms_ft_core::family::{ChatTemplate, EncodedText, Family, Processor};
+    use lmms_ft_phi3_v::family::Phi3V;
+    let config = Phi3V::config(&fx.dir).unwrap();
+    let template = Phi3V::template(&config, &fx.dir).unwrap();
+    let processor = Phi3V::processor(&config, &fx.dir, &Default::default()).unwrap();
+    let prepared = fx.prepared(name);
+    let (media, tokens) = processor.process(&prepared.media.images, &[]).unwrap();
+    let text = template
+        .encode(&prepared.conversation, &tokens, false)
+        .unwrap();
+    assert_eq!(
+        text.input_ids,
+        fx.ids(name, "input_ids"),
+        "{name}: input ids"
+    );
+    Phi3V::sample(
+        EncodedText {
+            input_ids: text.input_ids,
+            labels: fx.ids(name, "labels"),
+        },
+        media,
+    )
+}
+
+/// A copy of a sample (tensors shared).
+pub fn clone_sample(s: &lmms_ft_phi3_v::family::Sample) -> lmms_ft_phi3_v::family::Sample {
+    lmms_ft_phi3_v::family::Sample {
+        text: s.text.clone(),
+        media: lmms_ft_phi3_v::processor::PhiMedia {
+            crops: s.media.crops.iter().map(Tensor::shallow_clone).collect(),
+            grids: s.media.grids.clone(),
+        },
+    }
+}
