@@ -107,13 +107,13 @@ samples = {
               {"role": "assistant", "content": [text("4.")]},
               {"role": "user", "content": [text("And 3+3?")]},
               {"role": "assistant", "content": [text("6, of course.")]}], []),
-    "image": ([{"role": "user", "content": [IMG, text("\nDescribe it.")]},
+    "image": ([{"role": "user", "content": [IMG, text("Describe it.")]},
                {"role": "assistant", "content": [text("Waves.")]}], ["a"]),
-    "large": ([{"role": "user", "content": [IMG, text("\nWhat is here?")]},
+    "large": ([{"role": "user", "content": [IMG, text("What is here?")]},
                {"role": "assistant", "content": [text("A pattern.")]}], ["large"]),
-    "two_images": ([{"role": "user", "content": [IMG, text("\nFirst?")]},
+    "two_images": ([{"role": "user", "content": [IMG, text("First?")]},
                     {"role": "assistant", "content": [text("Red.")]},
-                    {"role": "user", "content": [text("And "), IMG, text(" this one?")]},
+                    {"role": "user", "content": [text("And "), IMG, text("this one?")]},
                     {"role": "assistant", "content": [text("Blue.")]}], ["a", "b"]),
 }
 BATCH = ["two_images", "text", "large"]
@@ -127,7 +127,8 @@ def hub_messages(messages):
         for part in m["content"]:
             if part["type"] == "image":
                 k += 1
-                content += f"<|image_{k}|>"
+                # lmms-ft's template writes the Hub prompt format's newline after each image.
+                content += f"<|image_{k}|>\n"
             else:
                 content += part["text"]
         result.append({"role": m["role"], "content": content})

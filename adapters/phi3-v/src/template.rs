@@ -9,23 +9,29 @@
 //! every special token, `<|end|>`, `▁`, `\n`), not the Metaspace rebuild transformers 5 (and
 //! the core's `load_dir_tokenizer`) makes of Llama tokenizers.
 //!
-//! Images come from the conversation's image parts or from `<|image_N|>` written in the text
-//! (datasets in Phi-3-V's own format); both must name exactly the sample's images.
+//! Images are placed by the conversation's image parts, or, when the text has `<|image_N|>`
+//! written in it (datasets in Phi-3-V's own format), by those tags alone; either way every
+//! image of the sample must be named and nothing else.
 
 use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Result};
 use lmms_ft_core::data::template::{
-    discover_template, label_rule, tokenizer_path, ChatRenderer, ContentMode, HfChatTemplate,
-    MediaPlaceholders, SpecialTokens,
+    discover_template, label_rule, tokenizer_path, AssistantSpans, ChatRenderer, ContentMode,
+    HfChatTemplate, MediaPlaceholders, SpecialTokens,
 };
 use lmms_ft_core::data::{Conversation, Part, Role};
 use lmms_ft_core::family::{ChatTemplate, EncodedText, MediaTokens};
 use tokenizers::Tokenizer;
 
-/// What the renderer writes for an image part; numbered afterwards in part order.
+/// What the renderer writes for an image part; numbered afterwards in part order. The tag an
+/// image part becomes is followed by a newline, as in the Hub's prompt format
+/// (`<|image_1|>\n{question}`): the template writes the separator after media, as other
+/// families' templates do (the dataset's `<image>\n` convention drops the newline written
+/// after a leading `<image>`).
 const IMAGE_MARK: &str = "\u{E000}lmms-image\u{E001}";
+const IMAGE_PART: &str = "\u{E000}lmms-image\u{E001}\n";
 const VIDEO_MARK: &str = "\u{E000}lmms-video\u{E001}";
 
 pub struct Phi3VTemplate {
@@ -55,7 +61,7 @@ impl Phi3VTemplate {
             discover_template(dir)?,
             SpecialTokens::from_dir(dir)?,
             ContentMode::String {
-                image: IMAGE_MARK.into(),
+                image: IMAGE_PART.into(),
                 video: VIDEO_MARK.into(),
             },
         )?;
@@ -75,8 +81,24 @@ impl Phi3VTemplate {
         &self.inner
     }
 
-    /// The image tags of a rendering, in order: image parts take their part's index.
-    fn tags(&self, text: &str, conv: &Conversation) -> Result<Vec<Tag>> {
+    /// The image tags of a rendering, in order. Written `<|image_N|>` tags, when the text has
+    /// any, place the images alone, and the image parts' marks are dropped (a dataset record
+    /// without `<image>` placeholders gets its images as parts in front of the first user
+    /// turn, which the tags then place instead); otherwise each image part is a tag for its
+    /// own image. Returns the text without dropped marks, its assistant spans moved to match,
+    /// and the tags.
+    fn tags(
+        &self,
+        spans: AssistantSpans,
+        conv: &Conversation,
+    ) -> Result<(AssistantSpans, Vec<Tag>)> {
+        let text = &spans.text;
+        ensure!(
+            !text.contains(VIDEO_MARK),
+            "Phi-3-V takes no videos; give the frames as images instead"
+        );
+        let written =
+            (0..text.len()).any(|i| text.is_char_boundary(i) && literal_tag(&text[i..]).is_some());
         let mut parts = conv
             .turns
             .iter()
@@ -85,10 +107,9 @@ impl Phi3VTemplate {
                 Part::Image { index } => Some(*index + 1),
                 _ => None,
             });
-        ensure!(
-            !text.contains(VIDEO_MARK),
-            "Phi-3-V takes no videos; give the frames as images instead"
-        );
+        let mut kept = String::with_capacity(text.len());
+        // (position in the original text, bytes removed up to there), for moving the spans.
+        let mut removed: Vec<(usize, usize)> = Vec::new();
         let mut tags = Vec::new();
         let mut at = 0;
         while at < text.len() {
@@ -97,22 +118,53 @@ impl Phi3VTemplate {
                 let image = parts.next().ok_or_else(|| {
                     anyhow!("the rendering has more images than the conversation")
                 })?;
+                if written {
+                    // The part's separator goes with it.
+                    let len = if rest.starts_with(IMAGE_PART) {
+                        IMAGE_PART.len()
+                    } else {
+                        IMAGE_MARK.len()
+                    };
+                    removed.push((at + len, at + len - kept.len()));
+                    at += len;
+                    continue;
+                }
+                let start = kept.len();
+                kept.push_str(IMAGE_MARK);
                 tags.push(Tag {
-                    range: at..at + IMAGE_MARK.len(),
+                    range: start..kept.len(),
                     image,
                 });
                 at += IMAGE_MARK.len();
-            } else if let Some((len, image)) = literal_tag(rest) {
+                continue;
+            }
+            if let Some((len, image)) = literal_tag(rest) {
+                let start = kept.len();
+                kept.push_str(&rest[..len]);
                 tags.push(Tag {
-                    range: at..at + len,
+                    range: start..kept.len(),
                     image,
                 });
                 at += len;
-            } else {
-                at += rest.chars().next().map_or(1, char::len_utf8);
+                continue;
             }
+            let c = rest.chars().next().map_or(1, char::len_utf8);
+            kept.push_str(&rest[..c]);
+            at += c;
         }
-        Ok(tags)
+        let shift = |pos: usize| {
+            removed
+                .iter()
+                .rev()
+                .find(|(end, _)| *end <= pos)
+                .map_or(pos, |(_, gone)| pos - gone)
+        };
+        let turns = spans
+            .turns
+            .iter()
+            .map(|turn| turn.iter().map(|r| shift(r.start)..shift(r.end)).collect())
+            .collect();
+        Ok((AssistantSpans { text: kept, turns }, tags))
     }
 
     fn encode_text(
@@ -130,8 +182,8 @@ impl Phi3VTemplate {
             .inner
             .renderer()
             .assistant_spans(conv, add_generation_prompt)?;
+        let (spans, tags) = self.tags(spans, conv)?;
         let text = &spans.text;
-        let tags = self.tags(text, conv)?;
         let n = media.images.len();
         let mut named = vec![false; n];
         for tag in &tags {
