@@ -117,6 +117,7 @@ samples = {
                     {"role": "assistant", "content": [text("Blue.")]}], ["a", "b"]),
 }
 BATCH = ["two_images", "text", "large"]
+GENERATE, MAX_NEW = ["text", "image", "two_images"], 3
 
 
 def hub_messages(messages):
@@ -240,7 +241,9 @@ tensors, meta = {"logit_columns": vocab_cols}, {"samples": {}, "real_num_paramet
 
 
 def forward(batch, labels):
-    kw = {"input_ids": batch["input_ids"].clone(), "labels": labels}
+    kw = {"input_ids": batch["input_ids"].clone()}
+    if labels is not None:
+        kw["labels"] = labels
     if "pixel_values" in batch:
         kw.update(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"])
     return model(**kw)
@@ -309,6 +312,28 @@ for p in TRACK:
         tensors[f"batch.grad.{p}"] = params[p].grad.detach().clone().contiguous()
 meta["batch"] = {"samples": BATCH, "loss": float(loss)}
 
+# Greedy generation from the prompts (each conversation without its final answer): the Hub's
+# `generate` needs cache APIs transformers removed, so this is the plain loop, one full
+# forward per new token, stopping at <|end|> / <|endoftext|>.
+STOP = {tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+with torch.no_grad():
+    for name in GENERATE:
+        messages, keys = samples[name]
+        prompt = tokenizer.apply_chat_template(hub_messages(messages[:-1]), tokenize=False,
+                                               add_generation_prompt=True)
+        batch = processor(prompt, [images[k] for k in keys] or None, return_tensors="pt")
+        ids, new, steps = batch["input_ids"], [], []
+        for _ in range(MAX_NEW):
+            step = dict(batch, input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1))
+            logits = forward(step, None).logits[0, -1]
+            steps.append(logits)
+            new.append(int(logits.argmax()))
+            if new[-1] in STOP:
+                break
+        tensors[f"{name}.prompt_ids"] = ids[0].contiguous()
+        tensors[f"{name}.generated"] = torch.tensor(new)
+        tensors[f"{name}.generated_logits"] = torch.stack(steps).contiguous()
+meta["max_new_tokens"] = MAX_NEW
 save_file(tensors, os.path.join(out, "reference.safetensors"))
 with open(os.path.join(out, "reference.json"), "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
