@@ -72,7 +72,9 @@ pub enum ProjectionLayout {
     Fused,
 }
 
-/// The q/k/v projections, separate or fused.
+/// The q/k/v projections, separate or fused. One per layer, built once and never moved in a
+/// hot path, so the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Qkv {
     Split { q: Linear, k: Linear, v: Linear },
     Fused(Linear),
