@@ -3,10 +3,16 @@
 //! token-weighted mean equal the Hub code run per sample, for a text, a one-image, an
 //! all-crops and a two-image two-turn sample in one batch of four. A record whose
 //! `<|image_N|>` names a missing image fails with an error naming the record and the tag.
+//! `list-models` reports the family implemented, and `validate-data`, a QLoRA `train`,
+//! `merge-lora`, a full `train` and `generate` run end to end; the full and merged outputs
+//! carry the base directory's files (the Hub's remote code and `auto_map` when it has them).
+
+mod support;
 
 use std::process::Command;
 
-use lmms_ft_core::testing::{assert_evaluate_report, llava_record, repo_root};
+use lmms_ft_core::testing::{assert_evaluate_report, repo_root};
+use support::{assert_ok, image_dataset, llava_record, train_args};
 
 fn fixture() -> (std::path::PathBuf, serde_json::Value) {
     let dir = repo_root().join("tests/data/phi3v");
@@ -93,4 +99,115 @@ fn a_tag_naming_a_missing_image_is_an_error_naming_the_sample() {
         "the error names no sample: {err}"
     );
     eprintln!("{err}");
+}
+
+fn lmms_ft(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn list_models_reports_phi3_v_implemented() {
+    let out = lmms_ft(&["list-models", "--json"]);
+    assert!(out.status.success());
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: Vec<&serde_json::Value> = rows.iter().filter(|r| r["family"] == "phi3-v").collect();
+    assert_eq!(ours.len(), 2, "Phi-3-V and Phi-3.5-V");
+    for row in ours {
+        assert_eq!(row["status"], "implemented", "{row}");
+    }
+}
+
+#[test]
+fn validate_qlora_full_merge_and_generate_run_end_to_end() {
+    let (fixture, _) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    // The base as users have it: with a file of the Hub's remote code beside the weights
+    // (a stand-in: the real code is not in the repository), which outputs must carry.
+    let dir = tmp.path().join("base");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("modeling_phi3_v.py"), "# remote code stand-in\n").unwrap();
+    let data = image_dataset(tmp.path());
+    assert_ok(&lmms_ft(&[
+        "validate-data",
+        "--model-path",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--image-folder",
+        dir.to_str().unwrap(),
+    ]));
+    let out = tmp.path().join("qlora");
+    let run = support::lmms_ft(&train_args(
+        &dir,
+        &data,
+        &out,
+        &[
+            "train.mode=\"qlora\"",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.learning_rate=1e-2",
+            "lora.r=4",
+        ],
+    ));
+    assert_ok(&run);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("quantised 8 linear layers"),
+        "the 8 fused LLM linears are not reported quantised:\n{stderr}"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let merged = tmp.path().join("merged");
+    assert_ok(&lmms_ft(&[
+        "merge-lora",
+        "--base",
+        dir.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]));
+    let full = tmp.path().join("full");
+    assert_ok(&support::lmms_ft(&train_args(
+        &dir,
+        &data,
+        &full,
+        &["train.mode=\"full\"", "train.max_steps=2", "train.batch_size=3"],
+    )));
+    let base_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for out in [&merged, &full] {
+        assert!(out.join("modeling_phi3_v.py").is_file(), "{}", out.display());
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["auto_map"], base_config["auto_map"], "{}", out.display());
+        assert!(config["auto_map"]["AutoModelForCausalLM"].is_string());
+        let run = lmms_ft(&[
+            "generate",
+            "--model-path",
+            out.to_str().unwrap(),
+            "--prompt",
+            "What is this?",
+            "--image",
+            dir.join("image_b.png").to_str().unwrap(),
+            "--set",
+            "train.device=cpu",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]);
+        assert_ok(&run);
+        let reply: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let n = reply["token_ids"].as_array().unwrap().len();
+        assert!(n == 3 || (n < 3 && reply["stopped"] == true), "{reply}");
+    }
 }
