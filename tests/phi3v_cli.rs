@@ -180,16 +180,29 @@ fn validate_qlora_full_merge_and_generate_run_end_to_end() {
         &dir,
         &data,
         &full,
-        &["train.mode=\"full\"", "train.max_steps=2", "train.batch_size=3"],
+        &[
+            "train.mode=\"full\"",
+            "train.max_steps=2",
+            "train.batch_size=3",
+        ],
     )));
     let base_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     for out in [&merged, &full] {
-        assert!(out.join("modeling_phi3_v.py").is_file(), "{}", out.display());
+        assert!(
+            out.join("modeling_phi3_v.py").is_file(),
+            "{}",
+            out.display()
+        );
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
                 .unwrap();
-        assert_eq!(config["auto_map"], base_config["auto_map"], "{}", out.display());
+        assert_eq!(
+            config["auto_map"],
+            base_config["auto_map"],
+            "{}",
+            out.display()
+        );
         assert!(config["auto_map"]["AutoModelForCausalLM"].is_string());
         let run = lmms_ft(&[
             "generate",
