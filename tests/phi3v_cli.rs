@@ -224,3 +224,140 @@ fn validate_qlora_full_merge_and_generate_run_end_to_end() {
         assert!(n == 3 || (n < 3 && reply["stopped"] == true), "{reply}");
     }
 }
+
+/// The Hub's remote code, when present beside the checkout or in `$LMMS_FT_PHI3V_HUB_CODE`.
+fn hub_code() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("LMMS_FT_PHI3V_HUB_CODE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            repo_root()
+                .parent()
+                .unwrap()
+                .join("shared/hf-configs/microsoft--Phi-3-vision-128k-instruct")
+        });
+    if dir.join("modeling_phi3_v.py").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("LMMS_FT_REQUIRE_PHI3V_HUB_CODE").is_none(),
+        "LMMS_FT_REQUIRE_PHI3V_HUB_CODE is set but {} has no Phi-3-V Hub code",
+        dir.display()
+    );
+    eprintln!(
+        "NOT CHECKED: no Phi-3-V Hub code in {} (set LMMS_FT_PHI3V_HUB_CODE)",
+        dir.display()
+    );
+    None
+}
+
+/// With the Hub code: a base carrying the real remote-code files, trained with LoRA and fully
+/// by lmms-ft; the merge-lora and full outputs load with `trust_remote_code=True` and the
+/// adapter loads in `peft` on the Hub code, each giving the loss `lmms-ft evaluate` gives
+/// (≤ 1e-5 relative), and the adapter changes the loss.
+#[test]
+fn outputs_load_with_trust_remote_code_and_peft() {
+    let Some(code) = hub_code() else { return };
+    let (fixture, meta) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for dir in [&fixture, &code] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let take = dir == &fixture || name.ends_with(".py");
+            if path.is_file() && take {
+                std::fs::copy(&path, base.join(&name)).unwrap();
+            }
+        }
+    }
+    let data = image_dataset(tmp.path());
+    let lora = tmp.path().join("lora");
+    assert_ok(&support::lmms_ft(&train_args(
+        &base,
+        &data,
+        &lora,
+        &["train.max_steps=2", "train.learning_rate=5e-2", "lora.r=4"],
+    )));
+    let merged = tmp.path().join("merged");
+    assert_ok(&lmms_ft(&[
+        "merge-lora",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        lora.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]));
+    let full = tmp.path().join("full");
+    assert_ok(&support::lmms_ft(&train_args(
+        &base,
+        &data,
+        &full,
+        &[
+            "train.mode=\"full\"",
+            "train.max_steps=2",
+            "train.warmup_ratio=0.0",
+            "train.learning_rate=1e-2",
+        ],
+    )));
+    let name = "image";
+    let images: Vec<&str> = meta["samples"][name]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let record = llava_record(&meta["samples"][name]["messages"], &images);
+    let eval_data = tmp.path().join("eval.json");
+    std::fs::write(&eval_data, serde_json::json!([record]).to_string()).unwrap();
+    let ours = |model: &std::path::Path, adapter: Option<&std::path::Path>| -> f64 {
+        let report = tmp.path().join("report.json");
+        let mut args = vec![
+            "evaluate".to_string(),
+            "--model-path".into(),
+            model.to_str().unwrap().into(),
+            "--data".into(),
+            eval_data.to_str().unwrap().into(),
+            "--image-folder".into(),
+            fixture.to_str().unwrap().into(),
+            "--json".into(),
+            report.to_str().unwrap().into(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".into(), a.to_str().unwrap().into()]);
+        }
+        assert_ok(&support::lmms_ft(&args));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        r["samples"][0]["loss"].as_f64().unwrap()
+    };
+    let theirs = |model: &std::path::Path, adapter: Option<&std::path::Path>| -> f64 {
+        let out = lmms_ft_core::testing::run_oracle(
+            "phi3v_interop.py",
+            &[
+                fixture.to_str().unwrap(),
+                model.to_str().unwrap(),
+                name,
+                adapter.map_or("", |a| a.to_str().unwrap()),
+                code.to_str().unwrap(),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let base_loss = meta["samples"][name]["rule_loss"].as_f64().unwrap();
+    for (what, model, adapter) in [
+        ("merged", &merged, None),
+        ("full", &full, None),
+        ("adapter", &base, Some(lora.as_path())),
+    ] {
+        let (a, b) = (ours(model, adapter), theirs(model, adapter));
+        eprintln!("{what}: lmms-ft {a:.6}, Hub code {b:.6} (base {base_loss:.6})");
+        assert!(((a - b) / b).abs() <= 1e-5, "{what}: {a} vs {b}");
+        assert!(
+            (a - base_loss).abs() > 1e-3,
+            "{what}: training changed nothing"
+        );
+    }
+}
