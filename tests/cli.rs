@@ -184,6 +184,7 @@ fn list_models_json_has_every_id_from_its_adapter_crate() {
                 | "llava-next"
                 | "llava-next-video"
                 | "llava-onevision"
+                | "llama-3.2-vision"
         );
         assert_eq!(
             row["status"],
