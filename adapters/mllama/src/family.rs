@@ -4,13 +4,16 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{
     discover_template, load_dir_tokenizer, ChatRenderer, ContentMode, HfChatTemplate,
     MediaPlaceholders, SpecialTokens,
 };
-use lmms_ft_core::family::{Collator, EncodedText, Family, ProcessorOptions};
+use lmms_ft_core::data::Conversation;
+use lmms_ft_core::family::{
+    ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::MllamaConfig;
@@ -57,6 +60,74 @@ pub fn cross_attention_ranges(ids: &[i64], image_token: i64) -> Vec<(usize, usiz
         last_end = r.1;
     }
     ranges
+}
+
+/// The Hub chat template with the label rule cut at `<|eot_id|>`: the shared rule labels
+/// every special token right after an assistant reply, which in Llama-3's format runs on
+/// into the next turn's `<|start_header_id|>`; a reply ends at its `<|eot_id|>`.
+pub struct MllamaTemplate {
+    inner: HfChatTemplate,
+    eot: i64,
+    specials: std::collections::HashSet<i64>,
+}
+
+impl MllamaTemplate {
+    pub fn new(inner: HfChatTemplate) -> Result<Self> {
+        let tok = inner.tokenizer();
+        let eot = tok
+            .token_to_id("<|eot_id|>")
+            .context("the tokenizer has no <|eot_id|> token")? as i64;
+        let specials = tok
+            .get_added_tokens_decoder()
+            .into_keys()
+            .map(i64::from)
+            .collect();
+        Ok(MllamaTemplate {
+            inner,
+            eot,
+            specials,
+        })
+    }
+
+    pub fn inner(&self) -> &HfChatTemplate {
+        &self.inner
+    }
+}
+
+impl ChatTemplate for MllamaTemplate {
+    fn is_media_token(&self, id: i64) -> bool {
+        self.inner.is_media_token(id)
+    }
+
+    fn encode(&self, conv: &Conversation, media: &MediaTokens, label_all: bool) -> Result<EncodedText> {
+        let mut enc = self.inner.encode(conv, media, label_all)?;
+        if !label_all {
+            let n = enc.labels.len();
+            for i in 0..n {
+                if enc.labels[i] != self.eot {
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < n && enc.labels[j] != IGNORE_INDEX && self.specials.contains(&enc.input_ids[j]) {
+                    enc.labels[j] = IGNORE_INDEX;
+                    j += 1;
+                }
+            }
+        }
+        Ok(enc)
+    }
+
+    fn encode_prompt(&self, conv: &Conversation, media: &MediaTokens) -> Result<Vec<i64>> {
+        self.inner.encode_prompt(conv, media)
+    }
+
+    fn decode(&self, ids: &[i64]) -> Result<String> {
+        self.inner.decode(ids)
+    }
+
+    fn stop_token_ids(&self) -> Vec<i64> {
+        self.inner.stop_token_ids()
+    }
 }
 
 pub struct MllamaCollator {
@@ -177,7 +248,7 @@ pub struct Mllama;
 impl Family for Mllama {
     type Config = MllamaConfig;
     type Processor = MllamaProcessor;
-    type Template = HfChatTemplate;
+    type Template = MllamaTemplate;
     type Sample = Sample;
     type Batch = Batch;
     type Collator = MllamaCollator;
@@ -191,7 +262,7 @@ impl Family for Mllama {
         MllamaProcessor::from_dir(dir)
     }
 
-    fn template(_config: &MllamaConfig, dir: &Path) -> Result<HfChatTemplate> {
+    fn template(_config: &MllamaConfig, dir: &Path) -> Result<MllamaTemplate> {
         let mut extra = serde_json::Map::new();
         extra.insert("date_string".into(), DATE_STRING.into());
         let renderer = ChatRenderer::new(
@@ -200,11 +271,11 @@ impl Family for Mllama {
             ContentMode::Parts,
         )?
         .with_extra(extra);
-        HfChatTemplate::new(
+        MllamaTemplate::new(HfChatTemplate::new(
             renderer,
             load_dir_tokenizer(dir)?,
             MediaPlaceholders::new(IMAGE_TOKEN, None),
-        )
+        )?)
     }
 
     fn sample(text: EncodedText, media: MllamaMedia) -> Sample {

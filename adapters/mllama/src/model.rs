@@ -125,11 +125,22 @@ impl MllamaModel {
         let inverted = m.ones_like() - &m;
         let masked = inverted.masked_fill(&inverted.to_kind(Kind::Bool), min);
         let full_row = masked.ne(min).any_dim(-1, false).to_kind(kind).unsqueeze(-1);
-        let mask = &masked * &full_row;
+        // transformers lets a row that sees no image attend to every vision token of the
+        // batch row; those of padding image slots are kept out, so that the row computes
+        // the same next to a sample with more images as alone (equal when nothing is padded).
+        let real = images.aspect_ratio_ids.ne(0).to_kind(kind);
+        let per_slot = size[2] * patches;
+        let slot_bias = (real.ones_like() - &real)
+            .repeat_interleave_self_int(per_slot, Some(1), None)
+            .view([b, 1, 1, -1])
+            * min;
+        let mask = &masked * &full_row + (full_row.ones_like() - &full_row) * slot_bias;
+        let full_row = full_row.squeeze_dim(1);
         Ok(CrossContext {
             states,
             mask,
-            full_row: full_row.squeeze_dim(1),
+            has_images: full_row.amax([1], true),
+            full_row,
         })
     }
 

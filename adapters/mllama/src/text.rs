@@ -9,8 +9,9 @@
 //!
 //! Generation keeps each self-attention layer's keys / values in its [`KvCache`] slot, and
 //! each cross-attention layer's vision keys / values, computed once at prefill, in its own
-//! slot; one extra slot past the layers holds the cross-attention mask of each row's next
-//! tokens (that of its last prompt token, as transformers repeats it).
+//! slot; two extra slots past the layers hold the cross-attention mask of each row's next
+//! tokens (that of its last prompt token, as transformers repeats it) and which rows have
+//! images.
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::{rope_cos_sin, DecoderLayer, Mlp};
@@ -47,6 +48,11 @@ pub struct CrossContext {
     pub mask: Tensor,
     /// `[B, T, 1]`: 0 on rows that attend to no image.
     pub full_row: Tensor,
+    /// `[B, 1, 1]`: 0 for a sample without images. transformers runs such a sample through
+    /// the cross-attention layers when it shares a batch with images (its rows attend to
+    /// the padding image), unlike alone, where they are skipped; here it computes what it
+    /// computes alone, so a sample's loss never depends on what it is batched with.
+    pub has_images: Tensor,
 }
 
 pub struct CrossLayer {
@@ -136,7 +142,14 @@ impl CrossLayer {
         (k, v)
     }
 
-    fn forward(&self, x: &Tensor, kv: &(Tensor, Tensor), mask: &Tensor, full_row: &Tensor) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        kv: &(Tensor, Tensor),
+        mask: &Tensor,
+        full_row: &Tensor,
+        has_images: &Tensor,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("[B, T, H]");
         let y = self.input_layernorm.forward(x);
         let q = self
@@ -152,7 +165,7 @@ impl CrossLayer {
         let out = self
             .o_proj
             .forward(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]));
-        let h = x + self.attn_gate.tanh() * out;
+        let h = x + self.attn_gate.tanh() * out * has_images;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h)) * full_row;
         &h + self.mlp_gate.tanh() * m
     }
@@ -254,11 +267,12 @@ impl TextModel {
                     if checkpointing && (h.requires_grad() || cx.states.requires_grad() || l.has_trainable()) {
                         let l = l.shallow_clone();
                         let (mask, row) = (cx.mask.shallow_clone(), cx.full_row.shallow_clone());
+                        let has = cx.has_images.shallow_clone();
                         checkpoint(&[&h, &cx.states], move |xs| {
-                            l.forward(&xs[0], &l.vision_kv(&xs[1]), &mask, &row)
+                            l.forward(&xs[0], &l.vision_kv(&xs[1]), &mask, &row, &has)
                         })
                     } else {
-                        l.forward(&h, &l.vision_kv(&cx.states), &cx.mask, &cx.full_row)
+                        l.forward(&h, &l.vision_kv(&cx.states), &cx.mask, &cx.full_row, &cx.has_images)
                     }
                 }
             };
@@ -274,7 +288,7 @@ impl TextModel {
         cos: &Tensor,
         sin: &Tensor,
         self_mask: Option<&Tensor>,
-        cross_mask: Option<(&Tensor, &Tensor)>,
+        cross_mask: Option<(&Tensor, &Tensor, &Tensor)>,
         cache: &mut KvCache,
     ) -> Tensor {
         let mut h = embeds.shallow_clone();
@@ -282,7 +296,7 @@ impl TextModel {
             h = match layer {
                 TextLayer::SelfAttention(l) => l.forward(&h, cos, sin, self_mask, Some(slot)),
                 TextLayer::CrossAttention(l) => match (slot.as_ref(), cross_mask) {
-                    (Some(kv), Some((mask, row))) => l.forward(&h, kv, mask, row),
+                    (Some(kv), Some((mask, row, has))) => l.forward(&h, kv, mask, row, has),
                     _ => continue,
                 },
             };
@@ -312,7 +326,7 @@ impl TextModel {
             next_positions: lengths.iter().map(|&l| l as i64).collect(),
             ..DecodeState::default()
         };
-        state.cache.layers.resize_with(n + 1, || None);
+        state.cache.layers.resize_with(n + 2, || None);
         let lens: Vec<i64> = lengths.iter().map(|&l| l as i64).collect();
         let lens = Tensor::from_slice(&lens).to_device(device);
         if let Some(cx) = cross {
@@ -327,11 +341,12 @@ impl TextModel {
             let mask = cx.mask.gather(2, &idx.expand([b, 1, 1, s], false), false);
             let row = cx.full_row.gather(1, &(&lens - 1).view([b, 1, 1]), false);
             state.cache.layers[n] = Some((mask, row));
+            let has = cx.has_images.shallow_clone();
+            state.cache.layers[n + 1] = Some((has.shallow_clone(), has));
         }
-        let cross_mask = cross.map(|cx| (&cx.mask, &cx.full_row));
-        let mut layers_cache = std::mem::take(&mut state.cache);
-        let hidden = self.hidden_states_cached(embeds, &cos, &sin, None, cross_mask, &mut layers_cache);
-        state.cache = layers_cache;
+        let cross_mask = cross.map(|cx| (&cx.mask, &cx.full_row, &cx.has_images));
+        let hidden =
+            self.hidden_states_cached(embeds, &cos, &sin, None, cross_mask, &mut state.cache);
         let last = hidden
             .gather(1, &(&lens - 1).view([b, 1, 1]).expand([b, 1, h], false), false)
             .squeeze_dim(1);
@@ -356,13 +371,19 @@ impl TextModel {
             mask
         });
         let n = self.layers.len();
-        let cross = state.cache.layers.get(n).and_then(|s| s.as_ref()).map(|(m, r)| (m.shallow_clone(), r.shallow_clone()));
+        let slot = |i: usize| state.cache.layers.get(i).and_then(|s| s.as_ref());
+        let cross = match (slot(n), slot(n + 1)) {
+            (Some((m, r)), Some((has, _))) => {
+                Some((m.shallow_clone(), r.shallow_clone(), has.shallow_clone()))
+            }
+            _ => None,
+        };
         let hidden = self.hidden_states_cached(
             &embeds,
             &cos,
             &sin,
             self_mask.as_ref(),
-            cross.as_ref().map(|(m, r)| (m, r)),
+            cross.as_ref().map(|(m, r, h)| (m, r, h)),
             &mut state.cache,
         );
         state.next_positions.iter_mut().for_each(|p| *p += 1);
