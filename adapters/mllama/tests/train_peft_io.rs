@@ -100,6 +100,6 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
         eprintln!("{name}: {r}");
         assert!(r["peft_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: peft logits differ: {r}");
         assert!(r["merged_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: merged logits differ: {r}");
-        assert!(r["base_vs_ours"].as_f64().unwrap() > 1e-4, "{name}: the adapter changes nothing: {r}");
+        assert!(r["base_vs_ours"].as_f64().unwrap() > 1e-3, "{name}: the adapter changes nothing: {r}");
     }
 }
