@@ -100,3 +100,55 @@ fn generate_answers_as_transformers_greedy_decode() {
         .collect();
     assert_eq!(ids, expected, "{reply}");
 }
+
+/// `validate-data` with the real tokenizer and processor: more images than a sample may
+/// hold and an `<image>` count that differs from the images are reported at their line; an
+/// image too wide for any canvas is fine (it tiles, as in transformers).
+#[test]
+fn validate_data_names_samples_with_bad_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture();
+    for k in ["a", "wide"] {
+        std::fs::copy(
+            dir.join(format!("image_{k}.png")),
+            tmp.path().join(format!("{k}.png")),
+        )
+        .unwrap();
+    }
+    let many: Vec<&str> = vec!["a.png"; 9];
+    let lines = [
+        r#"{"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Noise."}], "image": "wide.png"}"#.to_string(),
+        serde_json::json!({
+            "conversations": [
+                {"from": "human", "value": format!("{}Which?", "<image>".repeat(9))},
+                {"from": "gpt", "value": "All."}
+            ],
+            "image": many,
+        })
+        .to_string(),
+        r#"{"conversations": [{"from": "human", "value": "<image><image>\nBoth?"}, {"from": "gpt", "value": "?"}], "image": "a.png"}"#.to_string(),
+    ];
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = lmms_ft(&[
+        "validate-data",
+        "--model-path",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--image-folder",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    for (line, words) in [(2, "9 images, more than the 8"), (3, "placeholder")] {
+        let hit = report
+            .lines()
+            .any(|l| l.contains(&format!("data.jsonl:{line}")) && l.contains(words));
+        assert!(hit, "line {line} ({words}) not reported:\n{report}");
+    }
+    assert!(
+        !report.lines().any(|l| l.contains("data.jsonl:1")),
+        "the wide image is not a problem:\n{report}"
+    );
+}
