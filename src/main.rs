@@ -12,6 +12,7 @@ use lmms_ft_llava as _;
 use lmms_ft_mllama as _;
 use lmms_ft_phi3_v as _;
 use lmms_ft_qwen2_vl as _;
+use lmms_ft_qwen3_vl as _;
 
 use std::process::ExitCode;
 

@@ -134,6 +134,54 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
         "lmms_ft_qwen2_vl",
     ),
     (
+        "qwen3-vl-2b-instruct",
+        "Qwen/Qwen3-VL-2B-Instruct",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-2b-thinking",
+        "Qwen/Qwen3-VL-2B-Thinking",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-4b-instruct",
+        "Qwen/Qwen3-VL-4B-Instruct",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-4b-thinking",
+        "Qwen/Qwen3-VL-4B-Thinking",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-8b-instruct",
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-8b-thinking",
+        "Qwen/Qwen3-VL-8B-Thinking",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-32b-instruct",
+        "Qwen/Qwen3-VL-32B-Instruct",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
+        "qwen3-vl-32b-thinking",
+        "Qwen/Qwen3-VL-32B-Thinking",
+        "qwen3-vl",
+        "lmms_ft_qwen3_vl",
+    ),
+    (
         "phi3-v",
         "microsoft/Phi-3-vision-128k-instruct",
         "phi3-v",
@@ -180,6 +228,7 @@ fn list_models_json_has_every_id_from_its_adapter_crate() {
             *family,
             "qwen2-vl"
                 | "qwen2.5-vl"
+                | "qwen3-vl"
                 | "llava"
                 | "llava-next"
                 | "llava-next-video"

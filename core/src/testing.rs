@@ -3,6 +3,7 @@
 //! A missing oracle is a failure with instructions, never a silent skip.
 
 pub mod generation;
+pub mod train_parity;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,4 +1,4 @@
-"""The reference training loop the families' training oracles share (train_qwen2_vl.py,
+"""The reference training loop the families' training oracles share (train_qwen_vl.py,
 train_mllama.py): transformers + peft + a plain PyTorch AdamW loop.
 
 Step s uses micro-batches (s*ACCUM + j) % len(names), j < ACCUM, each of batch size 1. The
@@ -71,10 +71,12 @@ def run(model, *, mode, targets, accum, steps, out, names, inputs, labels, hub, 
     groups = {"vision": ([], []), "projector": ([], []), "llm": ([], [])}
     lrs = {"vision": VISION_LR, "projector": PROJ_LR, "llm": LR}
     tracked = {}
+    seen = set()  # tied embeddings: lm_head.weight is embed_tokens.weight, trained once
     for mname, module in base.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
             decay = not is_norm_or_bias(module, pname)
             groups[part(full)][0 if decay else 1].append(p)

@@ -1,6 +1,8 @@
 //! The Llama-style pre-norm decoder: RMSNorm → attention with rotary positions and grouped
 //! KV heads → residual → RMSNorm → SwiGLU MLP → residual. Parameter names follow the Hub
 //! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
+//! [`DecoderOptions`] adds what later decoders change (Qwen3's per-head q/k RMSNorm), and the
+//! `*_hooked` runs let a family add to a layer's output (Qwen3-VL's DeepStack).
 
 use anyhow::{ensure, Result};
 use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
@@ -48,11 +50,36 @@ impl DecoderConfig {
     }
 }
 
+/// Switches beyond the sizes, off by default (the Llama / Qwen2 decoder).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecoderOptions {
+    /// Qwen3: RMSNorm over each head of q and k (`self_attn.q_norm` / `k_norm`, width
+    /// `head_dim`) before the rotary embedding.
+    pub qk_norm: bool,
+}
+
+impl DecoderOptions {
+    /// Parameters these options add to [`DecoderConfig::num_parameters`].
+    pub fn extra_parameters(&self, c: &DecoderConfig) -> u64 {
+        if self.qk_norm {
+            (2 * c.head_dim * c.num_layers) as u64
+        } else {
+            0
+        }
+    }
+}
+
+/// What a family adds to each layer's output: called with the layer index and its output,
+/// returns the hidden states the next layer gets.
+pub type LayerHook<'a> = &'a dyn Fn(usize, Tensor) -> Tensor;
+
 pub struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -65,6 +92,8 @@ impl ShallowClone for Attention {
             k_proj: self.k_proj.shallow_clone(),
             v_proj: self.v_proj.shallow_clone(),
             o_proj: self.o_proj.shallow_clone(),
+            q_norm: self.q_norm.as_ref().map(RmsNorm::shallow_clone),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::shallow_clone),
             heads: self.heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
@@ -73,10 +102,16 @@ impl ShallowClone for Attention {
 }
 
 impl Attention {
-    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
         let q = c.num_heads * c.head_dim;
         let kv = c.num_kv_heads * c.head_dim;
+        let norm = |name: &str| {
+            opts.qk_norm
+                .then(|| RmsNorm::new(&(p / name), c.head_dim, c.rms_norm_eps))
+        };
         Attention {
+            q_norm: norm("q_norm"),
+            k_norm: norm("k_norm"),
             q_proj: Linear::new(&(p / "q_proj"), c.hidden_size, q, c.qkv_bias, init),
             k_proj: Linear::new(&(p / "k_proj"), c.hidden_size, kv, c.qkv_bias, init),
             v_proj: Linear::new(&(p / "v_proj"), c.hidden_size, kv, c.qkv_bias, init),
@@ -99,10 +134,17 @@ impl Attention {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("[B, T, H]");
-        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = split(self.q_proj.forward(x), self.heads);
-        let k = split(self.k_proj.forward(x), self.kv_heads);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let split = |y: Tensor, n: i64, norm: Option<&RmsNorm>| {
+            let y = y.view([b, t, n, self.head_dim]);
+            match norm {
+                Some(norm) => norm.forward(&y),
+                None => y,
+            }
+            .transpose(1, 2)
+        };
+        let q = split(self.q_proj.forward(x), self.heads, self.q_norm.as_ref());
+        let k = split(self.k_proj.forward(x), self.kv_heads, self.k_norm.as_ref());
+        let v = split(self.v_proj.forward(x), self.kv_heads, None);
         let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
         let q = apply_rotary(&q, &cos, &sin);
         let mut k = apply_rotary(&k, &cos, &sin);
@@ -239,15 +281,16 @@ impl DecoderLayer {
             &self.input_layernorm.weight,
             &self.post_attention_layernorm.weight,
         ])
+        .chain(a.q_norm.iter().chain(&a.k_norm).map(|n| &n.weight))
         .any(|t| t.requires_grad())
     }
 
     /// One self-attention layer under `p` (`layers.N`), for families that assemble their own
     /// layer stack around it.
-    pub fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    pub fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
-            self_attn: Attention::new(&(p / "self_attn"), c, init),
+            self_attn: Attention::new(&(p / "self_attn"), c, opts, init),
             post_attention_layernorm: RmsNorm::new(
                 &(p / "post_attention_layernorm"),
                 c.hidden_size,
@@ -299,6 +342,17 @@ pub struct Decoder {
 impl Decoder {
     /// `model` is the path of `embed_tokens` / `layers` / `norm`; `lm_head` is the head's.
     pub fn new(model: &Path, lm_head: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        Decoder::new_with(model, lm_head, c, &DecoderOptions::default(), init)
+    }
+
+    /// [`Decoder::new`] with [`DecoderOptions`].
+    pub fn new_with(
+        model: &Path,
+        lm_head: &Path,
+        c: &DecoderConfig,
+        opts: &DecoderOptions,
+        init: ParamInit,
+    ) -> Self {
         Decoder {
             embed_tokens: Embedding::new(
                 &(model / "embed_tokens"),
@@ -307,7 +361,7 @@ impl Decoder {
                 init,
             ),
             layers: (0..c.num_layers)
-                .map(|i| DecoderLayer::new(&(model / "layers" / i), c, init))
+                .map(|i| DecoderLayer::new(&(model / "layers" / i), c, opts, init))
                 .collect(),
             norm: RmsNorm::new(&(model / "norm"), c.hidden_size, c.rms_norm_eps),
             lm_head: (!c.tie_word_embeddings)
@@ -360,9 +414,22 @@ impl Decoder {
         sin: &Tensor,
         mask: Option<&Tensor>,
     ) -> Tensor {
+        self.hidden_states_hooked(embeds, cos, sin, mask, None)
+    }
+
+    /// [`Decoder::hidden_states`] with `hook` applied to each layer's output (outside any
+    /// gradient checkpoint, so what it adds keeps its own graph).
+    pub fn hidden_states_hooked(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        hook: Option<LayerHook>,
+    ) -> Tensor {
         let mut h = embeds.shallow_clone();
         let checkpointing = self.gradient_checkpointing && grad_enabled();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             h = if checkpointing && (h.requires_grad() || layer.has_trainable()) {
                 let layer = layer.shallow_clone();
                 let (cos, sin) = (cos.shallow_clone(), sin.shallow_clone());
@@ -373,6 +440,9 @@ impl Decoder {
             } else {
                 layer.forward(&h, cos, sin, mask, None)
             };
+            if let Some(hook) = hook {
+                h = hook(i, h);
+            }
         }
         self.norm.forward(&h)
     }
@@ -389,10 +459,25 @@ impl Decoder {
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Tensor {
+        self.hidden_states_cached_hooked(embeds, cos, sin, mask, cache, None)
+    }
+
+    fn hidden_states_cached_hooked(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        hook: Option<LayerHook>,
+    ) -> Tensor {
         cache.layers.resize_with(self.layers.len(), || None);
         let mut h = embeds.shallow_clone();
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             h = layer.forward(&h, cos, sin, mask, Some(slot));
+            if let Some(hook) = hook {
+                h = hook(i, h);
+            }
         }
         self.norm.forward(&h)
     }
@@ -410,6 +495,20 @@ impl Decoder {
         lengths: &[usize],
         next_positions: Vec<i64>,
     ) -> Result<(Tensor, DecodeState)> {
+        self.prefill_hooked(embeds, cos, sin, lengths, next_positions, None)
+    }
+
+    /// [`Decoder::prefill`] with `hook` applied to each layer's output, as in
+    /// [`Decoder::hidden_states_hooked`].
+    pub fn prefill_hooked(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        lengths: &[usize],
+        next_positions: Vec<i64>,
+        hook: Option<LayerHook>,
+    ) -> Result<(Tensor, DecodeState)> {
         let (b, t, h) = embeds.size3()?;
         ensure!(
             lengths.len() == b as usize && next_positions.len() == b as usize,
@@ -425,7 +524,8 @@ impl Decoder {
             next_positions,
             ..DecodeState::default()
         };
-        let hidden = self.hidden_states_cached(embeds, cos, sin, None, &mut state.cache);
+        let hidden =
+            self.hidden_states_cached_hooked(embeds, cos, sin, None, &mut state.cache, hook);
         let device = embeds.device();
         let lens: Vec<i64> = lengths.iter().map(|&l| l as i64).collect();
         let lens = Tensor::from_slice(&lens).to_device(device);

@@ -14,7 +14,7 @@
 //! images.
 
 use anyhow::{ensure, Result};
-use lmms_ft_backbones::decoder::{rope_cos_sin, DecoderLayer, Mlp};
+use lmms_ft_backbones::decoder::{rope_cos_sin, DecoderLayer, DecoderOptions, Mlp};
 use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
 use lmms_ft_core::generate::{DecodeState, KvCache};
 use lmms_ft_core::nn::{repeat_kv, rope_inv_freq, sdpa, Embedding, Linear, ParamInit, RmsNorm};
@@ -196,7 +196,7 @@ impl TextModel {
                 if c.is_cross(i) {
                     TextLayer::CrossAttention(CrossLayer::new(&p, c, init))
                 } else {
-                    TextLayer::SelfAttention(DecoderLayer::new(&p, d, init))
+                    TextLayer::SelfAttention(DecoderLayer::new(&p, d, &DecoderOptions::default(), init))
                 }
             })
             .collect();

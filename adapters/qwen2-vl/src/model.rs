@@ -13,32 +13,11 @@ use lmms_ft_core::nn::{Linear, ParamInit};
 use lmms_ft_core::weights::{load_into, LoadOptions};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+pub use lmms_ft_backbones::qwen_vl::batch::{Batch, Media};
+
 use crate::config::Qwen2VlConfig;
 use crate::rope::mrope_cos_sin;
 use crate::vision::VisionTower;
-
-/// Processed media of a batch: flattened patches and their `(t, h, w)` grids.
-#[derive(Debug)]
-pub struct Media {
-    pub pixels: Tensor,
-    pub grids: Vec<[i64; 3]>,
-}
-
-/// A device batch, as the collator builds it.
-#[derive(Debug)]
-pub struct Batch {
-    /// `[B, T]`, right-padded.
-    pub input_ids: Tensor,
-    /// Where the loss is taken; `None` for inference.
-    pub targets: Option<LossTargets>,
-    /// `[3, B, T]` M-RoPE positions (restarting per sample in packed rows).
-    pub position_ids: Tensor,
-    pub images: Option<Media>,
-    pub videos: Option<Media>,
-    /// Packed rows (`data.packing`): `[B, 1, T, T]` bool, true where a token may attend
-    /// (its own sample, causally); `None` for padded rows, which are plain causal.
-    pub attention_mask: Option<Tensor>,
-}
 
 pub struct Qwen2VlModel {
     pub config: Qwen2VlConfig,

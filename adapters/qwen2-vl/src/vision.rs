@@ -3,10 +3,11 @@
 //! Qwen2.5-VL, to 112-pixel windows except in `fullatt_block_indexes`), and a merger that
 //! folds each 2 × 2 block of patches into one LLM token.
 
+use lmms_ft_backbones::qwen_vl::vision::{patch_positions, rotary_tables, segment_attention};
 use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
-use lmms_ft_core::nn::{apply_rotary, rope_inv_freq, sdpa, LayerNorm, Linear, ParamInit, RmsNorm};
+use lmms_ft_core::nn::{LayerNorm, Linear, ParamInit, RmsNorm};
 use tch::nn::{Init, Path};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::config::{Variant, VisionConfig};
 
@@ -278,26 +279,7 @@ impl VisionTower {
     }
 
     fn layout(&self, grids: &[[i64; 3]]) -> Layout {
-        let m = self.config.spatial_merge_size;
-        let mut positions = Vec::new();
-        let mut frame_segments = Vec::new();
-        for &[t, h, w] in grids {
-            // Row-major over merge blocks, then row-major inside each m × m block.
-            let mut frame = Vec::with_capacity((h * w) as usize);
-            for bh in 0..h / m {
-                for bw in 0..w / m {
-                    for ih in 0..m {
-                        for iw in 0..m {
-                            frame.push([bh * m + ih, bw * m + iw]);
-                        }
-                    }
-                }
-            }
-            for _ in 0..t {
-                positions.extend_from_slice(&frame);
-                frame_segments.push(h * w);
-            }
-        }
+        let (positions, frame_segments) = patch_positions(grids, self.config.spatial_merge_size);
         let (window_index, window_segments) = match self.variant {
             Variant::Qwen2Vl => (Vec::new(), Vec::new()),
             Variant::Qwen25Vl => self.windows(grids),
@@ -401,20 +383,9 @@ impl VisionTower {
         out
     }
 
-    /// 2-D rotary tables `[patches, head_dim]` (fp32): half the frequencies for rows, half
-    /// for columns, repeated for both halves of the head as `rotate_half` expects.
     fn rotary(&self, positions: &[[i64; 2]], device: Device) -> (Tensor, Tensor) {
         let head_dim = self.config.embed_dim / self.config.num_heads;
-        let inv = rope_inv_freq(head_dim / 2, self.config.rope_theta, device);
-        let flat: Vec<i64> = positions.iter().flat_map(|p| p.iter().copied()).collect();
-        let pos = Tensor::from_slice(&flat)
-            .view([-1, 2])
-            .to_device(device)
-            .to_kind(Kind::Float);
-        let freqs = pos.unsqueeze(-1) * &inv; // [N, 2, D/4]
-        let hw = freqs.view([positions.len() as i64, -1]); // rows then columns
-        let emb = Tensor::cat(&[&hw, &hw], -1);
-        (emb.cos(), emb.sin())
+        rotary_tables(positions, head_dim, self.config.rope_theta, device)
     }
 }
 
@@ -427,66 +398,25 @@ fn block_forward(
     sin: &Tensor,
     segments: &[i64],
 ) -> Tensor {
-    {
-        let (s, e) = x.size2().expect("[patches, width]");
-        let heads = c.num_heads;
-        let hd = e / heads;
-        let h = b.norm1.forward(x);
-        let qkv = b
-            .qkv
-            .forward(&h)
-            .view([s, 3, heads, hd])
-            .permute([1, 0, 2, 3]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        // Rotary in fp32, as transformers does, then back to the compute dtype.
-        let (cs, sn) = (cos.unsqueeze(-2), sin.unsqueeze(-2));
-        let q = apply_rotary(&q.to_kind(Kind::Float), &cs, &sn).to_kind(q.kind());
-        let k = apply_rotary(&k.to_kind(Kind::Float), &cs, &sn).to_kind(k.kind());
-        // [heads, S, hd]: each segment attends only within itself.
-        let (q, k, v) = (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1));
-        let scale = (hd as f64).powf(-0.5);
-        let attn = if segments.len() == 1 {
-            sdpa(
-                &q.unsqueeze(0),
-                &k.unsqueeze(0),
-                &v.unsqueeze(0),
-                None,
-                false,
-                scale,
-            )
-            .squeeze_dim(0)
-        } else {
-            let split = |t: &Tensor| t.split_with_sizes(segments, 1);
-            let outs: Vec<Tensor> = split(&q)
-                .iter()
-                .zip(split(&k).iter())
-                .zip(split(&v).iter())
-                .map(|((q, k), v)| {
-                    sdpa(
-                        &q.unsqueeze(0),
-                        &k.unsqueeze(0),
-                        &v.unsqueeze(0),
-                        None,
-                        false,
-                        scale,
-                    )
-                    .squeeze_dim(0)
-                })
-                .collect();
-            Tensor::cat(&outs, 1)
-        };
-        let x = x + b.proj.forward(&attn.transpose(0, 1).reshape([s, e]));
-        let h = b.norm2.forward(&x);
-        let mlp = match &b.mlp {
-            Mlp::Plain { fc1, fc2 } => fc2.forward(&activation(&c.hidden_act, &fc1.forward(&h))),
-            Mlp::Gated {
-                gate_proj,
-                up_proj,
-                down_proj,
-            } => down_proj.forward(
-                &(activation(&c.hidden_act, &gate_proj.forward(&h)) * up_proj.forward(&h)),
-            ),
-        };
-        x + mlp
-    }
+    let attn = segment_attention(
+        &b.qkv,
+        &b.proj,
+        &b.norm1.forward(x),
+        c.num_heads,
+        cos,
+        sin,
+        segments,
+    );
+    let x = x + attn;
+    let h = b.norm2.forward(&x);
+    let mlp = match &b.mlp {
+        Mlp::Plain { fc1, fc2 } => fc2.forward(&activation(&c.hidden_act, &fc1.forward(&h))),
+        Mlp::Gated {
+            gate_proj,
+            up_proj,
+            down_proj,
+        } => down_proj
+            .forward(&(activation(&c.hidden_act, &gate_proj.forward(&h)) * up_proj.forward(&h))),
+    };
+    x + mlp
 }

@@ -3,7 +3,7 @@
 //! Qwen2-VL: the dtype of each kind of tensor after training, and ten LoRA steps (merger
 //! trained fully, same random non-zero initial adapter as the parity test) whose per-step
 //! losses track both lmms-ft's own fp32 run and `transformers` + `peft` in bf16
-//! (`scripts/oracle/train_qwen2_vl.py ... bf16`).
+//! (`scripts/oracle/train_qwen_vl.py ... bf16`).
 //!
 //! Tolerance 1e-3 relative on the loss (observed: ≤ 6e-5 against both): bf16 keeps 8
 //! significant bits, a relative rounding of up to 2⁻⁹ ≈ 2e-3 per operation, which mostly
@@ -69,7 +69,7 @@ fn bf16_training_keeps_fp32_parts_and_tracks_fp32_and_peft() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bf16");
     let printed = run_oracle(
-        "train_qwen2_vl.py",
+        "train_qwen_vl.py",
         &[
             fx.dir.to_str().unwrap(),
             out.to_str().unwrap(),
