@@ -11,7 +11,7 @@
 //! - `/exit` (or end of input) ends the session.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use lmms_ft_core::config::Config;
@@ -22,18 +22,8 @@ use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
 use lmms_ft_core::family::{Pipeline, PreparedConversation};
 use lmms_ft_core::generate::GenerateOptions;
 
+use crate::cli::ChatArgs;
 use crate::commands::open_for_inference;
-
-/// What `lmms-ft chat` was asked.
-pub struct ChatRequest {
-    pub adapter: Option<PathBuf>,
-    /// Images for the first user turn.
-    pub images: Vec<PathBuf>,
-    pub system: Option<String>,
-    pub options: GenerateOptions,
-    /// One JSON object per reply (text, token ids, stopped) instead of streamed text.
-    pub json: bool,
-}
 
 /// The conversation so far and the media waiting for the next user turn.
 struct Session {
@@ -104,12 +94,13 @@ impl Session {
     }
 }
 
-pub fn run(cfg: &Config, req: &ChatRequest) -> Result<()> {
+pub fn run(cfg: &Config, req: &ChatArgs) -> Result<()> {
     let pipeline = open_for_inference(cfg, req.adapter.as_deref())?;
     let mut session = Session::new(req.system.clone(), MediaOptions::from_config(&cfg.data));
-    for path in &req.images {
+    for path in &req.image {
         session.add_image(path)?;
     }
+    let options = req.generation.options();
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
@@ -152,8 +143,8 @@ pub fn run(cfg: &Config, req: &ChatRequest) -> Result<()> {
             continue;
         }
         let prepared = session.with_user_turn(line);
-        let reply = reply(pipeline.as_ref(), &prepared, &req.options, req.json)?;
-        if req.json {
+        let reply = reply(pipeline.as_ref(), &prepared, &options, req.json.json)?;
+        if req.json.json {
             let row = serde_json::json!({
                 "turn": turn,
                 "text": reply.text,

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use lmms_ft_core::compose;
 use lmms_ft_core::config::{Config, Precision};
-use lmms_ft_core::data::dataset::Dataset;
 use lmms_ft_core::data::prepare::{dataset_options, prepare, MediaOptions};
 use lmms_ft_core::data::validate::{validate_dataset, Checks, MediaCheck};
 use lmms_ft_core::data::video::load_video;
@@ -20,57 +19,43 @@ use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
 use lmms_ft_core::family::{
     DynFamily, OpenOptions, Pipeline, PreparedConversation, ProcessorOptions,
 };
-use lmms_ft_core::generate::GenerateOptions;
 use lmms_ft_core::hub::{self, CacheEnv};
 use lmms_ft_core::peft;
 use lmms_ft_core::peft::io::load_adapter;
 use lmms_ft_core::registry::{self, RegistryError};
 use lmms_ft_core::runtime;
-use lmms_ft_core::train::run::Outcome;
+use lmms_ft_core::train::batches::BatchLoad;
+use lmms_ft_core::train::run::{read_records, Outcome};
 use tch::{Device, Kind};
+
+use crate::cli::{EvaluateArgs, GenerateArgs};
 
 /// Config → model directory and the registered family that loads it: `model.path` if set
 /// (the family comes from its `config.json`), else `model.id` through the Hugging Face cache,
 /// or, with `model.kind`, a skeleton directory the registered composer of that kind writes
 /// under `train.output_dir` (see [`lmms_ft_core::compose`]). A directory in a registered
-/// foreign layout (the original LLaVA's) is read through the skeleton its adapter writes
-/// there too.
+/// foreign layout is read through the skeleton its adapter writes there too. The other
+/// `[model]` keys are the composer's or the layout's settings; with neither, any is an error.
 pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
     let m = &cfg.model;
-    let parts = [
-        ("text_model", m.text_model.is_some()),
-        ("vision_tower", m.vision_tower.is_some()),
-        ("projector", m.projector.is_some()),
-        ("vision_feature_layer", m.vision_feature_layer.is_some()),
-        (
-            "vision_feature_select_strategy",
-            m.vision_feature_select_strategy.is_some(),
-        ),
-        ("image_aspect_ratio", m.image_aspect_ratio.is_some()),
-        ("chat_template", m.chat_template.is_some()),
-    ];
     if let Some(kind) = &m.kind {
         anyhow::ensure!(
             m.id.is_none() && m.path.is_none(),
-            "model.kind = \"{kind}\" builds the model from model.text_model and model.vision_tower; remove model.id / model.path (or model.kind to load a checkpoint)"
+            "model.kind = \"{kind}\" builds the model from its parts; remove model.id / model.path (or model.kind to load a checkpoint)"
         );
         let composer = compose::composer(kind)?;
         let dir = cfg.train.output_dir.join(COMPOSED_DIR);
-        (composer.compose)(m, cfg.train.seed, &dir)
+        (composer.compose)(&m.settings, cfg.train.seed, &dir)
             .with_context(|| format!("composing a `{kind}` model"))?;
         let (family, _) = family_of_dir(&dir)?;
         return Ok((dir, family));
     }
-    let misplaced = |allowed: &[&str]| match parts
+    // Before resolving: a key no layout takes is refused whatever the directory holds.
+    let layout_keys: Vec<&str> = compose::layouts()
         .iter()
-        .find(|(key, set)| *set && !allowed.contains(key))
-    {
-        Some((key, _)) => Err(anyhow::anyhow!(
-            "model.{key} describes a model to compose and needs model.kind (e.g. \"llava\")"
-        )),
-        None => Ok(()),
-    };
-    misplaced(&["vision_tower"])?;
+        .flat_map(|l| l.settings.iter().copied())
+        .collect();
+    refuse_settings(m, &layout_keys)?;
     let dir = match (&cfg.model.id, &cfg.model.path) {
         (Some(id), path) => {
             let entry = registry::resolve_model(id)?;
@@ -84,11 +69,13 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
             "no model given: pass --model ID or --model-path DIR (or set model.id in the config)"
         ),
     };
-    // A checkpoint of another layout (the original LLaVA's) is read through the skeleton its
-    // adapter writes, converting in memory; model.vision_tower may name its tower.
-    if let Some(layout) = layout_of_dir(&dir)? {
+    // A checkpoint of another layout is read through the skeleton its adapter writes,
+    // converting in memory, with the layout's settings.
+    let layout = layout_of_dir(&dir)?;
+    refuse_settings(m, layout.map_or(&[][..], |l| l.settings))?;
+    if let Some(layout) = layout {
         let skeleton = cfg.train.output_dir.join(COMPOSED_DIR);
-        (layout.skeleton)(&dir, m.vision_tower.as_deref(), &skeleton).with_context(|| {
+        (layout.skeleton)(&dir, &m.settings, &skeleton).with_context(|| {
             format!(
                 "reading {} as a `{}` checkpoint",
                 dir.display(),
@@ -98,9 +85,30 @@ pub fn resolve_model(cfg: &Config) -> Result<(PathBuf, Implemented)> {
         let (family, _) = family_of_dir(&skeleton)?;
         return Ok((skeleton, family));
     }
-    misplaced(&[])?;
     let (family, _) = family_of_dir(&dir)?;
     Ok((dir, family))
+}
+
+/// Refuses `[model]` settings that nothing reads: a checkpoint takes none (a layout only
+/// its own), so a composer's key without `model.kind` is named with the kinds that take it.
+fn refuse_settings(m: &lmms_ft_core::config::ModelSection, allowed: &[&str]) -> Result<()> {
+    let Some(key) = m.settings.keys().find(|k| !allowed.contains(k)) else {
+        return Ok(());
+    };
+    let kinds: Vec<&str> = compose::composers()
+        .into_iter()
+        .filter(|c| c.settings.contains(&key))
+        .map(|c| c.kind)
+        .collect();
+    if kinds.is_empty() {
+        anyhow::bail!(
+            "unknown config key `model.{key}`; [model] takes id, path and kind, plus the settings of a registered composer (model.kind) or checkpoint layout"
+        )
+    }
+    anyhow::bail!(
+        "model.{key} describes a model to compose and needs model.kind (one of: {})",
+        kinds.join(", ")
+    )
 }
 
 /// The registered foreign layout of a model directory's `config.json`, if any.
@@ -135,15 +143,18 @@ pub(crate) fn family_of_dir(dir: &Path) -> Result<(Implemented, serde_json::Valu
     let found = Implemented {
         name: entry.name,
         family: implementation,
+        entry,
     };
     Ok((found, json))
 }
 
-/// A registered family that has an implementation: its name (for logs) and its code.
+/// A registered family that has an implementation: its name (for logs), its code and its
+/// registry entry (the modes it trains with).
 #[derive(Clone, Copy)]
 pub struct Implemented {
     pub name: &'static str,
     pub family: &'static dyn DynFamily,
+    pub entry: &'static registry::FamilyEntry,
 }
 
 /// Device and dtype from `train.device` / `train.precision`: bf16 on CUDA, fp32 on CPU for
@@ -159,15 +170,6 @@ pub fn device_and_kind(cfg: &Config) -> Result<(Device, Kind)> {
     Ok((device, kind))
 }
 
-fn dataset(cfg: &Config) -> Result<Dataset> {
-    let path = cfg
-        .data
-        .train
-        .as_ref()
-        .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
-    Ok(Dataset::open(path, dataset_options(&cfg.data))?)
-}
-
 /// Opens the configured model for inference (no gradients, evaluation mode), with a LoRA
 /// adapter applied on the fly when given: no merge, so the base stays as it is on disk. The
 /// adapter may come from lmms-ft or `peft` (runtime or transformers-4 Hub key layouts).
@@ -181,6 +183,7 @@ pub fn open_for_inference(cfg: &Config, adapter: Option<&Path>) -> Result<Box<dy
             kind,
             processor: ProcessorOptions::from_config(&cfg.data),
         },
+        None,
     )?;
     if let Some(adapter) = adapter {
         // Inference mode: the adapters' dropout stays off.
@@ -192,44 +195,34 @@ pub fn open_for_inference(cfg: &Config, adapter: Option<&Path>) -> Result<Box<dy
     Ok(pipeline)
 }
 
-/// What `lmms-ft evaluate` was asked.
-pub struct EvaluateRequest {
-    pub json: Option<PathBuf>,
-    pub adapter: Option<PathBuf>,
-    /// With `--generate`.
-    pub generate: Option<GenerateEval>,
-}
-
-/// `evaluate --generate`: how to generate, and where the per-sample predictions go.
-pub struct GenerateEval {
-    pub options: GenerateOptions,
-    pub batch_size: usize,
-    pub predictions: Option<PathBuf>,
-}
-
-pub fn evaluate(cfg: &Config, req: &EvaluateRequest) -> Result<()> {
+pub fn evaluate(cfg: &Config, req: &EvaluateArgs) -> Result<()> {
     let pipeline = open_for_inference(cfg, req.adapter.as_deref())?;
-    let data = dataset(cfg)?;
+    let path = cfg
+        .data
+        .train
+        .as_ref()
+        .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
+    let records = read_records(path, &cfg.data)?;
     let media = MediaOptions::from_config(&cfg.data);
-    let report = run_evaluation(pipeline.as_ref(), &data, &media)?;
+    let (device, _) = device_and_kind(cfg)?;
+    // The same encoding, length fitting and loss as evaluation during training, one sample
+    // per batch for per-sample losses.
+    let load = BatchLoad::new(records, pipeline.batch_builder(), &cfg.data, device);
+    let report = run_evaluation(pipeline.as_ref(), &load, 1)?;
     tracing::info!(
         samples = report.samples.len(),
         mean_loss = report.mean_loss,
         "evaluated"
     );
     let mut value = serde_json::to_value(&report)?;
-    if let Some(gen) = &req.generate {
-        let records = data
-            .records()?
-            .enumerate()
-            .map(|(i, r)| Ok((i, r?)))
-            .collect::<Result<Vec<_>>>()?;
+    if req.generate {
+        let records: Vec<_> = load.records.iter().cloned().enumerate().collect();
         let answers = generate_answers(
             pipeline.as_ref(),
             &records,
             &media,
-            &gen.options,
-            gen.batch_size,
+            &req.generation.options(),
+            req.batch_size,
         )?;
         tracing::info!(
             exact_match = answers.mean.exact_match,
@@ -237,8 +230,8 @@ pub fn evaluate(cfg: &Config, req: &EvaluateRequest) -> Result<()> {
             rouge_l = answers.mean.rouge_l,
             "generated answers"
         );
-        let path = gen.predictions.clone().or_else(|| {
-            req.json
+        let path = req.predictions.clone().or_else(|| {
+            req.report
                 .as_ref()
                 .map(|j| j.with_file_name("predictions.jsonl"))
         });
@@ -253,7 +246,7 @@ pub fn evaluate(cfg: &Config, req: &EvaluateRequest) -> Result<()> {
         value["generation"] = serde_json::to_value(&answers)?;
     }
     let text = serde_json::to_string_pretty(&value)?;
-    match &req.json {
+    match &req.report {
         Some(path) => {
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
         }
@@ -301,25 +294,14 @@ pub fn validate_data(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// What `lmms-ft generate` was asked.
-pub struct GenerateRequest {
-    pub adapter: Option<PathBuf>,
-    pub images: Vec<PathBuf>,
-    pub video: Option<PathBuf>,
-    pub prompt: String,
-    pub system: Option<String>,
-    pub options: GenerateOptions,
-    pub json: bool,
-}
-
 /// One user turn (images, then video, then the prompt, as the dataset convention puts media
 /// first), rendered with the same template as training, generated until an end-of-turn token.
-pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
+pub fn generate(cfg: &Config, req: &GenerateArgs) -> Result<()> {
     let pipeline = open_for_inference(cfg, req.adapter.as_deref())?;
     let media_opts = MediaOptions::from_config(&cfg.data);
     let mut media = DecodedMedia::default();
     let mut parts = Vec::new();
-    for (i, path) in req.images.iter().enumerate() {
+    for (i, path) in req.image.iter().enumerate() {
         media
             .images
             .push(load_image(path, &media_opts.image_limits)?);
@@ -344,18 +326,20 @@ pub fn generate(cfg: &Config, req: &GenerateRequest) -> Result<()> {
         conversation: Conversation { turns },
         media,
     };
-    let out = pipeline.generate(&prepared, &req.options)?;
-    if req.json {
+    let out = pipeline.generate(&prepared, &req.generation.options())?;
+    if req.json.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", out.text);
     }
     Ok(())
 }
+
 pub fn train(cfg: &Config) -> Result<()> {
     let (dir, family) = resolve_model(cfg)?;
     let (device, kind) = device_and_kind(cfg)?;
     let implementation = family.family;
+    family.entry.check_mode(cfg.train.mode)?;
     tracing::info!(model = %dir.display(), family = family.name, ?device, ?kind, "train");
     match lmms_ft_core::train::run::train(cfg, implementation, &dir, device, kind)? {
         Outcome::Finished { steps, output_dir } => {

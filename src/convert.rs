@@ -1,5 +1,5 @@
-//! `lmms-ft convert LAYOUT`: writes a checkpoint of a registered foreign layout (the
-//! original LLaVA repository's, see `lmms_ft_llava::original`) as a standard Hugging Face
+//! `lmms-ft convert LAYOUT`: writes a checkpoint of a foreign layout an adapter registers
+//! (see [`lmms_ft_core::compose::LayoutEntry`]) as a standard Hugging Face
 //! directory that `transformers` loads. The conversion is the one `train` / `evaluate` do in
 //! memory: the layout's skeleton, the family's loader over it, then the weights saved.
 
@@ -7,13 +7,14 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use lmms_ft_core::compose::{self, MANIFEST};
+use lmms_ft_core::config::ModelSettings;
 use lmms_ft_core::family::{OpenOptions, ProcessorOptions};
 use lmms_ft_core::peft::io::{save_hf_weights, SHARD_BYTES};
 use tch::Device;
 
 use crate::commands::{family_of_dir, saved_kind};
 
-pub fn convert(layout: &str, model: &Path, vision_tower: Option<&Path>, out: &Path) -> Result<()> {
+pub fn convert(layout: &str, model: &Path, settings: &ModelSettings, out: &Path) -> Result<()> {
     let entry = compose::layout(layout)?;
     ensure!(
         !out.exists()
@@ -24,7 +25,7 @@ pub fn convert(layout: &str, model: &Path, vision_tower: Option<&Path>, out: &Pa
         "--out {} is not empty; converting writes a new directory",
         out.display()
     );
-    (entry.skeleton)(model, vision_tower, out)
+    (entry.skeleton)(model, settings, out)
         .with_context(|| format!("converting {} ({layout})", model.display()))?;
     let (family, json) = family_of_dir(out)?;
     let loaded = family.family.load_model(

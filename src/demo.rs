@@ -1,11 +1,11 @@
-//! `lmms-ft demo`: the quickstart. Builds a tiny Qwen2-VL (random weights, a word-level
-//! tokenizer, a ChatML template) and a generated dataset of coloured shapes, fine-tunes it
-//! fully on CPU, then asks it about held-out pictures and reports the accuracy. Everything
-//! goes through the same registry, processor, template, trainer and generation code as a
-//! real run; only the model and data are made up, so no download is needed.
+//! `lmms-ft demo`: the quickstart. A family registered for it (`register_demo!`) writes a
+//! tiny model (random weights, a word-level tokenizer over the demo's words); the demo
+//! generates a dataset of coloured shapes, fine-tunes the model fully on CPU, then asks it
+//! about held-out pictures and reports the accuracy. Everything goes through the same
+//! registry, processor, template, trainer and generation code as a real run; only the model
+//! and data are made up, so no download is needed.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -14,20 +14,15 @@ use lmms_ft_core::config::{ComponentMode, Scheduler};
 use lmms_ft_core::data::{Conversation, DecodedMedia, Part, Role, Turn};
 use lmms_ft_core::family::{OpenOptions, PreparedConversation};
 use lmms_ft_core::generate::GenerateOptions;
-use lmms_ft_core::nn::ParamInit;
+use lmms_ft_core::part::PerPart;
 use lmms_ft_core::peft::io::save_hf_weights;
 use lmms_ft_core::registry;
 use lmms_ft_core::train::metrics::{self, MetricsLog};
 use lmms_ft_core::train::{plot, Schedule, TrainOptions, Trainer};
-use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
-use lmms_ft_qwen2_vl::model::Qwen2VlModel;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind};
-use tokenizers::models::wordlevel::WordLevel;
-use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
-use tokenizers::{AddedToken, Tokenizer};
 
 const SIDE: u32 = 112;
 const COLORS: [(&str, [u8; 3]); 4] = [
@@ -37,50 +32,33 @@ const COLORS: [(&str, [u8; 3]); 4] = [
     ("yellow", [235, 200, 20]),
 ];
 const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
-const SPECIAL: [&str; 8] = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<unk>",
-];
+/// The demo task's words; the family's tokenizer adds its template's and special tokens.
 const WORDS: &[&str] = &[
-    "system",
-    "user",
-    "assistant",
-    "You",
-    "are",
-    "a",
-    "helpful",
-    ".",
-    "What",
-    "color",
-    "is",
-    "the",
-    "shape",
-    "?",
-    "Which",
-    "in",
-    "picture",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "circle",
-    "square",
-    "triangle",
+    "What", "color", "is", "the", "shape", "?", "Which", "in", "picture", "red", "green", "blue",
+    "yellow", "circle", "square", "triangle",
 ];
-/// ChatML as Qwen2-VL writes it, with its default system prompt.
-const TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-pub struct DemoOptions {
-    pub out: PathBuf,
+/// `lmms-ft demo`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Where the model, data samples and trained weights go.
+    #[arg(
+        long,
+        alias = "out",
+        value_name = "DIR",
+        default_value = "lmms-ft-demo"
+    )]
+    pub output_dir: PathBuf,
+    /// The family whose tiny model to train (default: the first registered for the demo).
+    #[arg(long)]
+    pub family: Option<String>,
+    #[arg(long, default_value_t = 500)]
     pub steps: u64,
+    #[arg(long, default_value_t = 2000)]
     pub train_samples: usize,
+    #[arg(long, default_value_t = 100)]
     pub test_samples: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
@@ -144,70 +122,6 @@ fn conversation(q: &str, answer: Option<&str>) -> Conversation {
     Conversation { turns }
 }
 
-/// Writes the tiny model directory: config, tokenizer, template, processor config and random
-/// weights, in the layout a Hub Qwen2-VL checkpoint has.
-fn write_model(dir: &Path, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut vocab: HashMap<String, u32> = HashMap::new();
-    for w in SPECIAL.iter().chain(WORDS) {
-        let n = vocab.len() as u32;
-        vocab.entry(w.to_string()).or_insert(n);
-    }
-    let model = WordLevel::builder()
-        .vocab(vocab.clone().into_iter().collect())
-        .unk_token("<unk>".into())
-        .build()
-        .map_err(|e| anyhow::anyhow!("building the demo tokenizer: {e}"))?;
-    let mut tokenizer = Tokenizer::new(model);
-    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
-    let special: Vec<AddedToken> = SPECIAL.iter().map(|t| AddedToken::from(*t, true)).collect();
-    tokenizer.add_special_tokens(&special);
-    tokenizer
-        .save(dir.join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("saving the demo tokenizer: {e}"))?;
-    let id = |t: &str| vocab[t];
-    let json = |name: &str, value: serde_json::Value| -> Result<()> {
-        std::fs::write(dir.join(name), serde_json::to_string_pretty(&value)?)
-            .with_context(|| format!("writing {name}"))
-    };
-    json(
-        "tokenizer_config.json",
-        serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}),
-    )?;
-    std::fs::write(dir.join("chat_template.jinja"), TEMPLATE)?;
-    json(
-        "preprocessor_config.json",
-        serde_json::json!({
-            "min_pixels": SIDE * SIDE, "max_pixels": SIDE * SIDE, "patch_size": 14,
-            "temporal_patch_size": 2, "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"
-        }),
-    )?;
-    json(
-        "generation_config.json",
-        serde_json::json!({"eos_token_id": [id("<|im_end|>")]}),
-    )?;
-    let config = serde_json::json!({
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
-        "vocab_size": vocab.len(),
-        "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 4, 4]},
-        "tie_word_embeddings": false,
-        "image_token_id": id("<|image_pad|>"), "video_token_id": id("<|video_pad|>"),
-        "vision_start_token_id": id("<|vision_start|>"), "vision_end_token_id": id("<|vision_end|>"),
-        "bos_token_id": id("<|endoftext|>"), "eos_token_id": id("<|im_end|>"),
-        "vision_config": {"depth": 3, "embed_dim": 96, "hidden_size": 96, "num_heads": 4,
-                          "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
-                          "temporal_patch_size": 2, "in_channels": 3, "hidden_act": "quick_gelu"}
-    });
-    json("config.json", config.clone())?;
-    let parsed = <Qwen2VlConfig as lmms_ft_core::family::HfConfig>::from_hf_json(&config)?;
-    tch::manual_seed(seed as i64);
-    let model = Qwen2VlModel::new(&parsed, Device::Cpu, ParamInit::Normal { std: 0.02 });
-    save_hf_weights(&model, dir, usize::MAX)
-}
-
 fn prepared(s: &Shape, q: &str, answer: Option<&str>) -> PreparedConversation {
     PreparedConversation {
         conversation: conversation(q, answer),
@@ -218,10 +132,25 @@ fn prepared(s: &Shape, q: &str, answer: Option<&str>) -> PreparedConversation {
     }
 }
 
-pub fn run(opts: &DemoOptions) -> Result<()> {
+pub fn run(opts: &DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let model_dir = opts.out.join("tiny-qwen2-vl");
-    write_model(&model_dir, opts.seed)?;
+    let demos = registry::demos();
+    let demo = match &opts.family {
+        Some(name) => demos.iter().find(|d| d.name == name.as_str()),
+        None => demos.first(),
+    }
+    .with_context(|| {
+        format!(
+            "no demo model {}is linked into this binary (registered: {})",
+            opts.family
+                .as_ref()
+                .map(|n| format!("`{n}` "))
+                .unwrap_or_default(),
+            demos.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let model_dir = opts.output_dir.join(format!("tiny-{}", demo.name));
+    (demo.write_model)(&model_dir, WORDS, SIDE, opts.seed)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let train: Vec<(Shape, bool)> = (0..opts.train_samples)
         .map(|i| (draw(&mut rng), i % 2 == 0))
@@ -229,14 +158,15 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let test: Vec<(Shape, bool)> = (0..opts.test_samples)
         .map(|i| (draw(&mut rng), i % 2 == 0))
         .collect();
-    let samples_dir = opts.out.join("held-out");
+    let samples_dir = opts.output_dir.join("held-out");
     std::fs::create_dir_all(&samples_dir)?;
     for (i, (s, _)) in test.iter().take(6).enumerate() {
         s.image
             .save(samples_dir.join(format!("{i}-{}-{}.png", s.color, s.shape)))?;
     }
     println!(
-        "demo: tiny Qwen2-VL in {} ({} train / {} held-out pictures of coloured shapes)",
+        "demo: tiny {} in {} ({} train / {} held-out pictures of coloured shapes)",
+        demo.name,
         model_dir.display(),
         train.len(),
         test.len()
@@ -247,7 +177,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let family = registry::family_for_config(&json)?;
     let implementation = family
         .implementation
-        .context("the qwen2-vl family is not linked into this binary")?;
+        .with_context(|| format!("the {} family has no implementation", family.name))?;
     let mut pipeline = implementation.open(
         &model_dir,
         OpenOptions {
@@ -255,11 +185,12 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
             kind: Kind::Float,
             processor: Default::default(),
         },
+        None,
     )?;
     let options = TrainOptions {
-        modes: [ComponentMode::Full; 3],
+        modes: PerPart::splat(ComponentMode::Full),
         lora: None,
-        lrs: [3e-3; 3],
+        lrs: PerPart::splat(3e-3),
         weight_decay: 0.0,
         beta1: 0.9,
         beta2: 0.999,
@@ -270,7 +201,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     };
     let mut trainer = Trainer::new(pipeline.trainable(), options)?;
     // The same metrics file and plot as `lmms-ft train` writes, beside the trained weights.
-    let trained = opts.out.join("tiny-qwen2-vl-trained");
+    let trained = opts.output_dir.join(format!("tiny-{}-trained", demo.name));
     if trained.join(metrics::FILE).is_file() {
         std::fs::remove_file(trained.join(metrics::FILE))?;
     }

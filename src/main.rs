@@ -1,5 +1,6 @@
-//! The `lmms-ft` command line. Every adapter crate is linked here so its registrations reach
-//! the registry; the commands themselves only talk to the core.
+//! The `lmms-ft` command line. The adapter crates are linked through `lmms_ft_adapters`
+//! (`src/adapters.rs`) so their registrations reach the registry; the commands themselves
+//! only talk to the core.
 
 mod chat;
 mod cli;
@@ -8,15 +9,9 @@ mod convert;
 mod demo;
 
 // Linking the adapters is what registers them (inventory collects at link time).
-use lmms_ft_llava as _;
-use lmms_ft_mllama as _;
-use lmms_ft_phi3_v as _;
-use lmms_ft_qwen2_vl as _;
-use lmms_ft_qwen3_vl as _;
+use lmms_ft_adapters as _;
 
 use std::process::ExitCode;
-
-use clap::Parser;
 
 fn main() -> ExitCode {
     // A panic is a bug, but the user should still see one line, not a backtrace.
@@ -33,8 +28,8 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("error: internal error: {msg}{loc}\nhint: this is a bug in lmms-ft; please report it with the command you ran");
     }));
-    let cli = cli::Cli::parse();
-    lmms_ft_core::logging::init(cli.log_format, cli.verbose);
+    let cli = cli::parse();
+    lmms_ft_core::logging::init(cli.log_format == cli::LogFormat::Json, cli.verbose);
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -13,10 +13,10 @@
 
 use std::path::Path;
 
-use lmms_ft_core::testing::{cached_fixture, llava_record, run_oracle};
+use lmms_ft_core::testing::{cached_fixture, run_oracle};
 
 mod support;
-use support::{assert_ok, lmms_ft, train_args};
+use support::{assert_ok, llava_record, lmms_ft, train_args};
 
 /// The fixture's three samples as a LLaVA-format dataset.
 fn dataset(fixture: &Path, dir: &Path) -> std::path::PathBuf {

@@ -101,6 +101,7 @@ fn chat_on_a_pipe_equals_generate() {
                 kind: Kind::Float,
                 processor: Default::default(),
             },
+            None,
         )
         .unwrap();
     let conversation = Conversation {

@@ -17,232 +17,60 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// (id, hub id, family, registering crate) for every model the project must list.
-const EXPECTED: &[(&str, &str, &str, &str)] = &[
-    (
-        "llava-1.5-7b",
-        "llava-hf/llava-1.5-7b-hf",
-        "llava",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-1.5-13b",
-        "llava-hf/llava-1.5-13b-hf",
-        "llava",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-1.6-vicuna-7b",
-        "llava-hf/llava-v1.6-vicuna-7b-hf",
-        "llava-next",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-1.6-vicuna-13b",
-        "llava-hf/llava-v1.6-vicuna-13b-hf",
-        "llava-next",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-1.6-mistral-7b",
-        "llava-hf/llava-v1.6-mistral-7b-hf",
-        "llava-next",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-next-video-7b",
-        "llava-hf/LLaVA-NeXT-Video-7B-hf",
-        "llava-next-video",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-next-video-7b-32k",
-        "llava-hf/LLaVA-NeXT-Video-7B-32K-hf",
-        "llava-next-video",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-next-video-34b",
-        "llava-hf/LLaVA-NeXT-Video-34B-hf",
-        "llava-next-video",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-interleave-qwen-0.5b",
-        "llava-hf/llava-interleave-qwen-0.5b-hf",
-        "llava",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-interleave-qwen-7b",
-        "llava-hf/llava-interleave-qwen-7b-hf",
-        "llava",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-onevision-0.5b-ov",
-        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-        "llava-onevision",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-onevision-7b-ov",
-        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-        "llava-onevision",
-        "lmms_ft_llava",
-    ),
-    (
-        "llava-onevision-72b-ov",
-        "llava-hf/llava-onevision-qwen2-72b-ov-hf",
-        "llava-onevision",
-        "lmms_ft_llava",
-    ),
-    (
-        "qwen2-vl-2b-instruct",
-        "Qwen/Qwen2-VL-2B-Instruct",
-        "qwen2-vl",
-        "lmms_ft_qwen2_vl",
-    ),
-    (
-        "qwen2-vl-7b-instruct",
-        "Qwen/Qwen2-VL-7B-Instruct",
-        "qwen2-vl",
-        "lmms_ft_qwen2_vl",
-    ),
-    (
-        "qwen2-vl-72b-instruct",
-        "Qwen/Qwen2-VL-72B-Instruct",
-        "qwen2-vl",
-        "lmms_ft_qwen2_vl",
-    ),
-    (
-        "qwen2.5-vl-3b-instruct",
-        "Qwen/Qwen2.5-VL-3B-Instruct",
-        "qwen2.5-vl",
-        "lmms_ft_qwen2_vl",
-    ),
-    (
-        "qwen2.5-vl-7b-instruct",
-        "Qwen/Qwen2.5-VL-7B-Instruct",
-        "qwen2.5-vl",
-        "lmms_ft_qwen2_vl",
-    ),
-    (
-        "qwen2.5-vl-72b-instruct",
-        "Qwen/Qwen2.5-VL-72B-Instruct",
-        "qwen2.5-vl",
-        "lmms_ft_qwen2_vl",
-    ),
-    (
-        "qwen3-vl-2b-instruct",
-        "Qwen/Qwen3-VL-2B-Instruct",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-2b-thinking",
-        "Qwen/Qwen3-VL-2B-Thinking",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-4b-instruct",
-        "Qwen/Qwen3-VL-4B-Instruct",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-4b-thinking",
-        "Qwen/Qwen3-VL-4B-Thinking",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-8b-instruct",
-        "Qwen/Qwen3-VL-8B-Instruct",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-8b-thinking",
-        "Qwen/Qwen3-VL-8B-Thinking",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-32b-instruct",
-        "Qwen/Qwen3-VL-32B-Instruct",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "qwen3-vl-32b-thinking",
-        "Qwen/Qwen3-VL-32B-Thinking",
-        "qwen3-vl",
-        "lmms_ft_qwen3_vl",
-    ),
-    (
-        "phi3-v",
-        "microsoft/Phi-3-vision-128k-instruct",
-        "phi3-v",
-        "lmms_ft_phi3_v",
-    ),
-    (
-        "phi3.5-v",
-        "microsoft/Phi-3.5-vision-instruct",
-        "phi3-v",
-        "lmms_ft_phi3_v",
-    ),
-    (
-        "llama-3.2-11b-vision-instruct",
-        "meta-llama/Llama-3.2-11B-Vision-Instruct",
-        "llama-3.2-vision",
-        "lmms_ft_mllama",
-    ),
-    (
-        "llama-3.2-90b-vision-instruct",
-        "meta-llama/Llama-3.2-90B-Vision-Instruct",
-        "llama-3.2-vision",
-        "lmms_ft_mllama",
-    ),
-];
+// The binary's adapter crates, linked here too: the table below comes from their
+// registrations (each adapter crate's own `tests/registration.rs` pins its ids and Hub ids).
+use lmms_ft_adapters as _;
+use lmms_ft_core::registry;
+
+/// The adapter crates the binary depends on, from `Cargo.toml` (every `lmms-ft-*`
+/// dependency but the core), as Rust crate names.
+fn adapter_crates() -> Vec<String> {
+    let manifest: toml::Value = toml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap(),
+    )
+    .unwrap();
+    let mut crates: Vec<String> = manifest["dependencies"]
+        .as_table()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("lmms-ft-") && *k != "lmms-ft-core")
+        .map(|k| k.replace('-', "_"))
+        .collect();
+    crates.sort();
+    crates
+}
 
 #[test]
 fn list_models_json_has_every_id_from_its_adapter_crate() {
     let out = lmms_ft(&["list-models", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rows.len(), EXPECTED.len(), "exactly the listed models");
-    for (id, hub, family, krate) in EXPECTED {
-        let row = rows
-            .iter()
-            .find(|r| r["id"] == *id)
-            .unwrap_or_else(|| panic!("{id} missing"));
-        assert_eq!(row["hub_id"], *hub, "{id}");
-        assert_eq!(row["family"], *family, "{id}");
-        // Provenance: the entry was submitted through inventory by the adapter crate,
-        // not written into the core (core's own test proves it registers nothing).
-        assert_eq!(row["registered_by"], *krate, "{id}");
+    let expected = registry::model_table();
+    assert!(!expected.is_empty(), "the adapters register models");
+    assert_eq!(rows.len(), expected.len(), "exactly the registered models");
+    // Every adapter the binary depends on announces models, and only adapters do: the core
+    // registers nothing (its own test proves it).
+    let mut registering: Vec<String> = expected
+        .iter()
+        .map(|m| m.registered_by.to_string())
+        .collect();
+    registering.sort();
+    registering.dedup();
+    assert_eq!(registering, adapter_crates());
+    for (row, model) in rows.iter().zip(&expected) {
+        // The binary prints the registry's rows in its order, every field.
+        assert_eq!(row, &serde_json::to_value(model).unwrap(), "{}", model.id);
         // The table says truthfully which families are implemented.
-        let implemented = matches!(
-            *family,
-            "qwen2-vl"
-                | "qwen2.5-vl"
-                | "qwen3-vl"
-                | "llava"
-                | "llava-next"
-                | "llava-next-video"
-                | "llava-onevision"
-                | "llama-3.2-vision"
-        );
+        let family = registry::family(model.family).unwrap();
         assert_eq!(
             row["status"],
-            if implemented {
+            if family.implementation.is_some() {
                 "implemented"
             } else {
                 "planned"
             },
-            "{id}"
+            "{}",
+            model.id
         );
     }
 }
@@ -253,8 +81,16 @@ fn list_models_table_is_human_readable() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.lines().next().unwrap().starts_with("id"));
-    assert_eq!(text.lines().count(), EXPECTED.len() + 1);
-    assert!(text.contains("qwen2-vl-7b-instruct") && text.contains("qwen2-vl-7b"));
+    let models = registry::model_table();
+    assert_eq!(text.lines().count(), models.len() + 1);
+    for (line, model) in text.lines().skip(1).zip(&models) {
+        assert!(line.starts_with(model.id), "{line}");
+        assert!(
+            line.contains(model.hub_id) && line.contains(model.family),
+            "{line}"
+        );
+        assert!(line.ends_with(&model.aliases.join(", ")), "{line}");
+    }
 }
 
 fn assert_clean_error(o: &Output) -> String {
@@ -342,6 +178,7 @@ fn config_show_prints_resolved_layers() {
 fn every_family_has_an_example_config_naming_one_of_its_models() {
     let out = lmms_ft(&["list-models", "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!rows.is_empty());
     let configs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut families: Vec<&str> = rows.iter().map(|r| r["family"].as_str().unwrap()).collect();
     families.dedup();

@@ -8,12 +8,12 @@
 
 use std::path::Path;
 
-use lmms_ft_core::testing::{cached_fixture, llava_record, run_oracle};
+use lmms_ft_core::testing::{cached_fixture, run_oracle};
 
 // Only part of the shared helpers is used here.
 #[allow(dead_code)]
 mod support;
-use support::{assert_ok, lmms_ft};
+use support::{assert_ok, llava_record, lmms_ft};
 
 fn evaluate(fixture: &Path, data: &Path, json: &Path) -> serde_json::Value {
     assert_ok(&lmms_ft(&[

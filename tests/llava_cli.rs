@@ -14,7 +14,10 @@ use std::process::Command;
 use ffmpeg::format::Pixel;
 use ffmpeg_next as ffmpeg;
 
-use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture, llava_record};
+use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture};
+
+mod support;
+use support::llava_record;
 
 fn check_evaluate(variant: &str) {
     let tmp = tempfile::tempdir().unwrap();

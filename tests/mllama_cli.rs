@@ -1,13 +1,18 @@
 //! `lmms-ft evaluate` end to end on the tiny Llama-3.2-Vision checkpoint saved by
 //! transformers (`scripts/oracle/mllama_fixture.py`): per-sample losses under the label rule
-//! equal the oracle's for text-only, one-image, 2×2-tile, two-image and too-wide samples, and
-//! `generate` answers with the cached decode transformers' greedy `generate` gives.
+//! equal the oracle's for text-only, one-image, 2×2-tile, two-image and too-wide samples;
+//! `generate` answers with the cached decode transformers' greedy `generate` gives; a QLoRA
+//! `train` (the cross-attention linears quantised too), `merge-lora` and `generate` on the
+//! merged model run end to end; `validate-data` names samples with bad images.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture, llava_record};
+use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture};
+use support::{assert_ok, image_dataset, llava_record, train_args};
 
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -151,4 +156,59 @@ fn validate_data_names_samples_with_bad_images() {
         !report.lines().any(|l| l.contains("data.jsonl:1")),
         "the wide image is not a problem:\n{report}"
     );
+}
+
+#[test]
+fn qlora_train_merge_and_generate_run_end_to_end() {
+    let dir = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = image_dataset(tmp.path());
+    let out = tmp.path().join("qlora");
+    let run = support::lmms_ft(&train_args(
+        dir,
+        &data,
+        &out,
+        &[
+            "train.mode=\"qlora\"",
+            "train.max_steps=3",
+            "train.learning_rate=1e-2",
+            "lora.r=4",
+        ],
+    ));
+    assert_ok(&run);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("quantised 21 linear layers"),
+        "the 21 LLM linears (3 layers × 7, cross-attention included) are not reported quantised:\n{stderr}"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let merged = tmp.path().join("merged");
+    let run = lmms_ft(&[
+        "merge-lora",
+        "--base",
+        dir.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_ok(&run);
+    let run = lmms_ft(&[
+        "generate",
+        "--model-path",
+        merged.to_str().unwrap(),
+        "--image",
+        dir.join("image_b.png").to_str().unwrap(),
+        "--prompt",
+        "What is this?",
+        "--set",
+        "train.device=cpu",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_ok(&run);
+    let reply: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let n = reply["token_ids"].as_array().unwrap().len();
+    assert!(n == 4 || (n < 4 && reply["stopped"] == true), "{reply}");
 }

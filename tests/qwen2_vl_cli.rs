@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture, llava_record};
+use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture};
+
+mod support;
+use support::llava_record;
 
 /// The fixture checkpoint (cached across test binaries and runs).
 fn fixture() -> &'static Path {

@@ -27,36 +27,53 @@ pub struct Config {
     pub quant: QuantSection,
 }
 
+/// `[model]`. Unknown keys are not refused here: every key besides `id`, `path` and `kind` is
+/// a setting of the model to compose (or of the checkpoint layout `path` is in), which only
+/// the adapter that registered that composer or layout knows; it refuses the keys it does not
+/// take ([`ModelSettings::parse`]), and the command refuses any when nothing reads them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ModelSection {
-    /// Registered id or alias (`lmms-ft list-models`), e.g. `qwen2-vl-7b`.
+    /// Registered id or alias (`lmms-ft list-models`).
     pub id: Option<String>,
     /// Local checkpoint directory; overrides the Hugging Face cache look-up.
     pub path: Option<PathBuf>,
     /// Build the model from parts instead of loading a checkpoint: the name of a registered
-    /// composer (`"llava"`: an LLM + a vision tower + a new projector, as in the LLaVA
-    /// paper). Excludes `id` and `path`; the keys below describe the parts.
+    /// composer (see [`crate::compose`]). Excludes `id` and `path`; the composer's settings
+    /// describe the parts.
     pub kind: Option<String>,
-    /// Directory of the LLM checkpoint to build on (e.g. a `LlamaForCausalLM`); its
-    /// tokenizer becomes the model's.
-    pub text_model: Option<PathBuf>,
-    /// Directory of the vision encoder checkpoint (e.g. `CLIPVisionModel`, `SiglipModel`).
-    pub vision_tower: Option<PathBuf>,
-    /// Projector between the two: `"mlp2x_gelu"` (LLaVA-1.5, the default) or `"linear"`.
-    pub projector: Option<String>,
-    /// Vision hidden-state index whose features are projected (default -2, LLaVA-1.5's).
-    pub vision_feature_layer: Option<i64>,
-    /// `"default"` drops the class token (CLIP's default) or `"full"` keeps every token
-    /// (SigLIP's default, since it has no class token).
-    pub vision_feature_select_strategy: Option<String>,
-    /// `"pad"` (LLaVA-1.5: expand to a square of the mean colour; the default) or
-    /// `"square"` (the tower's own resize / center crop).
-    pub image_aspect_ratio: Option<String>,
-    /// Chat template of the composed model: `"vicuna"` (LLaVA-1.5's `USER: / ASSISTANT:`)
-    /// or `"chatml"` (`<|im_start|>`, LLaVA-Interleave's); default by LLM: chatml for Qwen2,
-    /// vicuna otherwise.
-    pub chat_template: Option<String>,
+    /// The composer's or layout's settings (`[model]`'s other keys), uninterpreted.
+    #[serde(flatten)]
+    pub settings: ModelSettings,
+}
+
+/// Settings of a composer or checkpoint layout: `[model]` keys the core passes through to the
+/// adapter that registered it, as JSON values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ModelSettings(pub std::collections::BTreeMap<String, serde_json::Value>);
+
+impl ModelSettings {
+    /// The settings as the adapter's own type, which should deny unknown fields so that a
+    /// misspelt key is an error naming it.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> anyhow::Result<T> {
+        let object = serde_json::Value::Object(self.0.clone().into_iter().collect());
+        serde_json::from_value(object).map_err(|e| anyhow::anyhow!("[model]: {e}"))
+    }
+
+    /// The keys that are set, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets `key` (a string value, as from a command-line flag).
+    pub fn insert(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.0.insert(key.to_string(), value.into());
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +166,17 @@ pub enum Mode {
     Qlora,
 }
 
+impl Mode {
+    /// The config spelling (`"qlora"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Lora => "lora",
+            Mode::Qlora => "qlora",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -236,10 +264,10 @@ pub enum ComponentMode {
 }
 
 impl TrainSection {
-    /// (vision, projector, llm) modes. `mode = "full"` trains projector and LLM fully with
-    /// the vision tower frozen; `lora` / `qlora` put LoRA on the LLM and freeze the rest, as
-    /// the LLaVA and Qwen2-VL fine-tuning recipes do by default.
-    pub fn component_modes(&self) -> [ComponentMode; 3] {
+    /// How each part trains. `mode = "full"` trains projector and LLM fully with the vision
+    /// tower frozen; `lora` / `qlora` put LoRA on the LLM and freeze the rest, as the LLaVA and
+    /// Qwen2-VL fine-tuning recipes do by default.
+    pub fn component_modes(&self) -> crate::part::PerPart<ComponentMode> {
         let (v, p, l) = match self.mode {
             Mode::Full => (
                 ComponentMode::Frozen,
@@ -252,11 +280,20 @@ impl TrainSection {
                 ComponentMode::Lora,
             ),
         };
-        [
-            self.vision.unwrap_or(v),
-            self.projector.unwrap_or(p),
-            self.llm.unwrap_or(l),
-        ]
+        crate::part::PerPart {
+            vision: self.vision.unwrap_or(v),
+            projector: self.projector.unwrap_or(p),
+            llm: self.llm.unwrap_or(l),
+        }
+    }
+
+    /// Peak learning rate per part: `vision_lr` / `projector_lr`, else `learning_rate`.
+    pub fn learning_rates(&self) -> crate::part::PerPart<f64> {
+        crate::part::PerPart {
+            vision: self.vision_lr.unwrap_or(self.learning_rate),
+            projector: self.projector_lr.unwrap_or(self.learning_rate),
+            llm: self.learning_rate,
+        }
     }
 }
 
@@ -565,7 +602,10 @@ mod tests {
         assert_eq!(parse_set_value("3").to_i128(), Some(3));
         assert_eq!(parse_set_value("1e-4").to_f64(), Some(1e-4));
         assert_eq!(parse_set_value("true").to_bool(), Some(true));
-        assert_eq!(parse_set_value("qwen2-vl-7b").as_str(), Some("qwen2-vl-7b"));
+        assert_eq!(
+            parse_set_value("some-model-7b").as_str(),
+            Some("some-model-7b")
+        );
         assert_eq!(parse_set_value("\"a b\"").as_str(), Some("a b"));
     }
 }

@@ -7,9 +7,8 @@ pub mod metrics;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::data::dataset::Dataset;
-use crate::data::prepare::{prepare, MediaOptions};
 use crate::family::Pipeline;
+use crate::train::batches::BatchLoad;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleLoss {
@@ -23,50 +22,64 @@ pub struct SampleLoss {
 pub struct EvalReport {
     /// Mean over all labeled tokens of the dataset (token-weighted, as training reports it).
     pub mean_loss: f64,
+    pub num_label_tokens: i64,
+    /// Per sample, when evaluated one sample per batch (`lmms-ft evaluate`); empty otherwise.
     pub samples: Vec<SampleLoss>,
 }
 
-/// Runs every record through the model one at a time, without gradients. A record that fails
-/// to load, or that has no labeled token, is an error naming it: a silent skip would make
-/// the mean incomparable between runs.
+/// Loss of the records of `load` under the run's data settings (`max_length`, `overlength`,
+/// `train_on_prompt`, ...), without gradients, `batch_size` samples per forward pass: the one
+/// evaluation of both `lmms-ft evaluate` (one sample per batch, for per-sample losses) and
+/// the evaluation during training. Losses are summed on the device and read once per
+/// sample, or once at the end for larger batches. A batch with no labeled token is an
+/// error naming its first sample: a silent skip would make the mean incomparable between
+/// runs. Samples the settings leave out (`overlength = "drop"`, skipped bad samples) are
+/// logged where they are dropped.
 pub fn evaluate(
     pipeline: &dyn Pipeline,
-    dataset: &Dataset,
-    media: &MediaOptions,
+    load: &BatchLoad,
+    batch_size: usize,
 ) -> Result<EvalReport> {
+    let per_sample = batch_size == 1;
     let mut samples = Vec::new();
-    let (mut total, mut tokens) = (0.0, 0i64);
-    for (index, record) in dataset.records()?.enumerate() {
-        let record = record?;
-        let prepared = prepare(&record, media)?;
-        let out = tch::no_grad(|| pipeline.forward(std::slice::from_ref(&prepared), false))
-            .with_context(|| format!("evaluating sample at {}", record.location))?;
-        let Some(sum) = out.loss_sum else {
-            bail!(
-                "the model returned no loss for sample at {}",
-                record.location
-            );
+    let (mut sum, mut tokens) = (None::<tch::Tensor>, 0i64);
+    let indices: Vec<usize> = (0..load.records.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let location = &load.records[chunk[0]].location;
+        let Some(batch) = load
+            .load(chunk)
+            .with_context(|| format!("loading eval sample at {location}"))?
+        else {
+            continue;
+        };
+        let out = tch::no_grad(|| pipeline.forward_loaded(&batch, false))
+            .with_context(|| format!("evaluating sample at {location}"))?;
+        let Some(loss) = out.loss_sum else {
+            bail!("the model returned no loss for sample at {location}");
         };
         if out.num_label_tokens == 0 {
-            bail!(
-                "sample at {} has no labeled token (no assistant reply)",
-                record.location
-            );
+            bail!("sample at {location} has no labeled token (no assistant reply)");
         }
-        let sum = sum.double_value(&[]);
-        total += sum;
         tokens += out.num_label_tokens;
-        samples.push(SampleLoss {
-            index,
-            loss: sum / out.num_label_tokens as f64,
-            num_label_tokens: out.num_label_tokens,
+        if per_sample {
+            let value = loss.double_value(&[]);
+            samples.push(SampleLoss {
+                index: chunk[0],
+                loss: value / out.num_label_tokens as f64,
+                num_label_tokens: out.num_label_tokens,
+            });
+        }
+        sum = Some(match sum {
+            Some(total) => total + loss,
+            None => loss,
         });
     }
-    if tokens == 0 {
-        bail!("{} has no samples to evaluate", dataset.path().display());
-    }
+    let Some(sum) = sum else {
+        bail!("no sample to evaluate (every one was left out)");
+    };
     Ok(EvalReport {
-        mean_loss: total / tokens as f64,
+        mean_loss: sum.double_value(&[]) / tokens as f64,
+        num_label_tokens: tokens,
         samples,
     })
 }

@@ -27,6 +27,7 @@ use crate::generate::{
 };
 use crate::loss::{LossHead, LossTargets};
 use crate::nn::Linear;
+pub use crate::part::{Component, PerPart};
 use crate::quant::{load_quantized, QuantSpec};
 
 /// Label value for positions that do not contribute to the loss (as in `transformers`).
@@ -236,18 +237,6 @@ pub trait Model: Send {
     }
 }
 
-/// The parts of a multimodal model that train separately.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Component {
-    /// Vision encoder blocks and patch embedding.
-    Vision,
-    /// Projector / merger between the vision tower and the LLM.
-    Projector,
-    /// The language model, embeddings and `lm_head` included.
-    Llm,
-}
-
 /// The object-safe part of [`Model`] the trainer needs: parameters, linear layers, parts and
 /// names, without the family's batch type.
 pub trait Trainable {
@@ -400,21 +389,21 @@ pub trait Pipeline {
 
 /// Object-safe face of a [`Family`], stored in the registry.
 pub trait DynFamily: Send + Sync {
-    fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>>;
+    /// Opens the model with its processor, template and collator. With `quant` (QLoRA), the
+    /// linear layers it selects are quantised to 4 bits while the checkpoint is read, never
+    /// held dense as a whole (`quant::load`).
+    fn open(
+        &self,
+        dir: &Path,
+        opts: OpenOptions,
+        quant: Option<&QuantSpec>,
+    ) -> Result<Box<dyn Pipeline>>;
     fn open_data(&self, dir: &Path, opts: &ProcessorOptions) -> Result<Box<dyn DataPipeline>>;
     /// Parameter count for a `config.json`, without building the model.
     fn num_parameters(&self, config: &serde_json::Value) -> Result<u64>;
     /// The model alone (no processor or template), for weight-only tools such as
     /// `merge-lora`.
     fn load_model(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Trainable>>;
-    /// [`DynFamily::open`] for QLoRA: the linear layers `quant` selects are quantised to 4
-    /// bits while the checkpoint is read, never held dense as a whole (`quant::load`).
-    fn open_quantized(
-        &self,
-        dir: &Path,
-        opts: OpenOptions,
-        quant: &QuantSpec,
-    ) -> Result<Box<dyn Pipeline>>;
 }
 
 /// Derives [`DynFamily`] for a `Family`. Adapters register `&Erased::<MyFamily>::NEW`.
@@ -604,17 +593,13 @@ fn open_with<F: Family>(
 }
 
 impl<F: Family> DynFamily for Erased<F> {
-    fn open(&self, dir: &Path, opts: OpenOptions) -> Result<Box<dyn Pipeline>> {
-        open_with::<F>(dir, opts, None)
-    }
-
-    fn open_quantized(
+    fn open(
         &self,
         dir: &Path,
         opts: OpenOptions,
-        quant: &QuantSpec,
+        quant: Option<&QuantSpec>,
     ) -> Result<Box<dyn Pipeline>> {
-        open_with::<F>(dir, opts, Some(quant))
+        open_with::<F>(dir, opts, quant)
     }
 
     fn open_data(&self, dir: &Path, opts: &ProcessorOptions) -> Result<Box<dyn DataPipeline>> {

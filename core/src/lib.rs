@@ -16,6 +16,7 @@ pub mod hub;
 pub mod logging;
 pub mod loss;
 pub mod nn;
+pub mod part;
 pub mod peft;
 pub mod quant;
 pub mod registry;

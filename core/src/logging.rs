@@ -5,29 +5,10 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "human" => Ok(LogFormat::Human),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!(
-                "unknown log format '{other}' (expected human or json)"
-            )),
-        }
-    }
-}
-
 /// Installs the global subscriber, writing to stderr so stdout stays machine-readable
-/// (`list-models --json`, `config show`). Calling it twice is harmless.
-pub fn init(format: LogFormat, verbose: bool) {
+/// (`list-models --json`, `config show`); `json` writes one JSON object per line. Calling it
+/// twice is harmless.
+pub fn init(json: bool, verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Colour codes only on a terminal: piped or redirected logs stay plain `key=value` text.
@@ -35,8 +16,9 @@ pub fn init(format: LogFormat, verbose: bool) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.with_target(false).try_init()
     };
 }

@@ -6,14 +6,9 @@ use serde::Serialize;
 
 use crate::family::DynFamily;
 
-/// Training modes a family can support. The trainer refuses a mode a family does not list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TrainMode {
-    Full,
-    Lora,
-    Qlora,
-}
+/// Training modes a family can support (`train.mode`). The trainer refuses a mode a family
+/// does not list ([`FamilyEntry::check_mode`]).
+pub use crate::config::Mode as TrainMode;
 
 /// How far a family's adapter is. `list-models` prints this verbatim so users are never
 /// misled about what works.
@@ -66,8 +61,39 @@ pub struct ModelEntry {
     pub registered_by: &'static str,
 }
 
+/// A family's tiny model for the `lmms-ft demo` quickstart, which trains it from random
+/// weights on generated pictures: the family writes the checkpoint, the demo owns the task.
+pub struct DemoEntry {
+    /// The family it builds; the demo's output directories are named after it.
+    pub name: &'static str,
+    /// Writes a complete checkpoint directory (config, tokenizer, template, processor config,
+    /// random weights from `seed`) whose tokenizer has each of `words` as one token and
+    /// whose processor takes `side` × `side` images without resizing.
+    pub write_model:
+        fn(dir: &std::path::Path, words: &[&str], side: u32, seed: u64) -> anyhow::Result<()>,
+    pub registered_by: &'static str,
+}
+
 inventory::collect!(FamilyEntry);
 inventory::collect!(ModelEntry);
+inventory::collect!(DemoEntry);
+
+/// Registers a demo model: `register_demo!(name: "family", write_model: f)`.
+#[macro_export]
+macro_rules! register_demo {
+    (name: $name:expr, write_model: $write:expr $(,)?) => {
+        $crate::inventory::submit! {
+            $crate::registry::DemoEntry { name: $name, write_model: $write, registered_by: module_path!() }
+        }
+    };
+}
+
+/// Every registered demo model, by name.
+pub fn demos() -> Vec<&'static DemoEntry> {
+    let mut v: Vec<_> = inventory::iter::<DemoEntry>.into_iter().collect();
+    v.sort_by_key(|d| d.name);
+    v
+}
 
 /// Registers a family from an adapter crate. Provenance is filled in automatically.
 #[macro_export]
@@ -113,6 +139,30 @@ pub fn models() -> Vec<&'static ModelEntry> {
     v
 }
 
+impl FamilyEntry {
+    /// Refuses a `train.mode` the family does not list, or any mode when it has no
+    /// implementation.
+    pub fn check_mode(&self, mode: TrainMode) -> Result<(), RegistryError> {
+        if self.implementation.is_some() && self.modes.contains(&mode) {
+            return Ok(());
+        }
+        Err(RegistryError::UnsupportedMode {
+            family: self.name.to_string(),
+            mode,
+            supported: self.supported_modes(),
+        })
+    }
+
+    /// The modes it can train with: none before it is implemented, whatever it lists.
+    pub fn supported_modes(&self) -> &'static [TrainMode] {
+        if self.implementation.is_some() {
+            self.modes
+        } else {
+            &[]
+        }
+    }
+}
+
 pub fn family(name: &str) -> Option<&'static FamilyEntry> {
     inventory::iter::<FamilyEntry>
         .into_iter()
@@ -129,6 +179,12 @@ pub enum RegistryError {
         model_type: String,
         architectures: Vec<String>,
         known: String,
+    },
+    #[error("the {family} family does not train with train.mode = \"{}\"; it supports: {}", mode.name(), if supported.is_empty() { "none (not implemented)".to_string() } else { supported.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ") })]
+    UnsupportedMode {
+        family: String,
+        mode: TrainMode,
+        supported: &'static [TrainMode],
     },
     #[error("family '{family}' of model '{id}' is registered as {status}: its adapter is not implemented yet")]
     NotImplemented {
@@ -227,6 +283,7 @@ pub struct ModelRow {
     pub family: &'static str,
     pub aliases: &'static [&'static str],
     pub status: Status,
+    /// The modes it trains with now (none while planned).
     pub modes: &'static [TrainMode],
     pub video: bool,
     pub registered_by: &'static str,
@@ -244,7 +301,7 @@ pub fn model_table() -> Vec<ModelRow> {
                 family: m.family,
                 aliases: m.aliases,
                 status: f.map(|f| f.status).unwrap_or(Status::Planned),
-                modes: f.map(|f| f.modes).unwrap_or(&[]),
+                modes: f.map(|f| f.supported_modes()).unwrap_or(&[]),
                 video: m.video,
                 registered_by: m.registered_by,
             }
@@ -257,12 +314,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unimplemented_family_trains_in_no_mode() {
+        let entry = FamilyEntry {
+            name: "toy",
+            architectures: &[],
+            model_types: &[],
+            modes: &[TrainMode::Full, TrainMode::Lora],
+            status: Status::Implemented,
+            registered_by: "test",
+            implementation: None,
+        };
+        // Without an implementation nothing trains, whatever the entry lists.
+        let err = entry.check_mode(TrainMode::Full).unwrap_err().to_string();
+        assert!(err.contains("none (not implemented)"), "{err}");
+        assert!(entry.supported_modes().is_empty());
+    }
+
+    #[test]
     fn core_alone_registers_nothing() {
         // Families come only from adapter crates; core's own test binary links none.
         assert!(families().is_empty());
         assert!(models().is_empty());
         assert!(matches!(
-            resolve_model("qwen2-vl-7b"),
+            resolve_model("some-model-7b"),
             Err(RegistryError::UnknownModel { .. })
         ));
     }

@@ -211,36 +211,6 @@ pub fn conversation_from_messages(messages: &serde_json::Value) -> crate::data::
     Conversation { turns }
 }
 
-/// The same messages as a LLaVA-format dataset record with `<image>` placeholders.
-pub fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json::Value {
-    let mut record = serde_json::json!({ "conversations": [] });
-    for m in messages.as_array().expect("messages is a list") {
-        let text: String = m["content"]
-            .as_array()
-            .expect("content is a list")
-            .iter()
-            .map(|p| match p["type"].as_str() {
-                Some("image") => "<image>".to_string(),
-                _ => p["text"].as_str().unwrap_or_default().to_string(),
-            })
-            .collect();
-        match m["role"].as_str() {
-            Some("system") => record["system_prompt"] = text.into(),
-            role => {
-                let from = if role == Some("user") { "human" } else { "gpt" };
-                record["conversations"]
-                    .as_array_mut()
-                    .expect("just made")
-                    .push(serde_json::json!({"from": from, "value": text}));
-            }
-        }
-    }
-    if !images.is_empty() {
-        record["image"] = serde_json::json!(images);
-    }
-    record
-}
-
 /// Writes `frames` frames of `size` at `fps` with FFmpeg's MPEG-4 Part 2 encoder (B-frames
 /// on, so a decoder must reorder) into the container `path`'s extension names; frame `i` is
 /// painted `colour(i)`. Without `durations` the packets carry none, as from careless muxers.
@@ -532,4 +502,32 @@ pub fn assert_packing_matches_padding(
         samples.len(),
         plan.len()
     );
+}
+
+/// Asserts that the models registered by the crate `krate` (its `module_path!()` at the
+/// registration) are exactly `expected`, as (id, Hub id, family), and that each names a
+/// registered family: an adapter crate's own check of what it announces, so the binary's tests
+/// can take the table from the registry instead of copying it.
+pub fn assert_registers_models(krate: &str, expected: &[(&str, &str, &str)]) {
+    let rows: Vec<_> = crate::registry::model_table()
+        .into_iter()
+        .filter(|r| r.registered_by == krate)
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
+    assert_eq!(
+        rows.len(),
+        expected.len(),
+        "{krate} registers exactly the expected models; got {ids:?}"
+    );
+    for (id, hub, family) in expected {
+        let row = rows
+            .iter()
+            .find(|r| r.id == *id)
+            .unwrap_or_else(|| panic!("{id} is not registered by {krate} (got {ids:?})"));
+        assert_eq!(row.hub_id, *hub, "{id}");
+        assert_eq!(row.family, *family, "{id}");
+        let entry = crate::registry::family(family)
+            .unwrap_or_else(|| panic!("{id}: family {family} is not registered"));
+        assert_eq!(entry.registered_by, krate, "family {family}");
+    }
 }

@@ -202,6 +202,7 @@ fn erased_family_runs_end_to_end_and_matches_independent_loss() {
                 kind: Kind::Float,
                 processor: ProcessorOptions::default(),
             },
+            None,
         )
         .unwrap();
     let batch = vec![PreparedConversation {
@@ -265,6 +266,7 @@ fn loading_a_checkpoint_of_another_shape_is_an_error() {
             kind: Kind::Float,
             processor: ProcessorOptions::default(),
         },
+        None,
     );
     assert!(err.is_err());
 }
@@ -306,4 +308,24 @@ fn loss_head_matches_full_logits_on_the_toy_family() {
     let labels = Tensor::from_slice(&labels).view([2, len as i64]);
     let batch = Pad.collate(texts, Device::Cpu).unwrap();
     lmms_ft_core::testing::assert_loss_head_matches_full_logits(&model, &batch, &labels, "toy");
+}
+
+#[test]
+fn a_mode_the_family_does_not_list_is_refused() {
+    use lmms_ft_core::registry::{FamilyEntry, Status, TrainMode};
+    let entry = FamilyEntry {
+        name: "toy",
+        architectures: &[],
+        model_types: &["toy"],
+        modes: &[TrainMode::Full, TrainMode::Lora],
+        status: Status::Implemented,
+        registered_by: module_path!(),
+        implementation: Some(&Erased::<Toy>::NEW),
+    };
+    entry.check_mode(TrainMode::Lora).unwrap();
+    let err = entry.check_mode(TrainMode::Qlora).unwrap_err().to_string();
+    assert!(
+        err.contains("train.mode = \"qlora\"") && err.contains("supports: full, lora"),
+        "{err}"
+    );
 }

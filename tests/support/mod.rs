@@ -1,5 +1,7 @@
-//! What the binary's end-to-end training tests share: running `lmms-ft` and the arguments of
-//! a `train` run on a fixture checkpoint.
+//! What the binary's end-to-end tests share: running `lmms-ft`, the arguments of a `train`
+//! run on a fixture checkpoint, and dataset records. Not every binary that includes this
+//! module uses every helper.
+#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -51,9 +53,7 @@ pub fn train_args(model: &Path, data: &Path, out: &Path, sets: &[&str]) -> Vec<S
 }
 
 /// `dir/train.json`: six LLaVA-format samples alternating the fixture's two images, for runs
-/// whose outcome, not their data, is under test. Not every binary that includes this module
-/// trains on it.
-#[allow(dead_code)]
+/// whose outcome, not their data, is under test.
 pub fn image_dataset(dir: &Path) -> PathBuf {
     let records: Vec<Value> = (0..6)
         .map(|i| {
@@ -70,4 +70,35 @@ pub fn image_dataset(dir: &Path) -> PathBuf {
     let path = dir.join("train.json");
     std::fs::write(&path, serde_json::to_string(&records).unwrap()).unwrap();
     path
+}
+
+/// Oracle chat messages (`[{role, content: [{type, text}]}]`) as a LLaVA-format dataset
+/// record (`conversations` with `<image>` placeholders), the format the CLI tests train on.
+pub fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json::Value {
+    let mut record = serde_json::json!({ "conversations": [] });
+    for m in messages.as_array().expect("messages is a list") {
+        let text: String = m["content"]
+            .as_array()
+            .expect("content is a list")
+            .iter()
+            .map(|p| match p["type"].as_str() {
+                Some("image") => "<image>".to_string(),
+                _ => p["text"].as_str().unwrap_or_default().to_string(),
+            })
+            .collect();
+        match m["role"].as_str() {
+            Some("system") => record["system_prompt"] = text.into(),
+            role => {
+                let from = if role == Some("user") { "human" } else { "gpt" };
+                record["conversations"]
+                    .as_array_mut()
+                    .expect("just made")
+                    .push(serde_json::json!({"from": from, "value": text}));
+            }
+        }
+    }
+    if !images.is_empty() {
+        record["image"] = serde_json::json!(images);
+    }
+    record
 }

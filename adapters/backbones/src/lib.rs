@@ -6,6 +6,7 @@
 
 pub mod clip;
 pub mod decoder;
+pub mod encoder;
 pub mod qwen_vl;
 pub mod siglip;
 pub mod text_config;

@@ -74,13 +74,6 @@ pub fn unpad_ranges(original: [i64; 2], current: [i64; 2]) -> (i64, i64, i64, i6
     }
 }
 
-/// Placeholder tokens of one LLaVA-NeXT image: the base tile's features, then the unpadded
-/// grid features with one `image_newline` per row. `grid` is features per tile side
-/// (`image_size / patch_size`), `base` the base tile's feature count.
-pub fn next_image_tokens(original: [i64; 2], tiling: Tiling, grid: i64, base: i64) -> i64 {
-    anyres_image_tokens(original, tiling, grid, base, None)
-}
-
 /// Python's `a // b` for positive floats (`float_floor_div`): `(a - fmod(a, b)) / b`, floored
 /// and nudged up when that quotient lies more than half above its floor.
 fn py_floor_div(a: f64, b: f64) -> f64 {

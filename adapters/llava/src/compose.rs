@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_core::compose::MANIFEST;
-use lmms_ft_core::config::ModelSection;
+use lmms_ft_core::config::ModelSettings;
 use lmms_ft_core::data::template::load_dir_tokenizer;
 use lmms_ft_core::family::Model;
 use lmms_ft_core::hf_json::{boolean, float, int};
@@ -57,7 +57,42 @@ use crate::config::LlavaConfig;
 use crate::family::IMAGE_PLACEHOLDER;
 use crate::model::LlavaModel;
 
-register_composer!(kind: "llava", compose: compose);
+register_composer!(kind: "llava", settings: SETTINGS, compose: compose);
+
+/// The `[model]` keys of `kind = "llava"` (see [`Settings`]).
+const SETTINGS: &[&str] = &[
+    "text_model",
+    "vision_tower",
+    "projector",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_aspect_ratio",
+    "chat_template",
+];
+
+/// `[model]` of `kind = "llava"`; the core hands these keys over uninterpreted.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Directory of the LLM checkpoint to build on (e.g. a `LlamaForCausalLM`); its
+    /// tokenizer becomes the model's.
+    pub text_model: Option<PathBuf>,
+    /// Directory of the vision encoder checkpoint (e.g. `CLIPVisionModel`, `SiglipModel`).
+    pub vision_tower: Option<PathBuf>,
+    /// Projector between the two: `"mlp2x_gelu"` (LLaVA-1.5, the default) or `"linear"`.
+    pub projector: Option<String>,
+    /// Vision hidden-state index whose features are projected (default -2, LLaVA-1.5's).
+    pub vision_feature_layer: Option<i64>,
+    /// `"default"` drops the class token (CLIP's default) or `"full"` keeps every token
+    /// (SigLIP's default, since it has no class token).
+    pub vision_feature_select_strategy: Option<String>,
+    /// `"pad"` (LLaVA-1.5: expand to a square of the mean colour; the default) or
+    /// `"square"` (the tower's own resize / center crop).
+    pub image_aspect_ratio: Option<String>,
+    /// `"vicuna"` (LLaVA-1.5's `USER: / ASSISTANT:`) or `"chatml"` (`<|im_start|>`,
+    /// LLaVA-Interleave's); default by LLM: chatml for Qwen2, vicuna otherwise.
+    pub chat_template: Option<String>,
+}
 
 /// LLaVA-1.5's Hub template (llava-hf/llava-1.5-7b-hf `chat_template.jinja`).
 pub(crate) const VICUNA_TEMPLATE: &str = include_str!("compose_vicuna.jinja");
@@ -462,7 +497,8 @@ pub(crate) fn write_skeleton(p: &SkeletonParts, dir: &Path) -> Result<i64> {
 
 /// Writes the skeleton of a LLaVA built from `model.text_model` and `model.vision_tower`
 /// into `dir` (see the module doc for every default).
-pub fn compose(model: &ModelSection, seed: u64, dir: &Path) -> Result<()> {
+pub fn compose(settings: &ModelSettings, seed: u64, dir: &Path) -> Result<()> {
+    let model: Settings = settings.parse()?;
     let text_dir = source_dir(model.text_model.as_deref(), "text_model", "an LLM")?;
     let vision_dir = source_dir(
         model.vision_tower.as_deref(),

@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
+use lmms_ft_backbones::encoder::VisionEncoder;
 use lmms_ft_backbones::siglip::SiglipVisionTower;
 use lmms_ft_core::family::{Component, Model};
 use lmms_ft_core::generate::DecodeState;
@@ -59,15 +60,10 @@ pub struct PackedLayout {
     pub attention_mask: Tensor,
 }
 
-enum Tower {
-    Clip(ClipVisionTower),
-    Siglip(Box<SiglipVisionTower>),
-}
-
 pub struct LlavaModel {
     pub config: LlavaConfig,
     vs: VarStore,
-    tower: Tower,
+    tower: Box<dyn VisionEncoder>,
     linear_1: Linear,
     linear_2: Linear,
     pub(crate) image_newline: Option<Tensor>,
@@ -87,11 +83,9 @@ impl LlavaModel {
         vs.set_kind(kind);
         let root = vs.root();
         let vp = &root / "vision_tower" / "vision_model";
-        let tower = match &config.vision {
-            VisionConfig::Clip(c) => Tower::Clip(ClipVisionTower::new(&vp, c, init)),
-            VisionConfig::Siglip(c) => {
-                Tower::Siglip(Box::new(SiglipVisionTower::new(&vp, c, init)))
-            }
+        let tower: Box<dyn VisionEncoder> = match &config.vision {
+            VisionConfig::Clip(c) => Box::new(ClipVisionTower::new(&vp, c, init)),
+            VisionConfig::Siglip(c) => Box::new(SiglipVisionTower::new(&vp, c, init)),
         };
         let pp = &root / "multi_modal_projector";
         let h = config.text.decoder.hidden_size;
@@ -148,10 +142,7 @@ impl LlavaModel {
     /// tower's features can be held against `transformers`' `hidden_states` directly.
     pub fn selected_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let layers = &self.config.vision_feature_layers;
-        let states = match &self.tower {
-            Tower::Clip(t) => t.hidden_states(pixels, layers)?,
-            Tower::Siglip(t) => t.hidden_states(pixels, layers)?,
-        };
+        let states = self.tower.hidden_states(pixels, layers)?;
         let states: Vec<Tensor> = match self.config.select_strategy {
             SelectStrategy::Default => states
                 .iter()
@@ -426,10 +417,7 @@ impl Model for LlavaModel {
     /// Decoder layers and vision encoder blocks (the projector is two linears, not worth it).
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.decoder.set_gradient_checkpointing(on);
-        match &mut self.tower {
-            Tower::Clip(t) => t.set_gradient_checkpointing(on),
-            Tower::Siglip(t) => t.set_gradient_checkpointing(on),
-        }
+        self.tower.set_gradient_checkpointing(on);
     }
 
     fn var_store(&self) -> &VarStore {
@@ -438,10 +426,7 @@ impl Model for LlavaModel {
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
         let vision = "vision_tower.vision_model";
-        match &mut self.tower {
-            Tower::Clip(t) => t.visit_linears(vision, f),
-            Tower::Siglip(t) => t.visit_linears(vision, f),
-        }
+        self.tower.visit_linears(vision, f);
         f("multi_modal_projector.linear_1", &mut self.linear_1);
         f("multi_modal_projector.linear_2", &mut self.linear_2);
         self.decoder

@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_core::compose::MANIFEST;
+use lmms_ft_core::config::ModelSettings;
 use lmms_ft_core::family::Model;
 use lmms_ft_core::hf_json::{int, string};
 use lmms_ft_core::hub::{resolve_model_dir, CacheEnv};
@@ -64,7 +65,14 @@ use crate::model::LlavaModel;
 /// The layout's name (`lmms-ft convert llava-original`) and its skeleton manifest `kind`.
 pub const LAYOUT: &str = "llava-original";
 
-register_layout!(name: LAYOUT, detect: is_original, skeleton: skeleton);
+register_layout!(name: LAYOUT, detect: is_original, settings: &["vision_tower"], skeleton: skeleton);
+
+/// The layout's one setting: the tower directory (`model.vision_tower`, `--vision-tower`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    vision_tower: Option<PathBuf>,
+}
 
 /// Original tensor-name prefix → llava-hf prefix; the first matching entry applies (see the
 /// module doc). Both directions use this one table.
@@ -204,7 +212,9 @@ fn check_supported(config: &Value, path: &Path) -> Result<()> {
 }
 
 /// Writes the skeleton for the original checkpoint `source` into `dir` (see the module doc).
-pub fn skeleton(source: &Path, named_tower: Option<&Path>, dir: &Path) -> Result<()> {
+pub fn skeleton(source: &Path, settings: &ModelSettings, dir: &Path) -> Result<()> {
+    let Settings { vision_tower } = settings.parse()?;
+    let named_tower = vision_tower.as_deref();
     let config_path = source.join("config.json");
     let config = read_json(&config_path)?;
     ensure!(

@@ -263,14 +263,11 @@ impl Family for Mllama {
     }
 
     fn template(_config: &MllamaConfig, dir: &Path) -> Result<MllamaTemplate> {
-        let mut extra = serde_json::Map::new();
-        extra.insert("date_string".into(), DATE_STRING.into());
-        let renderer = ChatRenderer::new(
-            discover_template(dir)?,
-            SpecialTokens::from_dir(dir)?,
-            ContentMode::Parts,
-        )?
-        .with_extra(extra);
+        // The template reads `date_string` as a variable, which the special-token variables
+        // carry to it.
+        let mut special = SpecialTokens::from_dir(dir)?;
+        special.set("date_string", DATE_STRING.into());
+        let renderer = ChatRenderer::new(discover_template(dir)?, special, ContentMode::Parts)?;
         MllamaTemplate::new(HfChatTemplate::new(
             renderer,
             load_dir_tokenizer(dir)?,

@@ -3,6 +3,7 @@
 //! core drives, registered for both model types.
 
 pub mod config;
+pub mod demo;
 pub mod family;
 pub mod model;
 pub mod processor;

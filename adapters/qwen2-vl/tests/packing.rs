@@ -58,6 +58,7 @@ fn check(variant: &str) {
                 kind: Kind::Float,
                 processor: Default::default(),
             },
+            None,
         )
         .unwrap();
     assert_packing_matches_padding_in_rows(pipeline.as_ref(), &samples, variant);

@@ -71,21 +71,22 @@ fn run(
         .collect()
 }
 
-/// The training process the parent kills; does nothing unless the parent started it.
-#[test]
-fn train_resume_child() {
-    let Some(out) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
-    let out = PathBuf::from(out);
+/// The training process the parent kills: this same test, started again by the parent with
+/// the output directory in [`CHILD_ENV`]. It stalls after step 7 until killed, so it never
+/// passes on its own: returning at all is a failure.
+fn train_until_killed(out: PathBuf) -> ! {
     let fx = common::load(PathBuf::from(
-        std::env::var_os("LMMS_FT_TEST_FIXTURE").unwrap(),
+        std::env::var_os("LMMS_FT_TEST_FIXTURE").expect("the parent names the fixture"),
     ));
     run(&fx, &out, false, Some(7));
+    panic!("the training child was not killed while stalled after step 7");
 }
 
 #[test]
 fn train_resume_after_sigkill_matches_uninterrupted_run() {
+    if let Some(out) = std::env::var_os(CHILD_ENV) {
+        train_until_killed(PathBuf::from(out));
+    }
     let fx = common::fixture();
     let tmp = tempfile::tempdir().unwrap();
     let (killed, straight) = (tmp.path().join("killed"), tmp.path().join("straight"));
@@ -93,7 +94,7 @@ fn train_resume_after_sigkill_matches_uninterrupted_run() {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "train_resume_child",
+            "train_resume_after_sigkill_matches_uninterrupted_run",
             "--test-threads=1",
             "--nocapture",
         ])

@@ -12,8 +12,9 @@ use regex::Regex;
 use tch::{Kind, Tensor};
 
 use crate::config::{ComponentMode, LoraSection, TargetModules};
-use crate::family::{Component, Trainable};
+use crate::family::Trainable;
 use crate::nn::{Linear, LoraAdapter};
+use crate::part::PerPart;
 
 /// Which modules an adapter goes on.
 #[derive(Debug, Clone)]
@@ -140,9 +141,9 @@ pub fn is_target(
     model: &dyn Trainable,
     hub: &str,
     spec: &LoraSpec,
-    modes: &[ComponentMode; 3],
+    modes: &PerPart<ComponentMode>,
 ) -> bool {
-    let mode = modes[component_index(model.component(hub))];
+    let mode = modes[model.component(hub)];
     mode == ComponentMode::Lora && spec.targets.matches(hub, &model.runtime_name(hub))
 }
 
@@ -151,7 +152,7 @@ pub fn is_target(
 pub fn attach(
     model: &mut dyn Trainable,
     spec: &LoraSpec,
-    modes: &[ComponentMode; 3],
+    modes: &PerPart<ComponentMode>,
     training: &Arc<AtomicBool>,
 ) -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -173,15 +174,6 @@ pub fn attach(
         }
     });
     Ok(targets)
-}
-
-/// Index of a part in `[vision, projector, llm]` arrays.
-pub fn component_index(c: Component) -> usize {
-    match c {
-        Component::Vision => 0,
-        Component::Projector => 1,
-        Component::Llm => 2,
-    }
 }
 
 /// Folds every adapter into its base weight (PEFT's `merge_and_unload`). Fails on a 4-bit

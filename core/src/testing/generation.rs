@@ -63,6 +63,7 @@ pub fn check_generation<F: Family>(dir: &Path, cases: &[GenerationCase], max_new
                 kind: Kind::Float,
                 processor: Default::default(),
             },
+            None,
         )
         .unwrap();
     let config = F::config(dir).unwrap();

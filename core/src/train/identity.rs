@@ -21,9 +21,6 @@ use super::Trainer;
 use crate::config::Config;
 use crate::data::batch::sampler::SamplerState;
 
-/// Where `extra` of a checkpoint's `trainer_state.json` keeps the identity.
-pub const KEY: &str = "identity";
-
 /// Config keys that say how this invocation starts, not what the run is.
 const INVOCATION_KEYS: [&str; 2] = ["train.resume", "train.overwrite"];
 
@@ -316,63 +313,80 @@ fn flatten(v: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
     out
 }
 
-/// Checks the identity stored in the checkpoint `dir` against this run's, logging what
-/// changed; a checkpoint written before identities were recorded is accepted with a warning.
-pub fn check_checkpoint(dir: &Path, current: &RunIdentity) -> Result<()> {
-    let state = super::checkpoint::read_state(dir)?;
-    let stored = &state["extra"][KEY];
-    if stored.is_null() {
-        tracing::warn!(
-            "{} records no run identity (an older lmms-ft wrote it); cannot check that it belongs to this model and data",
-            dir.display()
-        );
-        return Ok(());
-    }
-    let stored: RunIdentity = serde_json::from_value(stored.clone())
-        .with_context(|| format!("{}: the recorded run identity is damaged", dir.display()))?;
-    let changes = current.check(&stored, dir)?;
-    if !changes.is_empty() {
-        tracing::warn!(
-            "resuming from {} with settings that differ from the run that wrote it: {}",
-            dir.display(),
-            changes.join("; ")
-        );
-    }
-    Ok(())
+/// What a run records in each checkpoint besides the weights and the optimizer state: where
+/// the data stood, the shape of an epoch then, and which run wrote it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeState {
+    /// The sampler's epoch and the batches of it already consumed.
+    pub epoch: u64,
+    pub consumed: usize,
+    /// Batches per epoch and samples when the checkpoint was written.
+    pub batches_per_epoch: usize,
+    pub num_samples: usize,
+    /// Absent from checkpoints written before run identities were recorded.
+    #[serde(default)]
+    pub identity: Option<RunIdentity>,
 }
 
-/// Where in the data a resumed run starts: the checkpoint's sampler position when the data
-/// and batch size give the same batches per epoch (an exact resume), else the same epoch at
-/// the same fraction of it, with a warning that the batches differ from the original run's.
-pub fn resume_position(
-    extra: &serde_json::Value,
-    batches_per_epoch: usize,
-    num_records: usize,
-    dir: &Path,
-) -> Result<SamplerState> {
-    let get = |key: &str| {
-        extra[key]
-            .as_u64()
-            .with_context(|| format!("{}: the checkpoint has no `{key}`", dir.display()))
-    };
-    let (epoch, consumed) = (get("epoch")?, get("consumed")?);
-    let (stored_batches, stored_samples) = (get("batches_per_epoch")?, get("num_samples")?);
-    if stored_batches == batches_per_epoch as u64 && stored_samples == num_records as u64 {
-        return Ok(SamplerState {
-            epoch,
-            consumed: consumed as usize,
-        });
+impl ResumeState {
+    /// Reads the record of the checkpoint `dir`.
+    pub fn read(dir: &Path) -> Result<ResumeState> {
+        let state = super::checkpoint::read_state(dir)?;
+        serde_json::from_value(state["extra"].clone()).with_context(|| {
+            format!(
+                "{}: the checkpoint's record of the run (data position, identity) is missing or damaged",
+                dir.display()
+            )
+        })
     }
-    let mapped = (consumed as u128 * batches_per_epoch as u128 / stored_batches.max(1) as u128)
-        .min(batches_per_epoch.saturating_sub(1) as u128) as usize;
-    tracing::warn!(
-        "{} was written for {stored_samples} samples in {stored_batches} batches per epoch, this run has \
-         {num_records} in {batches_per_epoch}: continuing epoch {epoch} at batch {mapped} (was {consumed}); \
-         the batches from here differ from those the original run would have seen",
-        dir.display()
-    );
-    Ok(SamplerState {
-        epoch,
-        consumed: mapped,
-    })
+
+    /// Checks the stored identity against this run's, logging what changed; a checkpoint
+    /// written before identities were recorded is accepted with a warning.
+    pub fn check_identity(&self, dir: &Path, current: &RunIdentity) -> Result<()> {
+        let Some(stored) = &self.identity else {
+            tracing::warn!(
+                "{} records no run identity (an older lmms-ft wrote it); cannot check that it belongs to this model and data",
+                dir.display()
+            );
+            return Ok(());
+        };
+        let changes = current.check(stored, dir)?;
+        if !changes.is_empty() {
+            tracing::warn!(
+                "resuming from {} with settings that differ from the run that wrote it: {}",
+                dir.display(),
+                changes.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Where in the data a resumed run starts: the stored sampler position when the data and
+    /// batch size give the same batches per epoch (an exact resume), else the same epoch at
+    /// the same fraction of it, with a warning that the batches differ from the original
+    /// run's.
+    pub fn position(
+        &self,
+        batches_per_epoch: usize,
+        num_records: usize,
+        dir: &Path,
+    ) -> SamplerState {
+        let (epoch, consumed) = (self.epoch, self.consumed);
+        let (stored_batches, stored_samples) = (self.batches_per_epoch, self.num_samples);
+        if stored_batches == batches_per_epoch && stored_samples == num_records {
+            return SamplerState { epoch, consumed };
+        }
+        let mapped = (consumed as u128 * batches_per_epoch as u128 / stored_batches.max(1) as u128)
+            .min(batches_per_epoch.saturating_sub(1) as u128) as usize;
+        tracing::warn!(
+            "{} was written for {stored_samples} samples in {stored_batches} batches per epoch, this run has \
+             {num_records} in {batches_per_epoch}: continuing epoch {epoch} at batch {mapped} (was {consumed}); \
+             the batches from here differ from those the original run would have seen",
+            dir.display()
+        );
+        SamplerState {
+            epoch,
+            consumed: mapped,
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! closure returning [`ModelOutput`], so it serves every family (and tests that build
 //! batches by hand) without knowing their types.
 
+pub mod batches;
 pub mod checkpoint;
 pub mod identity;
 pub mod integrity;
@@ -25,7 +26,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::{ComponentMode, Config};
 use crate::family::{ModelOutput, Trainable};
-use crate::peft::{self, component_index, LoraSpec};
+use crate::part::{Component, PerPart};
+use crate::peft::{self, LoraSpec};
 pub use optim::{clip_grad_norm, AdamW, Param};
 pub use schedule::Schedule;
 
@@ -58,12 +60,11 @@ pub fn keep_norms_fp32(model: &mut dyn Trainable) -> usize {
 /// Everything the engine needs to know, resolved from the config.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    /// `[vision, projector, llm]`.
-    pub modes: [ComponentMode; 3],
+    pub modes: PerPart<ComponentMode>,
     /// Required when a part is in `lora` mode; its `modules_to_save` apply in any mode.
     pub lora: Option<LoraSpec>,
-    /// Peak learning rate per part, `[vision, projector, llm]`.
-    pub lrs: [f64; 3],
+    /// Peak learning rate per part.
+    pub lrs: PerPart<f64>,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -83,11 +84,7 @@ impl TrainOptions {
             lora: needs_lora
                 .then(|| LoraSpec::from_config(&c.lora))
                 .transpose()?,
-            lrs: [
-                t.vision_lr.unwrap_or(t.learning_rate),
-                t.projector_lr.unwrap_or(t.learning_rate),
-                t.learning_rate,
-            ],
+            lrs: t.learning_rates(),
             weight_decay: t.weight_decay,
             beta1: t.adam_beta1,
             beta2: t.adam_beta2,
@@ -188,7 +185,7 @@ impl Trainer {
                 .context("a part is in lora mode but no LoRA settings were given")?;
             peft::attach(model, spec, &modes, &training)?;
         }
-        let group = |model: &dyn Trainable, name: &str| component_index(model.component(name));
+        let group = |model: &dyn Trainable, name: &str| model.component(name);
         let mut params = Vec::new();
         let mut lora_items = Vec::new();
         model.visit_linears(&mut |name, linear| {
@@ -322,7 +319,7 @@ impl Trainer {
         self.step += 1;
         Ok(PendingStats {
             step: self.step,
-            lr: self.options.lrs[2] * factor,
+            lr: self.options.lrs[Component::Llm] * factor,
             label_tokens,
             loss_sum,
             grad_norm,

@@ -21,14 +21,13 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
 use tch::{Device, Kind};
 
-use super::identity::{self, RunIdentity};
+use super::batches::BatchLoad;
+use super::identity::{ResumeState, RunIdentity};
 use super::metrics::{self, MetricsLog};
 use super::{outdir, plot, StepStats, TrainOptions, Trainer};
-use crate::config::{ComponentMode, Config, DataSection, Mode, OnBadSample, Overlength};
-use crate::data::batch::length::{fit_length, Fitted};
+use crate::config::{ComponentMode, Config, DataSection, Mode, OnBadSample, TrainSection};
 use crate::data::batch::sampler::{
     BatchSampler, LengthGroupedSampler, SamplerState, ShuffledSampler,
 };
@@ -37,9 +36,8 @@ use crate::data::loader::{Loader, LoaderOptions};
 use crate::data::prepare::{dataset_options, prepare, MediaOptions};
 use crate::data::validate::{screen_record, Checks, MediaCheck, Problem};
 use crate::eval::answers::generate_answers;
-use crate::family::{
-    BatchBuilder, DynFamily, EncodedSample, LoadedBatch, OpenOptions, Pipeline, ProcessorOptions,
-};
+use crate::eval::evaluate;
+use crate::family::{DynFamily, LoadedBatch, OpenOptions, Pipeline, ProcessorOptions};
 use crate::generate::GenerateOptions;
 use crate::loss::LossHead;
 use crate::peft::io::{copy_model_files, save_adapter, save_hf_weights};
@@ -130,124 +128,6 @@ pub fn read_records(path: &Path, data: &DataSection) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-/// Turns dataset indices into a device batch; runs on loader threads.
-struct BatchLoad {
-    records: Arc<Vec<Record>>,
-    builder: Arc<dyn BatchBuilder>,
-    media: MediaOptions,
-    max_length: usize,
-    overlength: Overlength,
-    on_bad_sample: OnBadSample,
-    label_all: bool,
-    /// `data.packing`.
-    packing: bool,
-    device: Device,
-}
-
-impl BatchLoad {
-    fn new(
-        records: Vec<Record>,
-        builder: Arc<dyn BatchBuilder>,
-        data: &DataSection,
-        device: Device,
-    ) -> Self {
-        BatchLoad {
-            records: Arc::new(records),
-            builder,
-            media: MediaOptions::from_config(data),
-            max_length: data.max_length,
-            overlength: data.overlength,
-            on_bad_sample: data.on_bad_sample,
-            label_all: data.train_on_prompt,
-            packing: data.packing,
-            device,
-        }
-    }
-
-    /// The batch of `indices`, or `None` when every sample was left out.
-    fn load(&self, indices: &[usize]) -> Result<Option<LoadedBatch>> {
-        let mut samples = Vec::with_capacity(indices.len());
-        for &i in indices {
-            let record = self
-                .records
-                .get(i)
-                .with_context(|| format!("sample index {i} is out of range"))?;
-            let encoded = match self.encode(record) {
-                Ok(encoded) => encoded,
-                Err(e) => match self.on_bad_sample {
-                    OnBadSample::Error => return Err(e),
-                    OnBadSample::Skip => {
-                        tracing::warn!("skipping sample at {}: {e:#}", record.location);
-                        continue;
-                    }
-                },
-            };
-            if let Some(sample) = self.fit(record, encoded)? {
-                samples.push(sample);
-            }
-        }
-        if samples.is_empty() {
-            return Ok(None);
-        }
-        if self.packing {
-            return self
-                .builder
-                .collate_packed(samples, self.max_length, self.device)
-                .map(Some);
-        }
-        self.builder.collate(samples, self.device).map(Some)
-    }
-
-    /// Decodes and encodes one record; failures here are bad samples.
-    fn encode(&self, record: &Record) -> Result<EncodedSample> {
-        let prepared = prepare(record, &self.media)?;
-        self.builder
-            .encode(&prepared, self.label_all)
-            .with_context(|| format!("encoding sample at {}", record.location))
-    }
-
-    /// Applies `data.overlength`; `None` when the sample is dropped.
-    fn fit(&self, record: &Record, mut sample: EncodedSample) -> Result<Option<EncodedSample>> {
-        let builder = &self.builder;
-        let text = std::mem::take(&mut sample.text);
-        if text.input_ids.len() > self.max_length && self.overlength == Overlength::Truncate {
-            let marked = text
-                .input_ids
-                .iter()
-                .filter(|&&id| builder.is_media_token(id))
-                .count();
-            ensure!(
-                marked == sample.media_tokens,
-                "cannot truncate sample at {}: the model's template marks {marked} of its {} media tokens, so cutting could remove some",
-                record.location,
-                sample.media_tokens
-            );
-        }
-        let fitted = fit_length(
-            text,
-            self.max_length,
-            self.overlength,
-            |id| builder.is_media_token(id),
-            &record.location,
-        )?;
-        sample.text = match fitted {
-            Fitted::Kept(text) => text,
-            Fitted::Truncated { text, removed } => {
-                tracing::debug!(
-                    "truncated sample at {} by {removed} tokens",
-                    record.location
-                );
-                text
-            }
-            Fitted::Dropped(reason) => {
-                tracing::warn!("dropping sample at {}: {reason}", record.location);
-                return Ok(None);
-            }
-        };
-        Ok(Some(sample))
-    }
-}
-
 /// Progress on a terminal (a bar), structured log lines otherwise.
 struct Reporter {
     bar: Option<ProgressBar>,
@@ -307,36 +187,6 @@ impl Reporter {
     }
 }
 
-/// Mean loss over every label token of the eval set.
-fn evaluate(
-    pipeline: &dyn Pipeline,
-    trainer: &Trainer,
-    eval: &BatchLoad,
-    batch_size: usize,
-) -> Result<(f64, i64)> {
-    trainer.set_training(false);
-    // Summed on the device and read once at the end.
-    let (mut sum, mut tokens) = (None::<tch::Tensor>, 0i64);
-    let indices: Vec<usize> = (0..eval.records.len()).collect();
-    for chunk in indices.chunks(batch_size) {
-        let Some(batch) = eval.load(chunk).context("loading eval data")? else {
-            continue;
-        };
-        let out = tch::no_grad(|| pipeline.forward_loaded(&batch, false))?;
-        if let Some(s) = out.loss_sum {
-            sum = Some(match sum {
-                Some(total) => total + s,
-                None => s,
-            });
-            tokens += out.num_label_tokens;
-        }
-    }
-    trainer.set_training(true);
-    ensure!(tokens > 0, "the eval data has no label tokens");
-    let sum = sum.map_or(0.0, |s| s.double_value(&[]));
-    Ok((sum / tokens as f64, tokens))
-}
-
 /// Eval loss and, with `train.eval_generate_samples`, the scores of greedy answers to the
 /// first eval samples, logged to `metrics.jsonl`.
 fn evaluate_and_log(
@@ -348,7 +198,11 @@ fn evaluate_and_log(
     step: u64,
 ) -> Result<()> {
     let t = &cfg.train;
-    let (loss, tokens) = evaluate(pipeline, trainer, eval, t.batch_size)?;
+    trainer.set_training(false);
+    let report = evaluate(pipeline, eval, t.batch_size);
+    trainer.set_training(true);
+    let report = report?;
+    let (loss, tokens) = (report.mean_loss, report.num_label_tokens);
     metrics.log_eval(step, loss, tokens)?;
     tracing::info!(step, eval_loss = loss, "eval");
     let n = t.eval_generate_samples.min(eval.records.len());
@@ -384,13 +238,7 @@ pub fn train(
     kind: Kind,
 ) -> Result<Outcome> {
     let t = &cfg.train;
-    ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
-    ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
-    ensure!(t.save_steps > 0, "train.save_steps must be at least 1");
-    ensure!(
-        t.logging_steps > 0,
-        "train.logging_steps must be at least 1"
-    );
+    check_settings(t)?;
     let out = t.output_dir.clone();
     let train_path = cfg
         .data
@@ -399,72 +247,12 @@ pub fn train(
         .context("no dataset given: pass --data FILE (or set data.train in the config)")?;
     let prepared = outdir::prepare(cfg, model_dir)?;
     let resume = prepared.resume.clone();
-
-    let open = OpenOptions {
-        device,
-        kind,
-        processor: ProcessorOptions::from_config(&cfg.data),
-    };
-    let mut pipeline = if t.mode == Mode::Qlora {
-        // The quantised base is frozen and never saved: only adapters (and modules_to_save)
-        // can train on top of it.
-        ensure!(
-            t.component_modes()[2] == ComponentMode::Lora,
-            "train.mode = \"qlora\" trains LoRA adapters on a frozen 4-bit LLM; \
-             train.llm must be \"lora\" (use mode = \"full\" or \"lora\" otherwise)"
-        );
-        family.open_quantized(model_dir, open, &QuantSpec::from_config(&cfg.quant)?)?
-    } else {
-        family.open(model_dir, open)?
-    };
-    pipeline.set_loss_head(LossHead::new(t.loss_chunk_size).context("train.loss_chunk_size")?);
-    let mut records = read_records(train_path, &cfg.data)?;
-    let sampler: Arc<dyn BatchSampler> = if t.group_by_length {
-        let media = MediaOptions::from_config(&cfg.data);
-        let mut lengths = Vec::with_capacity(records.len());
-        let mut kept = Vec::with_capacity(records.len());
-        for record in records {
-            let len = prepare(&record, &media).and_then(|p| pipeline.data().encoded_length(&p));
-            match (len, cfg.data.on_bad_sample) {
-                (Ok(len), _) => {
-                    lengths.push(len);
-                    kept.push(record);
-                }
-                (Err(e), OnBadSample::Skip) => {
-                    tracing::warn!("skipping sample at {}: {e:#}", record.location)
-                }
-                (Err(e), OnBadSample::Error) => {
-                    return Err(e.context(format!("measuring sample at {}", record.location)))
-                }
-            }
-        }
-        records = kept;
-        Arc::new(LengthGroupedSampler::new(
-            lengths,
-            t.batch_size,
-            t.seed,
-            false,
-        )?)
-    } else {
-        Arc::new(ShuffledSampler::new(
-            records.len(),
-            t.batch_size,
-            t.seed,
-            false,
-        )?)
-    };
+    let mut pipeline = open_pipeline(cfg, family, model_dir, device, kind)?;
+    let (records, sampler) = sampler(cfg, read_records(train_path, &cfg.data)?, &*pipeline)?;
     let num_records = records.len();
     let batches_per_epoch = sampler.epoch_batches(0).len();
     ensure!(batches_per_epoch > 0, "the training data has no batches");
-    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum) as u64;
-    let total = match t.max_steps {
-        Some(n) => n,
-        None => (t.epochs * steps_per_epoch as f64).ceil() as u64,
-    };
-    ensure!(
-        total > 0,
-        "nothing to train: train.epochs and train.max_steps give 0 steps"
-    );
+    let total = total_steps(t, batches_per_epoch)?;
 
     let builder = pipeline.batch_builder();
     let eval = match &cfg.data.eval {
@@ -484,9 +272,10 @@ pub fn train(
     let identity = RunIdentity::new(cfg, model_dir, &trainer, train_path, num_records)?;
     let mut position = SamplerState::default();
     if let Some(dir) = &resume {
-        identity::check_checkpoint(dir, &identity)?;
-        let extra = trainer.load_checkpoint(dir)?;
-        position = identity::resume_position(&extra, batches_per_epoch, num_records, dir)?;
+        let stored = ResumeState::read(dir)?;
+        stored.check_identity(dir, &identity)?;
+        trainer.load_checkpoint(dir)?;
+        position = stored.position(batches_per_epoch, num_records, dir);
         tracing::info!(
             step = trainer.step,
             epoch = position.epoch,
@@ -524,13 +313,13 @@ pub fn train(
     INTERRUPTED.store(false, Ordering::SeqCst);
     let reporter = Reporter::new(total, trainer.step);
     let save = |trainer: &Trainer, pipeline: &mut Box<dyn Pipeline>, position: SamplerState| {
-        let extra = json!({
-            "epoch": position.epoch,
-            "consumed": position.consumed,
-            "batches_per_epoch": batches_per_epoch,
-            "num_samples": num_records,
-            identity::KEY: &identity,
-        });
+        let extra = serde_json::to_value(ResumeState {
+            epoch: position.epoch,
+            consumed: position.consumed,
+            batches_per_epoch,
+            num_samples: num_records,
+            identity: Some(identity.clone()),
+        })?;
         trainer.save_checkpoint(pipeline.trainable(), &out, extra, t.save_total_limit)
     };
     let mut last_checkpoint = resume.clone();
@@ -538,26 +327,13 @@ pub fn train(
     let started = Instant::now();
     while trainer.step < total {
         let want = t.grad_accum.min(batches_per_epoch - position.consumed);
-        let mut micro = Vec::with_capacity(want);
-        for _ in 0..want {
-            let batch = loader
-                .next()
-                .context("the data loader ended early")?
-                .with_context(|| {
-                    format!("epoch {}, batch {}", position.epoch, position.consumed)
-                })?;
-            position.consumed += 1;
-            if position.consumed == batches_per_epoch {
-                position = SamplerState {
-                    epoch: position.epoch + 1,
-                    consumed: 0,
-                };
-            }
-            if let Some(batch) = batch {
-                metrics.add_tokens(batch.tokens);
-                micro.push(batch);
-            }
-        }
+        let micro = next_micro_batches(
+            &mut loader,
+            &mut position,
+            want,
+            batches_per_epoch,
+            &mut metrics,
+        )?;
         if micro.is_empty() {
             empty_steps += 1;
             ensure!(
@@ -643,6 +419,126 @@ pub fn train(
         steps: trainer.step,
         output_dir: out,
     })
+}
+
+/// The settings that must be positive.
+fn check_settings(t: &TrainSection) -> Result<()> {
+    ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
+    ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
+    ensure!(t.save_steps > 0, "train.save_steps must be at least 1");
+    ensure!(
+        t.logging_steps > 0,
+        "train.logging_steps must be at least 1"
+    );
+    Ok(())
+}
+
+/// Opens the model for training: quantised to 4 bits for `qlora` (whose frozen base only
+/// adapters can train on), with the configured loss chunking.
+fn open_pipeline(
+    cfg: &Config,
+    family: &dyn DynFamily,
+    model_dir: &Path,
+    device: Device,
+    kind: Kind,
+) -> Result<Box<dyn Pipeline>> {
+    let t = &cfg.train;
+    let open = OpenOptions {
+        device,
+        kind,
+        processor: ProcessorOptions::from_config(&cfg.data),
+    };
+    let quant = if t.mode == Mode::Qlora {
+        ensure!(
+            t.component_modes().llm == ComponentMode::Lora,
+            "train.mode = \"qlora\" trains LoRA adapters on a frozen 4-bit LLM; \
+             train.llm must be \"lora\" (use mode = \"full\" or \"lora\" otherwise)"
+        );
+        Some(QuantSpec::from_config(&cfg.quant)?)
+    } else {
+        None
+    };
+    let mut pipeline = family.open(model_dir, open, quant.as_ref())?;
+    pipeline.set_loss_head(LossHead::new(t.loss_chunk_size).context("train.loss_chunk_size")?);
+    Ok(pipeline)
+}
+
+/// The batch order: shuffled, or grouped by token length (`train.group_by_length`, which
+/// measures every sample once and leaves out those that fail under `on_bad_sample`).
+fn sampler(
+    cfg: &Config,
+    records: Vec<Record>,
+    pipeline: &dyn Pipeline,
+) -> Result<(Vec<Record>, Arc<dyn BatchSampler>)> {
+    let t = &cfg.train;
+    if !t.group_by_length {
+        let sampler = ShuffledSampler::new(records.len(), t.batch_size, t.seed, false)?;
+        return Ok((records, Arc::new(sampler)));
+    }
+    let media = MediaOptions::from_config(&cfg.data);
+    let mut lengths = Vec::with_capacity(records.len());
+    let mut kept = Vec::with_capacity(records.len());
+    for record in records {
+        let len = prepare(&record, &media).and_then(|p| pipeline.data().encoded_length(&p));
+        match (len, cfg.data.on_bad_sample) {
+            (Ok(len), _) => {
+                lengths.push(len);
+                kept.push(record);
+            }
+            (Err(e), OnBadSample::Skip) => {
+                tracing::warn!("skipping sample at {}: {e:#}", record.location)
+            }
+            (Err(e), OnBadSample::Error) => {
+                return Err(e.context(format!("measuring sample at {}", record.location)))
+            }
+        }
+    }
+    let sampler = LengthGroupedSampler::new(lengths, t.batch_size, t.seed, false)?;
+    Ok((kept, Arc::new(sampler)))
+}
+
+/// Optimiser steps of the run: `train.max_steps`, else `train.epochs` worth.
+fn total_steps(t: &TrainSection, batches_per_epoch: usize) -> Result<u64> {
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum) as u64;
+    let total = match t.max_steps {
+        Some(n) => n,
+        None => (t.epochs * steps_per_epoch as f64).ceil() as u64,
+    };
+    ensure!(
+        total > 0,
+        "nothing to train: train.epochs and train.max_steps give 0 steps"
+    );
+    Ok(total)
+}
+
+/// The next `want` batches of the loader for one optimiser step, advancing `position`;
+/// batches whose every sample was left out are not among them.
+fn next_micro_batches(
+    loader: &mut Loader<Option<LoadedBatch>>,
+    position: &mut SamplerState,
+    want: usize,
+    batches_per_epoch: usize,
+    metrics: &mut MetricsLog,
+) -> Result<Vec<LoadedBatch>> {
+    let mut micro = Vec::with_capacity(want);
+    for _ in 0..want {
+        let batch = loader
+            .next()
+            .context("the data loader ended early")?
+            .with_context(|| format!("epoch {}, batch {}", position.epoch, position.consumed))?;
+        position.consumed += 1;
+        if position.consumed == batches_per_epoch {
+            *position = SamplerState {
+                epoch: position.epoch + 1,
+                consumed: 0,
+            };
+        }
+        if let Some(batch) = batch {
+            metrics.add_tokens(batch.tokens);
+            micro.push(batch);
+        }
+    }
+    Ok(micro)
 }
 
 /// The final output directory: weights (adapter or full), model files, resolved config, loss

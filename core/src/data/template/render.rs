@@ -7,7 +7,6 @@ use std::ops::Range;
 use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Kwargs, Rest};
 use minijinja::{Environment, Error, ErrorKind, Value};
-use serde_json::{Map, Value as Json};
 
 use super::discovery::{SpecialTokens, TemplateSource};
 use crate::data::{Conversation, Part, Role};
@@ -33,7 +32,6 @@ pub struct ChatRenderer {
     origin: String,
     special: SpecialTokens,
     content_mode: ContentMode,
-    extra: Map<String, Json>,
 }
 
 impl std::fmt::Debug for ChatRenderer {
@@ -81,15 +79,7 @@ impl ChatRenderer {
             origin: template.origin,
             special,
             content_mode,
-            extra: Map::new(),
         })
-    }
-
-    /// Adds template variables of the caller's (e.g. `add_vision_id`); they override the
-    /// special tokens but not `messages` / `add_generation_prompt` / `tools`.
-    pub fn with_extra(mut self, extra: Map<String, Json>) -> Self {
-        self.extra.extend(extra);
-        self
     }
 
     pub fn special_tokens(&self) -> &SpecialTokens {
@@ -145,9 +135,6 @@ impl ChatRenderer {
         let mut ctx: Vec<(String, Value)> = Vec::new();
         for (name, text) in &self.special.tokens {
             ctx.push((name.clone(), Value::from(text.as_str())));
-        }
-        for (k, v) in &self.extra {
-            ctx.push((k.clone(), Value::from_serialize(v)));
         }
         ctx.push(("messages".into(), Value::from(messages)));
         ctx.push((
