@@ -49,7 +49,9 @@ impl TextConfig {
         let hd = d.head_dim as u64;
         let q = (d.num_heads * d.head_dim) as u64;
         let kv = (d.num_kv_heads * d.head_dim) as u64;
-        let attn = linear_params(h, q, false) + 2 * linear_params(h, kv, false) + linear_params(q, h, false);
+        let attn = linear_params(h, q, false)
+            + 2 * linear_params(h, kv, false)
+            + linear_params(q, h, false);
         let mlp = 3 * linear_params(h, d.intermediate_size as u64, false);
         let self_layer = attn + mlp + 2 * h;
         // q/k norms of the head dimension, and the attention and MLP gates.
@@ -195,7 +197,10 @@ impl HfConfig for MllamaConfig {
             other => bail!("not a Llama-3.2-Vision config (model_type {other:?})"),
         }
         let empty = Value::Object(Default::default());
-        let text = root.get("text_config").filter(|v| v.is_object()).unwrap_or(&empty);
+        let text = root
+            .get("text_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(&empty);
         let hidden = int(text, "hidden_size", 4096)?;
         let heads = int(text, "num_attention_heads", 32)?;
         ensure!(
@@ -208,10 +213,17 @@ impl HfConfig for MllamaConfig {
             "text_config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
         );
         let act = string(text, "hidden_act", "silu")?;
-        ensure!(act == "silu", "text_config: hidden_act `{act}` is not supported (silu)");
+        ensure!(
+            act == "silu",
+            "text_config: hidden_act `{act}` is not supported (silu)"
+        );
         let (rope_theta, rope_scaling) = rope(text)?;
         let num_layers = int(text, "num_hidden_layers", 40)?;
-        let cross = int_list(text, "cross_attention_layers", &[3, 8, 13, 18, 23, 28, 33, 38])?;
+        let cross = int_list(
+            text,
+            "cross_attention_layers",
+            &[3, 8, 13, 18, 23, 28, 33, 38],
+        )?;
         if let Some(bad) = cross.iter().find(|&&i| i < 0 || i >= num_layers) {
             bail!("text_config: cross-attention layer {bad} is outside the {num_layers} layers");
         }
@@ -235,7 +247,10 @@ impl HfConfig for MllamaConfig {
             Some(Value::Null) => None,
             Some(_) => Some(int(text, "pad_token_id", 128004)?),
         };
-        let v = root.get("vision_config").filter(|v| v.is_object()).unwrap_or(&empty);
+        let v = root
+            .get("vision_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(&empty);
         let vision = VisionConfig {
             hidden_size: int(v, "hidden_size", 1280)?,
             intermediate_size: int(v, "intermediate_size", 5120)?,
@@ -286,7 +301,10 @@ impl HfConfig for MllamaConfig {
             .iter()
             .find(|&&i| i < 0 || i >= vs.num_layers)
         {
-            bail!("vision_config: intermediate layer {bad} is outside the {} layers", vs.num_layers);
+            bail!(
+                "vision_config: intermediate layer {bad} is outside the {} layers",
+                vs.num_layers
+            );
         }
         let concat = vs.hidden_size * (1 + vs.intermediate_layers_indices.len() as i64);
         ensure!(
@@ -302,7 +320,11 @@ impl HfConfig for MllamaConfig {
                 pad_token_id,
             },
             vision,
-            image_token_id: int(root, "image_token_index", int(root, "image_token_id", 128256)?)?,
+            image_token_id: int(
+                root,
+                "image_token_index",
+                int(root, "image_token_id", 128256)?,
+            )?,
         })
     }
 

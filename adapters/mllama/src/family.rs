@@ -99,7 +99,12 @@ impl ChatTemplate for MllamaTemplate {
         self.inner.is_media_token(id)
     }
 
-    fn encode(&self, conv: &Conversation, media: &MediaTokens, label_all: bool) -> Result<EncodedText> {
+    fn encode(
+        &self,
+        conv: &Conversation,
+        media: &MediaTokens,
+        label_all: bool,
+    ) -> Result<EncodedText> {
         let mut enc = self.inner.encode(conv, media, label_all)?;
         if !label_all {
             let n = enc.labels.len();
@@ -108,7 +113,10 @@ impl ChatTemplate for MllamaTemplate {
                     continue;
                 }
                 let mut j = i + 1;
-                while j < n && enc.labels[j] != IGNORE_INDEX && self.specials.contains(&enc.input_ids[j]) {
+                while j < n
+                    && enc.labels[j] != IGNORE_INDEX
+                    && self.specials.contains(&enc.input_ids[j])
+                {
                     enc.labels[j] = IGNORE_INDEX;
                     j += 1;
                 }
@@ -151,7 +159,11 @@ impl MllamaCollator {
 
     /// The image tensors of a batch padded to `len` tokens, `None` when no sample has images.
     pub fn images(&self, samples: &[Sample], len: usize, device: Device) -> Result<Option<Images>> {
-        let n = samples.iter().map(|s| s.media.images.len()).max().unwrap_or(0);
+        let n = samples
+            .iter()
+            .map(|s| s.media.images.len())
+            .max()
+            .unwrap_or(0);
         if n == 0 {
             return Ok(None);
         }
@@ -196,7 +208,11 @@ impl MllamaCollator {
             for (j, (&(start, end), img)) in ranges.iter().zip(&s.media.images).enumerate() {
                 // A sample's last range ends at its own length; the padding after it is
                 // never attended by a real token, so it keeps the last row's mask.
-                let end = if end == s.text.input_ids.len() { len } else { end.min(len) };
+                let end = if end == s.text.input_ids.len() {
+                    len
+                } else {
+                    end.min(len)
+                };
                 for pos in start..end {
                     let base = ((row * len + pos) * n + j) * tiles;
                     for k in 0..img.num_tiles() as usize {
@@ -211,7 +227,9 @@ impl MllamaCollator {
                 .view([b, n, tiles, self.channels, self.size, self.size])
                 .to_device(device),
             aspect_ratio_ids: Tensor::from_slice(&ids).view([b, n]).to_device(device),
-            aspect_ratio_mask: Tensor::from_slice(&ar_mask).view([b, n, tiles]).to_device(device),
+            aspect_ratio_mask: Tensor::from_slice(&ar_mask)
+                .view([b, n, tiles])
+                .to_device(device),
             cross_attention_mask: Tensor::from_slice(&cam)
                 .view([b, len, n, tiles])
                 .to_device(device),
@@ -299,8 +317,14 @@ mod tests {
         // One image: from its token to the end.
         assert_eq!(cross_attention_ranges(&[1, 9, 2, 3], 9), vec![(1, 4)]);
         // Two images apart: each up to the next.
-        assert_eq!(cross_attention_ranges(&[9, 1, 9, 2], 9), vec![(0, 2), (2, 4)]);
+        assert_eq!(
+            cross_attention_ranges(&[9, 1, 9, 2], 9),
+            vec![(0, 2), (2, 4)]
+        );
         // Two consecutive images: both to the end.
-        assert_eq!(cross_attention_ranges(&[1, 9, 9, 2], 9), vec![(1, 4), (2, 4)]);
+        assert_eq!(
+            cross_attention_ranges(&[1, 9, 9, 2], 9),
+            vec![(1, 4), (2, 4)]
+        );
     }
 }

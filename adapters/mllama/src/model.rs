@@ -57,7 +57,12 @@ const PROJECTOR: &str = "multi_modal_projector";
 
 impl MllamaModel {
     /// Builds the parameters (named as in the Hub checkpoint) in `kind` without loading.
-    pub fn new_in(config: &MllamaConfig, device: Device, init: ParamInit, kind: Kind) -> Result<MllamaModel> {
+    pub fn new_in(
+        config: &MllamaConfig,
+        device: Device,
+        init: ParamInit,
+        kind: Kind,
+    ) -> Result<MllamaModel> {
         let mut vs = VarStore::new(device);
         vs.set_kind(kind);
         let root = vs.root();
@@ -84,7 +89,12 @@ impl MllamaModel {
         })
     }
 
-    pub fn load(config: &MllamaConfig, dir: &Path, device: Device, kind: Kind) -> Result<MllamaModel> {
+    pub fn load(
+        config: &MllamaConfig,
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<MllamaModel> {
         let model = MllamaModel::new_in(config, device, ParamInit::Zeros, kind)?;
         let tied = config.text.decoder.tie_word_embeddings;
         load_into(
@@ -107,7 +117,11 @@ impl MllamaModel {
         let size = feats.size();
         let (b, patches) = (size[0], size[3]);
         let h = self.config.text.decoder.hidden_size;
-        let states = self.projector.forward(&feats).reshape([b, -1, h]).to_kind(kind);
+        let states = self
+            .projector
+            .forward(&feats)
+            .reshape([b, -1, h])
+            .to_kind(kind);
         let cam = &images.cross_attention_mask;
         let (cb, t) = (cam.size()[0], cam.size()[1]);
         ensure!(
@@ -124,7 +138,11 @@ impl MllamaModel {
             .unsqueeze(1);
         let inverted = m.ones_like() - &m;
         let masked = inverted.masked_fill(&inverted.to_kind(Kind::Bool), min);
-        let full_row = masked.ne(min).any_dim(-1, false).to_kind(kind).unsqueeze(-1);
+        let full_row = masked
+            .ne(min)
+            .any_dim(-1, false)
+            .to_kind(kind)
+            .unsqueeze(-1);
         // transformers lets a row that sees no image attend to every vision token of the
         // batch row; those of padding image slots are kept out, so that the row computes
         // the same next to a sample with more images as alone (equal when nothing is padded).
@@ -193,7 +211,9 @@ impl Model for MllamaModel {
 
     fn decode_step(&self, state: &mut DecodeState, tokens: &[i64]) -> Result<Tensor> {
         let b = tokens.len() as i64;
-        let ids = Tensor::from_slice(tokens).view([b, 1]).to_device(self.vs.device());
+        let ids = Tensor::from_slice(tokens)
+            .view([b, 1])
+            .to_device(self.vs.device());
         Ok(self.text.decode_step(state, &ids))
     }
 

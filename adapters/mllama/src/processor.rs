@@ -86,7 +86,11 @@ pub fn optimal_canvas(height: u32, width: u32, max_tiles: u32, tile: u32) -> (u3
             }
         })
         .collect();
-    let up = scales.iter().copied().filter(|&s| s >= 1.0).reduce(f64::min);
+    let up = scales
+        .iter()
+        .copied()
+        .filter(|&s| s >= 1.0)
+        .reduce(f64::min);
     let selected = match up {
         Some(s) => s,
         None => scales
@@ -127,7 +131,11 @@ fn triple(obj: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
         Some(v) => {
             let a: Vec<f32> = v
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect()
+                })
                 .unwrap_or_default();
             a.try_into()
                 .map_err(|_| anyhow::anyhow!("`{key}` must be 3 numbers, got {v}"))
@@ -136,13 +144,17 @@ fn triple(obj: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
 }
 
 fn resample(v: &Value) -> Result<ResampleFilter> {
-    Ok(match v.get("resample").and_then(Value::as_i64).unwrap_or(2) {
-        0 => ResampleFilter::Nearest,
-        2 => ResampleFilter::Bilinear,
-        3 => ResampleFilter::Bicubic,
-        1 => ResampleFilter::Lanczos,
-        other => bail!("`resample` {other} is not supported (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic)"),
-    })
+    Ok(
+        match v.get("resample").and_then(Value::as_i64).unwrap_or(2) {
+            0 => ResampleFilter::Nearest,
+            2 => ResampleFilter::Bilinear,
+            3 => ResampleFilter::Bicubic,
+            1 => ResampleFilter::Lanczos,
+            other => bail!(
+                "`resample` {other} is not supported (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic)"
+            ),
+        },
+    )
 }
 
 /// Images one sample may carry unless the processor config says otherwise.
@@ -160,7 +172,8 @@ impl MllamaProcessor {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             Ok(Some(
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?,
             ))
         };
         let v = match read("preprocessor_config.json")? {
@@ -181,11 +194,20 @@ impl MllamaProcessor {
         let size = v.get("size").cloned().unwrap_or(Value::Null);
         let h = size.get("height").and_then(Value::as_u64).unwrap_or(224);
         let w = size.get("width").and_then(Value::as_u64).unwrap_or(224);
-        ensure!(h == w && h > 0, "`size` must be a non-empty square, got {h}x{w}");
-        let max_image_tiles = v.get("max_image_tiles").and_then(Value::as_u64).unwrap_or(4);
+        ensure!(
+            h == w && h > 0,
+            "`size` must be a non-empty square, got {h}x{w}"
+        );
+        let max_image_tiles = v
+            .get("max_image_tiles")
+            .and_then(Value::as_u64)
+            .unwrap_or(4);
         ensure!(max_image_tiles > 0, "`max_image_tiles` must be positive");
         let rescale = v.get("do_rescale").and_then(Value::as_bool).unwrap_or(true);
-        let normalize = v.get("do_normalize").and_then(Value::as_bool).unwrap_or(true);
+        let normalize = v
+            .get("do_normalize")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
         ensure!(
             rescale && normalize,
             "only do_rescale = do_normalize = true is supported"
@@ -223,7 +245,8 @@ impl MllamaProcessor {
         let aspect_ratio_id = supported_aspect_ratios(self.max_image_tiles)
             .iter()
             .position(|&a| a == arrangement)
-            .context("canvas outside the supported arrangements")? as i64
+            .context("canvas outside the supported arrangements")?
+            as i64
             + 1;
         let (th, tw) = arrangement;
         let (s_us, cw) = (s as usize, canvas.1 as usize);
@@ -297,7 +320,16 @@ mod tests {
     fn arrangements_and_canvases() {
         assert_eq!(
             supported_aspect_ratios(4),
-            vec![(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
+            vec![
+                (1, 1),
+                (1, 2),
+                (1, 3),
+                (1, 4),
+                (2, 1),
+                (2, 2),
+                (3, 1),
+                (4, 1)
+            ]
         );
         // Square image larger than one tile: 2×2 upscales least (scale 1.12).
         assert_eq!(optimal_canvas(1000, 1000, 4, 560), (1120, 1120));

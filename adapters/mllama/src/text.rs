@@ -136,7 +136,10 @@ impl CrossLayer {
     /// Keys (normed) and values of the vision states, `[B, kv_heads, S, head_dim]` each.
     pub fn vision_kv(&self, states: &Tensor) -> (Tensor, Tensor) {
         let b = states.size()[0];
-        let split = |y: Tensor| y.view([b, -1, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let split = |y: Tensor| {
+            y.view([b, -1, self.kv_heads, self.head_dim])
+                .transpose(1, 2)
+        };
         let k = self.k_norm.forward(&split(self.k_proj.forward(states)));
         let v = split(self.v_proj.forward(states));
         (k, v)
@@ -162,9 +165,11 @@ impl CrossLayer {
         let (k, v) = (repeat_kv(&kv.0, n_rep), repeat_kv(&kv.1, n_rep));
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = sdpa(&q, &k, &v, Some(mask), false, scale);
-        let out = self
-            .o_proj
-            .forward(&out.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]));
+        let out =
+            self.o_proj.forward(
+                &out.transpose(1, 2)
+                    .reshape([b, t, self.heads * self.head_dim]),
+            );
         let h = x + self.attn_gate.tanh() * out * has_images;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h)) * full_row;
         &h + self.mlp_gate.tanh() * m
@@ -196,7 +201,12 @@ impl TextModel {
                 if c.is_cross(i) {
                     TextLayer::CrossAttention(CrossLayer::new(&p, c, init))
                 } else {
-                    TextLayer::SelfAttention(DecoderLayer::new(&p, d, &DecoderOptions::default(), init))
+                    TextLayer::SelfAttention(DecoderLayer::new(
+                        &p,
+                        d,
+                        &DecoderOptions::default(),
+                        init,
+                    ))
                 }
             })
             .collect();
@@ -227,7 +237,11 @@ impl TextModel {
 
     /// Rotary tables for `positions: [B, T]`.
     pub fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        rope_cos_sin(positions, &self.inv_freq.to_device(positions.device()), kind)
+        rope_cos_sin(
+            positions,
+            &self.inv_freq.to_device(positions.device()),
+            kind,
+        )
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
@@ -235,7 +249,10 @@ impl TextModel {
             Some(head) => head.forward(hidden),
             // Tied: the first `vocab_size` embedding rows.
             None => hidden.linear::<Tensor>(
-                &self.embed_tokens.weight.narrow(0, 0, self.config.decoder.vocab_size),
+                &self
+                    .embed_tokens
+                    .weight
+                    .narrow(0, 0, self.config.decoder.vocab_size),
                 None,
             ),
         }
@@ -264,7 +281,9 @@ impl TextModel {
                 }
                 TextLayer::CrossAttention(l) => {
                     let Some(cx) = cross else { continue };
-                    if checkpointing && (h.requires_grad() || cx.states.requires_grad() || l.has_trainable()) {
+                    if checkpointing
+                        && (h.requires_grad() || cx.states.requires_grad() || l.has_trainable())
+                    {
                         let l = l.shallow_clone();
                         let (mask, row) = (cx.mask.shallow_clone(), cx.full_row.shallow_clone());
                         let has = cx.has_images.shallow_clone();
@@ -272,7 +291,13 @@ impl TextModel {
                             l.forward(&xs[0], &l.vision_kv(&xs[1]), &mask, &row, &has)
                         })
                     } else {
-                        l.forward(&h, &l.vision_kv(&cx.states), &cx.mask, &cx.full_row, &cx.has_images)
+                        l.forward(
+                            &h,
+                            &l.vision_kv(&cx.states),
+                            &cx.mask,
+                            &cx.full_row,
+                            &cx.has_images,
+                        )
                     }
                 }
             };
@@ -313,13 +338,19 @@ impl TextModel {
         cross: Option<&CrossContext>,
     ) -> Result<(Tensor, DecodeState)> {
         let (b, t, h) = embeds.size3()?;
-        ensure!(lengths.len() == b as usize, "{} prompt lengths for a batch of {b}", lengths.len());
+        ensure!(
+            lengths.len() == b as usize,
+            "{} prompt lengths for a batch of {b}",
+            lengths.len()
+        );
         ensure!(
             lengths.iter().all(|&l| l >= 1 && l as i64 <= t),
             "prompt lengths {lengths:?} do not fit a batch of {t} positions"
         );
         let device = embeds.device();
-        let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false);
+        let positions = Tensor::arange(t, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([b, t], false);
         let (cos, sin) = self.rotary(&positions, embeds.kind());
         let n = self.layers.len();
         let mut state = DecodeState {
@@ -348,7 +379,11 @@ impl TextModel {
         let hidden =
             self.hidden_states_cached(embeds, &cos, &sin, None, cross_mask, &mut state.cache);
         let last = hidden
-            .gather(1, &(&lens - 1).view([b, 1, 1]).expand([b, 1, h], false), false)
+            .gather(
+                1,
+                &(&lens - 1).view([b, 1, 1]).expand([b, 1, h], false),
+                false,
+            )
             .squeeze_dim(1);
         if lengths.iter().any(|&l| (l as i64) < t) {
             let keys = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
@@ -362,7 +397,9 @@ impl TextModel {
         let b = ids.size()[0];
         let device = ids.device();
         let embeds = self.embed(ids);
-        let positions = Tensor::from_slice(&state.next_positions).view([b, 1]).to_device(device);
+        let positions = Tensor::from_slice(&state.next_positions)
+            .view([b, 1])
+            .to_device(device);
         let (cos, sin) = self.rotary(&positions, embeds.kind());
         let self_mask = state.valid.take().map(|valid| {
             let grown = Tensor::cat(&[&valid, &Tensor::ones([b, 1], (Kind::Bool, device))], 1);
@@ -391,7 +428,12 @@ impl TextModel {
     }
 
     /// Hub names under `model` (`language_model.model`) and `lm_head`.
-    pub fn visit_linears(&mut self, model: &str, lm_head: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+    pub fn visit_linears(
+        &mut self,
+        model: &str,
+        lm_head: &str,
+        f: &mut dyn FnMut(&str, &mut Linear),
+    ) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("{model}.layers.{i}");
             match layer {

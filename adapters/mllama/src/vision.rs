@@ -119,7 +119,9 @@ impl VisionLayer {
         let k = split(self.k_proj.forward(&y));
         let v = split(self.v_proj.forward(&y));
         let attn = sdpa(&q, &k, &v, Some(mask), false, (d as f64).powf(-0.5));
-        let mut attn = self.o_proj.forward(&attn.transpose(1, 2).reshape([b, t, h]));
+        let mut attn = self
+            .o_proj
+            .forward(&attn.transpose(1, 2).reshape([b, t, h]));
         if let Some((g, _)) = &self.gates {
             attn = g.tanh() * attn;
         }
@@ -158,7 +160,11 @@ fn run_layers(
     }
     let ordered = keep
         .iter()
-        .filter_map(|k| kept.iter().find(|(i, _)| i == k).map(|(_, t)| t.shallow_clone()))
+        .filter_map(|k| {
+            kept.iter()
+                .find(|(i, _)| i == k)
+                .map(|(_, t)| t.shallow_clone())
+        })
         .collect();
     (h, ordered)
 }
@@ -183,8 +189,8 @@ impl TileEmbedding {
 
     /// `x: [BN, tiles, P, H]`, `ids: [BN]`.
     fn forward(&self, x: &Tensor, ids: &Tensor, tiles: i64, h: i64) -> Tensor {
-        let e = Tensor::embedding(&self.embedding, ids, -1, false, false)
-            .reshape([-1, tiles, 1, h]);
+        let e =
+            Tensor::embedding(&self.embedding, ids, -1, false, false).reshape([-1, tiles, 1, h]);
         x + e * self.gate.tanh()
     }
 }
@@ -291,7 +297,9 @@ impl VisionModel {
             .flatten(2, -1)
             .transpose(1, 2);
         let patches = x.size()[1];
-        let x = self.pre_tile.forward(&x.reshape([bn, tiles, patches, h]), &ids, tiles, h);
+        let x = self
+            .pre_tile
+            .forward(&x.reshape([bn, tiles, patches, h]), &ids, tiles, h);
         let x = x.reshape([bn * tiles, patches, h]);
         let cls = self.class_embedding.expand([bn * tiles, 1, h], false);
         let x = Tensor::cat(&[&cls, &x], 1);
@@ -315,9 +323,21 @@ impl VisionModel {
             &c.intermediate_layers_indices,
             self.gradient_checkpointing,
         );
-        let x = self.layernorm_post.forward(&x).reshape([bn, tiles, target, h]);
-        let x = self.post_tile.forward(&x, &ids, tiles, h).reshape([bn, tiles * target, h]);
-        let (x, _) = run_layers(&self.global_layers, x, &mask, &[], self.gradient_checkpointing);
+        let x = self
+            .layernorm_post
+            .forward(&x)
+            .reshape([bn, tiles, target, h]);
+        let x = self
+            .post_tile
+            .forward(&x, &ids, tiles, h)
+            .reshape([bn, tiles * target, h]);
+        let (x, _) = run_layers(
+            &self.global_layers,
+            x,
+            &mask,
+            &[],
+            self.gradient_checkpointing,
+        );
         let x = x
             .reshape([bn, tiles, target, h])
             .narrow(2, 0, np)
@@ -331,7 +351,14 @@ impl VisionModel {
 
     /// `_prepare_aspect_ratio_attention_mask`: additive `[BN, 1, L, L]`, the dtype's
     /// minimum where both tokens are padding.
-    fn attention_mask(&self, ar_mask: &Tensor, bn: i64, tiles: i64, target: i64, kind: Kind) -> Tensor {
+    fn attention_mask(
+        &self,
+        ar_mask: &Tensor,
+        bn: i64,
+        tiles: i64,
+        target: i64,
+        kind: Kind,
+    ) -> Tensor {
         let device = ar_mask.device();
         let real = self.config.num_patches();
         let pad = target - real;

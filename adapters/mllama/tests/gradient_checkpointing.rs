@@ -55,8 +55,14 @@ fn checkpointed_gradients_equal_plain_ones() {
             .sqrt();
         for ((k, a), (_, b)) in plain.iter().zip(&ckpt) {
             let err = (a - b).norm().double_value(&[]);
-            assert!(err <= 1e-6 * scale, "{name}: gradient of {k} differs by {err:.2e} (norm {scale:.2e})");
+            assert!(
+                err <= 1e-6 * scale,
+                "{name}: gradient of {k} differs by {err:.2e} (norm {scale:.2e})"
+            );
         }
-        eprintln!("{name}: {} gradients equal, {replayed} layers recomputed", plain.len());
+        eprintln!(
+            "{name}: {} gradients equal, {replayed} layers recomputed",
+            plain.len()
+        );
     }
 }

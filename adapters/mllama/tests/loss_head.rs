@@ -20,7 +20,12 @@ fn loss_head_matches_full_logits() {
         for name in names {
             let batch = fx.batch(name, "labels");
             let labels = &fx.reference[&format!("{name}.labels")];
-            assert_loss_head_matches_full_logits(&model, &batch, labels, &format!("{kind:?}/{name}"));
+            assert_loss_head_matches_full_logits(
+                &model,
+                &batch,
+                labels,
+                &format!("{kind:?}/{name}"),
+            );
         }
     }
 }

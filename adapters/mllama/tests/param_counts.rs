@@ -29,7 +29,10 @@ fn parameter_counts_match_transformers() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&paths[0]).unwrap()).unwrap();
     let c = MllamaConfig::from_hf_json(&json).unwrap();
-    assert_eq!(c.text.cross_attention_layers, [3, 8, 13, 18, 23, 28, 33, 38]);
+    assert_eq!(
+        c.text.cross_attention_layers,
+        [3, 8, 13, 18, 23, 28, 33, 38]
+    );
     assert_eq!(c.text.decoder.num_layers, 40);
     assert_eq!(c.text.rope_scaling.unwrap().factor, 8.0);
     assert_eq!(c.vision.intermediate_layers_indices, [3, 7, 15, 23, 30]);

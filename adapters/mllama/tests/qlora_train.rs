@@ -82,8 +82,16 @@ fn qlora_quantises_cross_attention_trains_and_saves_a_peft_adapter() {
             names.push(name.to_string());
         }
     });
-    assert!(names.iter().all(|n| n.starts_with("language_model.model.layers.")), "{names:?}");
-    assert!(names.iter().any(|n| n.contains(".cross_attn.k_proj")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("language_model.model.layers.")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains(".cross_attn.k_proj")),
+        "{names:?}"
+    );
     let vars = Model::var_store(&q).variables();
     assert!(!vars.contains_key("language_model.model.layers.1.cross_attn.q_proj.weight"));
     assert!(vars.contains_key("vision_model.transformer.layers.0.self_attn.q_proj.weight"));
@@ -91,10 +99,15 @@ fn qlora_quantises_cross_attention_trains_and_saves_a_peft_adapter() {
 
     let gap = {
         let (a, b) = (logits(&dense(), &batches), logits(&q, &batches));
-        a.keys().map(|k| max_abs_diff(&a[k], &b[k])).fold(0.0, f64::max)
+        a.keys()
+            .map(|k| max_abs_diff(&a[k], &b[k]))
+            .fold(0.0, f64::max)
     };
     eprintln!("logits gap of the NF4 base vs the dense base: {gap:.3e}");
-    assert!(gap > 0.0, "the quantised base computes exactly the dense one");
+    assert!(
+        gap > 0.0,
+        "the quantised base computes exactly the dense one"
+    );
 
     let mut d = dense();
     let (lora, _) = train(&mut d, &batches);
@@ -103,20 +116,37 @@ fn qlora_quantises_cross_attention_trains_and_saves_a_peft_adapter() {
         eprintln!("step {:>2}: lora {a:.5}  qlora {b:.5}", i + 1);
     }
     let drop = |l: &[f64]| l[..4].iter().sum::<f64>() - l[8..].iter().sum::<f64>();
-    let worst = lora.iter().zip(&qlora).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    eprintln!("loss drop lora {:.4}, qlora {:.4}; worst gap {worst:.2e}", drop(&lora), drop(&qlora));
+    let worst = lora
+        .iter()
+        .zip(&qlora)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "loss drop lora {:.4}, qlora {:.4}; worst gap {worst:.2e}",
+        drop(&lora),
+        drop(&qlora)
+    );
     assert!(drop(&lora) > 0.05 && drop(&qlora) > 0.05, "both train");
     assert!((drop(&lora) - drop(&qlora)).abs() <= 0.1 * drop(&lora));
     assert!(worst <= 0.05, "QLoRA loss strays {worst} from LoRA's");
 
     let tmp = tempfile::tempdir().unwrap();
     let (adapter, merged) = (tmp.path().join("adapter"), tmp.path().join("merged"));
-    save_adapter(&mut q, &lora_spec, &adapter, Some(&fx.dir.display().to_string())).unwrap();
+    save_adapter(
+        &mut q,
+        &lora_spec,
+        &adapter,
+        Some(&fx.dir.display().to_string()),
+    )
+    .unwrap();
     let mut on_dense = dense();
     load_adapter(&mut on_dense, &adapter, &Arc::new(AtomicBool::new(false))).unwrap();
     let ours = logits(&on_dense, &batches);
     let mut base = dense();
-    assert_eq!(merge_lora(&mut base, &fx.dir, &adapter, &merged, 1 << 30).unwrap(), 21);
+    assert_eq!(
+        merge_lora(&mut base, &fx.dir, &adapter, &merged, 1 << 30).unwrap(),
+        21
+    );
     let path = tmp.path().join("ours.safetensors");
     let blobs: BTreeMap<String, Blob> = ours
         .iter()
@@ -137,6 +167,9 @@ fn qlora_quantises_cross_attention_trains_and_saves_a_peft_adapter() {
         eprintln!("QLoRA adapter on the dense base vs peft, {name}: {v}");
         assert!(v["peft_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
         assert!(v["merged_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: {v}");
-        assert!(v["base_vs_ours"].as_f64().unwrap() > 1e-4, "{name}: adapter inert: {v}");
+        assert!(
+            v["base_vs_ours"].as_f64().unwrap() > 1e-4,
+            "{name}: adapter inert: {v}"
+        );
     }
 }

@@ -18,8 +18,7 @@ use tch::{Device, Kind};
 const SAMPLES: [&str; 4] = ["text", "image", "tiles", "two_images"];
 
 /// PEFT's regex of `scripts/oracle/train_mllama.py`, over transformers' runtime names.
-const LLM_TARGETS: &str =
-    r"model\.language_model\.layers\.\d+\.((self|cross)_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)";
+const LLM_TARGETS: &str = r"model\.language_model\.layers\.\d+\.((self|cross)_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)";
 
 fn check(accum: usize) {
     let fx = common::fixture();

@@ -48,15 +48,20 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
         "base_model.model.model.language_model.layers.1.cross_attn.k_proj.lora_B.weight",
         "base_model.model.model.language_model.layers.2.mlp.down_proj.lora_B.weight",
     ] {
-        let t = keys
-            .get(key)
-            .unwrap_or_else(|| panic!("adapter lacks {key}; has {:?}", keys.keys().take(5).collect::<Vec<_>>()));
+        let t = keys.get(key).unwrap_or_else(|| {
+            panic!(
+                "adapter lacks {key}; has {:?}",
+                keys.keys().take(5).collect::<Vec<_>>()
+            )
+        });
         if key.contains("lora_B") {
             assert!(t.abs().max().double_value(&[]) > 0.0, "{key} is still zero");
         }
     }
     assert!(
-        !keys.keys().any(|k| k.contains("vision_model") || k.contains("lm_head")),
+        !keys
+            .keys()
+            .any(|k| k.contains("vision_model") || k.contains("lm_head")),
         "only the LLM's layers are adapted by default"
     );
 
@@ -77,8 +82,14 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
     // Merge onto a fresh base model; 30 MB shards split the 66 MB checkpoint.
     let mut base = MllamaModel::load(&fx.config, &fx.dir, Device::Cpu, Kind::Float).unwrap();
     let n = merge_lora(&mut base, &fx.dir, &adapter, &merged, 30 << 20).unwrap();
-    assert_eq!(n, 21, "3 layers × 7 linear layers merged (self- and cross-attention)");
-    assert!(merged.join("model.safetensors.index.json").is_file(), "merged checkpoint is not sharded");
+    assert_eq!(
+        n, 21,
+        "3 layers × 7 linear layers merged (self- and cross-attention)"
+    );
+    assert!(
+        merged.join("model.safetensors.index.json").is_file(),
+        "merged checkpoint is not sharded"
+    );
     for (name, b) in names.iter().zip(&batches) {
         let logits = tch::no_grad(|| base.logits(b).unwrap());
         let d = max_abs_diff(&logits, &ours[*name]);
@@ -98,8 +109,17 @@ fn train_adapter_loads_in_peft_and_merged_model_in_transformers() {
     for name in names {
         let r = &result[name];
         eprintln!("{name}: {r}");
-        assert!(r["peft_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: peft logits differ: {r}");
-        assert!(r["merged_vs_ours"].as_f64().unwrap() <= 1e-4, "{name}: merged logits differ: {r}");
-        assert!(r["base_vs_ours"].as_f64().unwrap() > 1e-3, "{name}: the adapter changes nothing: {r}");
+        assert!(
+            r["peft_vs_ours"].as_f64().unwrap() <= 1e-4,
+            "{name}: peft logits differ: {r}"
+        );
+        assert!(
+            r["merged_vs_ours"].as_f64().unwrap() <= 1e-4,
+            "{name}: merged logits differ: {r}"
+        );
+        assert!(
+            r["base_vs_ours"].as_f64().unwrap() > 1e-3,
+            "{name}: the adapter changes nothing: {r}"
+        );
     }
 }

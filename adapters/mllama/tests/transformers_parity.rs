@@ -25,7 +25,14 @@ fn model(fx: &Fixture) -> MllamaModel {
 
 /// Logits (at `rows`' real positions), loss and gradients of `batch` against the reference
 /// of `name`.
-fn check_model(fx: &Fixture, model: &MllamaModel, name: &str, batch: &Batch, loss: f64, lengths: &[i64]) {
+fn check_model(
+    fx: &Fixture,
+    model: &MllamaModel,
+    name: &str,
+    batch: &Batch,
+    loss: f64,
+    lengths: &[i64],
+) {
     for (_, mut v) in model.var_store().variables() {
         v.zero_grad();
     }
@@ -41,7 +48,10 @@ fn check_model(fx: &Fixture, model: &MllamaModel, name: &str, batch: &Batch, los
     let out = model.forward(batch, true).unwrap();
     let ours = out.mean_loss().unwrap();
     let l = ours.double_value(&[]);
-    assert!(((l - loss) / loss).abs() <= 1e-5, "{name}: loss {l} vs {loss}");
+    assert!(
+        ((l - loss) / loss).abs() <= 1e-5,
+        "{name}: loss {l} vs {loss}"
+    );
     ours.backward();
     let vars = model.var_store().variables();
     let prefix = format!("{name}.grad.");
@@ -52,14 +62,23 @@ fn check_model(fx: &Fixture, model: &MllamaModel, name: &str, batch: &Batch, los
             let grad = vars[param].grad();
             assert!(grad.defined(), "{name}: no gradient reached {param}");
             let e = relative_error(&grad, theirs);
-            assert!(e <= 1e-4, "{name}: gradient of {param} differs by {e:.2e} (relative)");
+            assert!(
+                e <= 1e-4,
+                "{name}: gradient of {param} differs by {e:.2e} (relative)"
+            );
             worst = worst.max(e);
             compared.push(param.to_string());
         }
     }
     let has_images = batch.images.is_some();
-    for part in ["vision_model.", "multi_modal_projector", "cross_attn", "self_attn"] {
-        let expected_here = has_images || !(part.starts_with("vision") || part.starts_with("multi") || part == "cross_attn");
+    for part in [
+        "vision_model.",
+        "multi_modal_projector",
+        "cross_attn",
+        "self_attn",
+    ] {
+        let expected_here = has_images
+            || !(part.starts_with("vision") || part.starts_with("multi") || part == "cross_attn");
         assert_eq!(
             compared.iter().any(|p| p.contains(part)),
             expected_here,
@@ -111,7 +130,11 @@ fn encode(fx: &Fixture, names: &[&str]) -> Batch {
 
 fn assert_same_inputs(fx: &Fixture, name: &str, ours: &Batch) {
     let get = |k: &str| &fx.reference[&format!("{name}.{k}")];
-    assert_eq!(max_abs_diff(&ours.input_ids, get("input_ids")), 0.0, "{name}: input ids");
+    assert_eq!(
+        max_abs_diff(&ours.input_ids, get("input_ids")),
+        0.0,
+        "{name}: input ids"
+    );
     let rule = get("rule_labels");
     let targets = lmms_ft_core::loss::LossTargets::from_labels(rule).unwrap();
     let ours_t = ours.targets.as_ref().unwrap();
@@ -136,7 +159,11 @@ fn assert_same_inputs(fx: &Fixture, name: &str, ours: &Batch) {
                 assert_eq!(max_abs_diff(ours, get(key)), 0.0, "{name}: {key}");
             }
         }
-        (a, b) => panic!("{name}: images {} vs reference {}", a.is_some(), b.is_some()),
+        (a, b) => panic!(
+            "{name}: images {} vs reference {}",
+            a.is_some(),
+            b.is_some()
+        ),
     }
 }
 
@@ -164,7 +191,9 @@ fn processor_template_and_collator_match_transformers() {
     let names = ["image", "tiles"];
     let batch = encode(fx, &names);
     assert_same_inputs(fx, "batch", &batch);
-    let lengths: Vec<i64> = Vec::try_from(fx.reference["batch.attention_mask"].sum_dim_intlist(1, false, Kind::Int64)).unwrap();
+    let lengths: Vec<i64> =
+        Vec::try_from(fx.reference["batch.attention_mask"].sum_dim_intlist(1, false, Kind::Int64))
+            .unwrap();
     let loss = fx.meta["batch"]["loss"].as_f64().unwrap();
     check_model(fx, &model, "batch", &batch, loss, &lengths);
 }
@@ -179,8 +208,11 @@ fn bad_inputs_are_clear_errors() {
     let image = fx.image("a");
     let many = vec![image.clone(); processor.max_images + 1];
     let err = processor.process(&many, &[]).unwrap_err().to_string();
-    assert!(err.contains("more than the") && err.contains(&format!("{} images", many.len())), "{err}");
-    let (media, tokens) = processor.process(&[image.clone()], &[]).unwrap();
+    assert!(
+        err.contains("more than the") && err.contains(&format!("{} images", many.len())),
+        "{err}"
+    );
+    let (media, tokens) = processor.process(std::slice::from_ref(&image), &[]).unwrap();
     let template = Mllama::template(&fx.config, &fx.dir).unwrap();
     let conv = conversation_from_messages(&fx.meta["samples"]["two_images"]["messages"]);
     let err = format!("{:#}", template.encode(&conv, &tokens, false).unwrap_err());
@@ -194,7 +226,10 @@ fn bad_inputs_are_clear_errors() {
         .collate(vec![Mllama::sample(text, media)], Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("batch sample 0: 2 <|image|> token(s) for 1 image(s)"), "{err}");
+    assert!(
+        err.contains("batch sample 0: 2 <|image|> token(s) for 1 image(s)"),
+        "{err}"
+    );
     let clip = lmms_ft_core::data::VideoClip {
         frames: vec![image],
         sampled_fps: 1.0,
@@ -225,7 +260,9 @@ fn greedy_generation_matches_transformers() {
                         ..Default::default()
                     },
                 },
-                prompt_ids: Some(Vec::try_from(&fx.reference[&format!("{name}.prompt_ids")]).unwrap()),
+                prompt_ids: Some(
+                    Vec::try_from(&fx.reference[&format!("{name}.prompt_ids")]).unwrap(),
+                ),
                 generated: Vec::try_from(&fx.reference[&format!("{name}.generated")]).unwrap(),
                 step_logits: fx.reference[&format!("{name}.generated_logits")].shallow_clone(),
                 logit_tolerance: TOLERANCE,
@@ -247,7 +284,8 @@ fn bf16_and_wrong_checkpoint() {
     let d = max_abs_diff(&logits, &fx.reference["two_images.logits"]);
     assert!(d < 0.05, "bf16 logits differ from fp32 by {d}");
     let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.dir.join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fx.dir.join("config.json")).unwrap())
+            .unwrap();
     json["text_config"]["cross_attention_layers"] = serde_json::json!([2]);
     let other = lmms_ft_mllama::config::MllamaConfig::from_hf_json(&json).unwrap();
     let err = MllamaModel::load(&other, &fx.dir, Device::Cpu, Kind::Float)
