@@ -1,12 +1,13 @@
 """Reference training run for Llama-3.2-Vision: transformers + peft + a plain PyTorch AdamW
 loop (the loop and its hyper-parameters are train_loop.py's).
 
-Usage: python train_mllama.py FIXTURE_DIR OUT_DIR lora ACCUM STEPS
+Usage: python train_mllama.py FIXTURE_DIR OUT_DIR {lora|lora_vision} ACCUM STEPS
 
 FIXTURE_DIR is made by mllama_fixture.py (checkpoint + reference.safetensors with the
 processed inputs of the samples text, image, tiles, two_images). LoRA goes on every
 self-attention, cross-attention and MLP linear of the language model (not lm_head); the
-multi-modal projector trains fully; the vision model is frozen.
+multi-modal projector trains fully; the vision model is frozen. lora_vision: the same, plus
+LoRA on every linear of the local and global vision encoder layers at the vision lr.
 """
 
 import os
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_loop import run  # noqa: E402
 
 fixture, out, mode, accum, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-assert mode == "lora", mode
+assert mode in ("lora", "lora_vision"), mode
 torch.manual_seed(1234)
 torch.use_deterministic_algorithms(True)
 
@@ -37,10 +38,12 @@ def hub(n):
     return n
 
 
+LLM_TARGETS = r"model\.language_model\.layers\.\d+\.((self|cross)_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+VISION_TARGETS = r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.fc[12])"
 run(
     model,
     mode=mode,
-    targets=r"model\.language_model\.layers\.\d+\.((self|cross)_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+    targets=LLM_TARGETS if mode == "lora" else f"{LLM_TARGETS}|{VISION_TARGETS}",
     accum=accum,
     steps=steps,
     out=out,

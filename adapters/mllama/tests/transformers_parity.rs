@@ -212,7 +212,9 @@ fn bad_inputs_are_clear_errors() {
         err.contains("more than the") && err.contains(&format!("{} images", many.len())),
         "{err}"
     );
-    let (media, tokens) = processor.process(std::slice::from_ref(&image), &[]).unwrap();
+    let (media, tokens) = processor
+        .process(std::slice::from_ref(&image), &[])
+        .unwrap();
     let template = Mllama::template(&fx.config, &fx.dir).unwrap();
     let conv = conversation_from_messages(&fx.meta["samples"]["two_images"]["messages"]);
     let err = format!("{:#}", template.encode(&conv, &tokens, false).unwrap_err());
