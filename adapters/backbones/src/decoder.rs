@@ -198,7 +198,9 @@ impl ShallowClone for Mlp {
 }
 
 impl Mlp {
-    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    /// The SwiGLU MLP under `p` (`gate_proj` / `up_proj` / `down_proj`), also used by
+    /// families whose layers wrap it differently (Mllama's cross-attention layers).
+    pub fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
         Mlp {
             gate_proj: Linear::new(
                 &(p / "gate_proj"),
@@ -224,9 +226,20 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         self.down_proj
             .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+
+    pub fn linears(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    /// Visits `{prefix}.gate_proj`, `{prefix}.up_proj`, `{prefix}.down_proj`.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&format!("{prefix}.gate_proj"), &mut self.gate_proj);
+        f(&format!("{prefix}.up_proj"), &mut self.up_proj);
+        f(&format!("{prefix}.down_proj"), &mut self.down_proj);
     }
 }
 
@@ -272,7 +285,9 @@ impl DecoderLayer {
         .any(|t| t.requires_grad())
     }
 
-    fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
+    /// One self-attention layer under `p` (`layers.N`), for families that assemble their own
+    /// layer stack around it.
+    pub fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
             self_attn: Attention::new(&(p / "self_attn"), c, opts, init),
@@ -283,6 +298,17 @@ impl DecoderLayer {
             ),
             mlp: Mlp::new(&(p / "mlp"), c, init),
         }
+    }
+
+    /// Visits the layer's seven linears, named under `prefix` (`model.layers.N`) as
+    /// [`Decoder::visit_linears`] names them.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let a = &mut self.self_attn;
+        f(&format!("{prefix}.self_attn.q_proj"), &mut a.q_proj);
+        f(&format!("{prefix}.self_attn.k_proj"), &mut a.k_proj);
+        f(&format!("{prefix}.self_attn.v_proj"), &mut a.v_proj);
+        f(&format!("{prefix}.self_attn.o_proj"), &mut a.o_proj);
+        self.mlp.visit_linears(&format!("{prefix}.mlp"), f);
     }
 
     pub fn forward(
