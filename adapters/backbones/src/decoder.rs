@@ -267,7 +267,19 @@ impl ShallowClone for Mlp {
 }
 
 impl Mlp {
-    fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
+    /// The SwiGLU MLP under `p` (`gate_proj` / `up_proj` / `down_proj`), also used by
+    /// families whose layers wrap it differently (Mllama's cross-attention layers).
+    pub fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        Mlp::with_options(p, c, &DecoderOptions::default(), init)
+    }
+
+    /// [`Mlp::new`] with the projections stored as `opts.projections` says.
+    pub fn with_options(
+        p: &Path,
+        c: &DecoderConfig,
+        opts: &DecoderOptions,
+        init: ParamInit,
+    ) -> Self {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let gate_up = match opts.projections {
             ProjectionLayout::Split => GateUp::Split {
@@ -284,7 +296,7 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         let (gate, up) = match &self.gate_up {
             GateUp::Split { gate, up } => (gate.forward(x), up.forward(x)),
             GateUp::Fused(gu) => {
@@ -296,13 +308,26 @@ impl Mlp {
         self.down_proj.forward(&(gate.silu() * up))
     }
 
-    fn linears(&self) -> Vec<&Linear> {
+    pub fn linears(&self) -> Vec<&Linear> {
         let mut all = match &self.gate_up {
             GateUp::Split { gate, up } => vec![gate, up],
             GateUp::Fused(gu) => vec![gu],
         };
         all.push(&self.down_proj);
         all
+    }
+
+    /// Visits `{prefix}.gate_proj` / `{prefix}.up_proj` (or `{prefix}.gate_up_proj`) and
+    /// `{prefix}.down_proj`.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        match &mut self.gate_up {
+            GateUp::Split { gate, up } => {
+                f(&format!("{prefix}.gate_proj"), gate);
+                f(&format!("{prefix}.up_proj"), up);
+            }
+            GateUp::Fused(gu) => f(&format!("{prefix}.gate_up_proj"), gu),
+        }
+        f(&format!("{prefix}.down_proj"), &mut self.down_proj);
     }
 }
 
@@ -342,7 +367,9 @@ impl DecoderLayer {
             .any(|t| t.requires_grad())
     }
 
-    fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
+    /// One self-attention layer under `p` (`layers.N`), for families that assemble their own
+    /// layer stack around it.
+    pub fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
             self_attn: Attention::new(&(p / "self_attn"), c, opts, init),
@@ -351,8 +378,24 @@ impl DecoderLayer {
                 c.hidden_size,
                 c.rms_norm_eps,
             ),
-            mlp: Mlp::new(&(p / "mlp"), c, opts, init),
+            mlp: Mlp::with_options(&(p / "mlp"), c, opts, init),
         }
+    }
+
+    /// Visits the layer's linears (seven, or four with fused projections), named under
+    /// `prefix` (`model.layers.N`) as [`Decoder::visit_linears`] names them.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let a = &mut self.self_attn;
+        match &mut a.qkv {
+            Qkv::Split { q, k, v } => {
+                f(&format!("{prefix}.self_attn.q_proj"), q);
+                f(&format!("{prefix}.self_attn.k_proj"), k);
+                f(&format!("{prefix}.self_attn.v_proj"), v);
+            }
+            Qkv::Fused(qkv) => f(&format!("{prefix}.self_attn.qkv_proj"), qkv),
+        }
+        f(&format!("{prefix}.self_attn.o_proj"), &mut a.o_proj);
+        self.mlp.visit_linears(&format!("{prefix}.mlp"), f);
     }
 
     pub fn forward(
@@ -430,26 +473,7 @@ impl Decoder {
         f: &mut dyn FnMut(&str, &mut Linear),
     ) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("{model}.layers.{i}");
-            let a = &mut layer.self_attn;
-            match &mut a.qkv {
-                Qkv::Split { q, k, v } => {
-                    f(&format!("{p}.self_attn.q_proj"), q);
-                    f(&format!("{p}.self_attn.k_proj"), k);
-                    f(&format!("{p}.self_attn.v_proj"), v);
-                }
-                Qkv::Fused(qkv) => f(&format!("{p}.self_attn.qkv_proj"), qkv),
-            }
-            f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj);
-            let m = &mut layer.mlp;
-            match &mut m.gate_up {
-                GateUp::Split { gate, up } => {
-                    f(&format!("{p}.mlp.gate_proj"), gate);
-                    f(&format!("{p}.mlp.up_proj"), up);
-                }
-                GateUp::Fused(gu) => f(&format!("{p}.mlp.gate_up_proj"), gu),
-            }
-            f(&format!("{p}.mlp.down_proj"), &mut m.down_proj);
+            layer.visit_linears(&format!("{model}.layers.{i}"), f);
         }
         if let Some(head) = &mut self.lm_head {
             f(lm_head, head);

@@ -86,5 +86,6 @@ fn lora_steps_equal_the_hub_code_with_peft() {
             let batch = collator.collate(vec![clone_sample(&samples[i])], Device::Cpu)?;
             model.forward(&batch, true)
         },
+        1e-5,
     );
 }

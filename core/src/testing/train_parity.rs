@@ -100,6 +100,22 @@ impl TrainParity<'_> {
         load: impl Fn() -> M,
         forward: impl Fn(&M, usize) -> anyhow::Result<ModelOutput>,
     ) {
+        self.check_within(case, accum, batches, scratch, load, forward, 1e-4)
+    }
+
+    /// [`TrainParity::check`] with each step's loss within `loss_rel` (relative) of the
+    /// oracle's, for families whose issue asks for a tighter bound than the default 1e-4.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_within<M: Model>(
+        &self,
+        case: TrainCase,
+        accum: usize,
+        batches: usize,
+        scratch: &Path,
+        load: impl Fn() -> M,
+        forward: impl Fn(&M, usize) -> anyhow::Result<ModelOutput>,
+        loss_rel: f64,
+    ) {
         let tag = case.tag();
         let out = scratch.join(format!("{tag}-accum{accum}"));
         run_oracle(
@@ -112,12 +128,14 @@ impl TrainParity<'_> {
                 &self.steps.to_string(),
             ],
         );
-        self.check_recorded(case, accum, batches, &out, load, forward);
+        self.check_recorded(case, accum, batches, &out, load, forward, loss_rel);
     }
 
     /// [`TrainParity::check`] against a run the oracle made earlier into `out`
     /// (`result.json`, `final.safetensors`, `init_adapter/`), e.g. references committed with
-    /// the repository because the oracle needs code the repository does not carry.
+    /// the repository because the oracle needs code the repository does not carry. Each
+    /// step's loss must be within `loss_rel` (relative) of the oracle's.
+    #[allow(clippy::too_many_arguments)]
     pub fn check_recorded<M: Model>(
         &self,
         case: TrainCase,
@@ -126,6 +144,7 @@ impl TrainParity<'_> {
         out: &Path,
         load: impl Fn() -> M,
         forward: impl Fn(&M, usize) -> anyhow::Result<ModelOutput>,
+        loss_rel: f64,
     ) {
         let tag = case.tag();
         let result = out.join("result.json");
@@ -177,7 +196,7 @@ impl TrainParity<'_> {
                 stats.step, stats.loss, stats.grad_norm
             );
             assert!(
-                rel <= 1e-4,
+                rel <= loss_rel,
                 "{tag} accum {accum} step {}: loss {} vs {loss}",
                 stats.step,
                 stats.loss
