@@ -38,6 +38,7 @@ fn packed_equals_padded() {
                 kind: Kind::Float,
                 processor: Default::default(),
             },
+            None,
         )
         .unwrap();
     assert_packing_matches_padding_in_rows(pipeline.as_ref(), &samples, "qwen3-vl");
