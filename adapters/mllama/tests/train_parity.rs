@@ -51,11 +51,6 @@ fn train_lora_matches_peft() {
     check(TrainCase::Lora, 1);
 }
 
-#[test]
-fn train_lora_grad_accum_2_matches_peft() {
-    check(TrainCase::Lora, 2);
-}
-
 /// `train.vision = "lora"`: adapters on the local and global vision encoders' linears too,
 /// trained at the vision learning rate.
 #[test]
