@@ -25,6 +25,16 @@ PINS=(
   "rouge-score==0.1.2"
 )
 STAMP="$VENV/.lmms-ft-pins"
+# Phi-3-V's Hub remote code runs only under an older transformers: that oracle is installed
+# by itself into a folder put in front of the venv's packages (PYTHONPATH), never into the venv.
+PHI3V_ORACLE="${LMMS_FT_PHI3V_PYTHONPATH:-$LMMS_FT_HOME/oracle-tf445}"
+PHI3V_PINS=(
+  "transformers==4.45.2"
+  "tokenizers==0.20.3"
+  "huggingface-hub==0.26.5"
+  "requests" "urllib3" "idna" "certifi" "charset-normalizer"
+)
+PHI3V_PIN_TEXT="$(printf '%s\n' "${PHI3V_PINS[@]}")"
 PIN_TEXT="$(printf '%s\n' "${PINS[@]}")"
 
 log() { echo "[setup] $*" >&2; }
@@ -56,12 +66,23 @@ install_venv() {
   printf '%s' "$PIN_TEXT" >"$STAMP"
 }
 
+install_phi3v_oracle() {
+  local stamp="$PHI3V_ORACLE/.lmms-ft-pins"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$PHI3V_PIN_TEXT" ]; then
+    return 0
+  fi
+  log "installing the Phi-3-V oracle (transformers 4.45.2) into $PHI3V_ORACLE"
+  "$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$PHI3V_ORACLE" "${PHI3V_PINS[@]}" >/dev/null
+  printf '%s' "$PHI3V_PIN_TEXT" >"$stamp"
+}
+
 print_env() {
   cat <<ENV
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:\$PATH"
 export LIBTORCH_USE_PYTORCH=1
 export LIBTORCH_BYPASS_VERSION_CHECK=0
+export LMMS_FT_PHI3V_PYTHONPATH="$PHI3V_ORACLE"
 ENV
 }
 
@@ -71,4 +92,5 @@ esac
 
 install_debian_packages
 install_venv
+install_phi3v_oracle
 log "ready: venv $VENV"

@@ -5,8 +5,9 @@ Usage: python qwen3_vl_fixture.py OUT_DIR qwen3_vl HF_CONFIGS
 Writes into OUT_DIR a checkpoint saved by `save_pretrained` (Hub tensor names), the real
 Qwen3-VL tokenizer (Qwen2 BPE + the 4B folder's tokenizer_config.json, special tokens
 included) and chat template, and `reference.safetensors` + `reference.json` holding, for four
-samples (text-only, one image, two images over two turns with a system prompt, one video) and
-a right-padded batch of two (the two-image and the video sample): the processor's inputs, the
+samples (text-only, one image, two images over two turns with a system prompt, one video), a
+text sample whose answer holds a `<think>` block, and a right-padded batch of two (the
+two-image and the video sample): the processor's inputs, the
 3-D rope position ids, logits, loss and the gradients of named parameters after one backward
 (a DeepStack merger, the learned position embedding, a vision block, an LLM layer, a q-norm),
 plus greedy generations. The config is small but keeps what differs from Qwen2.5-VL: patch 16,
@@ -116,8 +117,15 @@ samples = {
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Nothing."}]},
     ],
+    # A reasoning block in the answer: <think> / </think> are special tokens of the tokenizer,
+    # and the Instruct template passes them through as content.
+    "think": [
+        {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<think>\nTwo and two.\n</think>\n\n4."}]},
+    ],
 }
-media = {"text": ([], []), "image": ([img_a], []), "two_images": ([img_a, img_b], []), "video": ([], [video])}
+media = {"text": ([], []), "image": ([img_a], []), "two_images": ([img_a, img_b], []), "video": ([], [video]),
+         "think": ([], [])}
 # Runtime names = Hub names for Qwen3-VL (its checkpoints already use the nested layout).
 track = ["model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.self_attn.q_norm.weight",
          "model.visual.blocks.0.attn.qkv.weight", "model.visual.pos_embed.weight", "model.visual.patch_embed.proj.bias",

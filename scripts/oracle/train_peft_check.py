@@ -30,8 +30,11 @@ ours = load_file(ours_path)
 
 
 def inputs(name):
-    kw = {"input_ids": ref[f"{name}.input_ids"], "position_ids": ref[f"{name}.position_ids"]}
-    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    kw = {"input_ids": ref[f"{name}.input_ids"]}
+    # Qwen-VL: rope positions and patch grids; Mllama: tiles' aspect ratios and the
+    # cross-attention mask.
+    for k in ("position_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+              "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"):
         if f"{name}.{k}" in ref:
             kw[k] = ref[f"{name}.{k}"]
     return kw

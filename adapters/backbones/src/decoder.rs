@@ -1,8 +1,9 @@
 //! The Llama-style pre-norm decoder: RMSNorm → attention with rotary positions and grouped
 //! KV heads → residual → RMSNorm → SwiGLU MLP → residual. Parameter names follow the Hub
 //! (`layers.N.self_attn.q_proj.weight`, ...), relative to the path the caller passes.
-//! [`DecoderOptions`] adds what later decoders change (Qwen3's per-head q/k RMSNorm), and the
-//! `*_hooked` runs let a family add to a layer's output (Qwen3-VL's DeepStack).
+//! [`DecoderOptions`] adds what later decoders change (Qwen3's per-head q/k RMSNorm, Phi-3's
+//! fused projections), and the `*_hooked` runs let a family add to a layer's output
+//! (Qwen3-VL's DeepStack).
 
 use anyhow::{ensure, Result};
 use lmms_ft_core::autograd::{checkpoint, grad_enabled, linear_tensors, ShallowClone};
@@ -56,6 +57,36 @@ pub struct DecoderOptions {
     /// Qwen3: RMSNorm over each head of q and k (`self_attn.q_norm` / `k_norm`, width
     /// `head_dim`) before the rotary embedding.
     pub qk_norm: bool,
+    /// How the checkpoint stores the attention and MLP input projections.
+    pub projections: ProjectionLayout,
+}
+
+/// How a checkpoint stores the attention input and MLP input projections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProjectionLayout {
+    /// `q_proj` / `k_proj` / `v_proj` and `gate_proj` / `up_proj` (Llama, Mistral, Qwen2).
+    #[default]
+    Split,
+    /// One `qkv_proj` (rows: q, then k, then v) and one `gate_up_proj` (rows: gate, then up),
+    /// as Phi-3 stores them; LoRA then adapts the fused modules, as `peft` does on them.
+    Fused,
+}
+
+/// The q/k/v projections, separate or fused. One per layer, built once and never moved in a
+/// hot path, so the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+impl Qkv {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        }
+    }
 }
 
 impl DecoderOptions {
@@ -74,9 +105,7 @@ impl DecoderOptions {
 pub type LayerHook<'a> = &'a dyn Fn(usize, Tensor) -> Tensor;
 
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -88,9 +117,14 @@ pub struct Attention {
 impl ShallowClone for Attention {
     fn shallow_clone(&self) -> Self {
         Attention {
-            q_proj: self.q_proj.shallow_clone(),
-            k_proj: self.k_proj.shallow_clone(),
-            v_proj: self.v_proj.shallow_clone(),
+            qkv: match &self.qkv {
+                Qkv::Split { q, k, v } => Qkv::Split {
+                    q: q.shallow_clone(),
+                    k: k.shallow_clone(),
+                    v: v.shallow_clone(),
+                },
+                Qkv::Fused(qkv) => Qkv::Fused(qkv.shallow_clone()),
+            },
             o_proj: self.o_proj.shallow_clone(),
             q_norm: self.q_norm.as_ref().map(RmsNorm::shallow_clone),
             k_norm: self.k_norm.as_ref().map(RmsNorm::shallow_clone),
@@ -109,12 +143,25 @@ impl Attention {
             opts.qk_norm
                 .then(|| RmsNorm::new(&(p / name), c.head_dim, c.rms_norm_eps))
         };
+        let h = c.hidden_size;
+        let qkv = match opts.projections {
+            ProjectionLayout::Split => Qkv::Split {
+                q: Linear::new(&(p / "q_proj"), h, q, c.qkv_bias, init),
+                k: Linear::new(&(p / "k_proj"), h, kv, c.qkv_bias, init),
+                v: Linear::new(&(p / "v_proj"), h, kv, c.qkv_bias, init),
+            },
+            ProjectionLayout::Fused => Qkv::Fused(Linear::new(
+                &(p / "qkv_proj"),
+                h,
+                q + 2 * kv,
+                c.qkv_bias,
+                init,
+            )),
+        };
         Attention {
             q_norm: norm("q_norm"),
             k_norm: norm("k_norm"),
-            q_proj: Linear::new(&(p / "q_proj"), c.hidden_size, q, c.qkv_bias, init),
-            k_proj: Linear::new(&(p / "k_proj"), c.hidden_size, kv, c.qkv_bias, init),
-            v_proj: Linear::new(&(p / "v_proj"), c.hidden_size, kv, c.qkv_bias, init),
+            qkv,
             o_proj: Linear::new(&(p / "o_proj"), q, c.hidden_size, c.o_bias, init),
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
@@ -135,16 +182,28 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("[B, T, H]");
         let split = |y: Tensor, n: i64, norm: Option<&RmsNorm>| {
-            let y = y.view([b, t, n, self.head_dim]);
+            let y = y.reshape([b, t, n, self.head_dim]);
             match norm {
                 Some(norm) => norm.forward(&y),
                 None => y,
             }
             .transpose(1, 2)
         };
-        let q = split(self.q_proj.forward(x), self.heads, self.q_norm.as_ref());
-        let k = split(self.k_proj.forward(x), self.kv_heads, self.k_norm.as_ref());
-        let v = split(self.v_proj.forward(x), self.kv_heads, None);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x);
+                let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    y.narrow(-1, 0, nq),
+                    y.narrow(-1, nq, nkv),
+                    y.narrow(-1, nq + nkv, nkv),
+                )
+            }
+        };
+        let q = split(q, self.heads, self.q_norm.as_ref());
+        let k = split(k, self.kv_heads, self.k_norm.as_ref());
+        let v = split(v, self.kv_heads, None);
         let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
         let q = apply_rotary(&q, &cos, &sin);
         let mut k = apply_rotary(&k, &cos, &sin);
@@ -181,52 +240,94 @@ impl Attention {
     }
 }
 
+/// The gate and up projections, separate or fused.
+enum GateUp {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
 }
 
 impl ShallowClone for Mlp {
     fn shallow_clone(&self) -> Self {
         Mlp {
-            gate_proj: self.gate_proj.shallow_clone(),
-            up_proj: self.up_proj.shallow_clone(),
+            gate_up: match &self.gate_up {
+                GateUp::Split { gate, up } => GateUp::Split {
+                    gate: gate.shallow_clone(),
+                    up: up.shallow_clone(),
+                },
+                GateUp::Fused(gu) => GateUp::Fused(gu.shallow_clone()),
+            },
             down_proj: self.down_proj.shallow_clone(),
         }
     }
 }
 
 impl Mlp {
-    fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+    /// The SwiGLU MLP under `p` (`gate_proj` / `up_proj` / `down_proj`), also used by
+    /// families whose layers wrap it differently (Mllama's cross-attention layers).
+    pub fn new(p: &Path, c: &DecoderConfig, init: ParamInit) -> Self {
+        Mlp::with_options(p, c, &DecoderOptions::default(), init)
+    }
+
+    /// [`Mlp::new`] with the projections stored as `opts.projections` says.
+    pub fn with_options(
+        p: &Path,
+        c: &DecoderConfig,
+        opts: &DecoderOptions,
+        init: ParamInit,
+    ) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let gate_up = match opts.projections {
+            ProjectionLayout::Split => GateUp::Split {
+                gate: Linear::new(&(p / "gate_proj"), h, i, false, init),
+                up: Linear::new(&(p / "up_proj"), h, i, false, init),
+            },
+            ProjectionLayout::Fused => {
+                GateUp::Fused(Linear::new(&(p / "gate_up_proj"), h, 2 * i, false, init))
+            }
+        };
         Mlp {
-            gate_proj: Linear::new(
-                &(p / "gate_proj"),
-                c.hidden_size,
-                c.intermediate_size,
-                false,
-                init,
-            ),
-            up_proj: Linear::new(
-                &(p / "up_proj"),
-                c.hidden_size,
-                c.intermediate_size,
-                false,
-                init,
-            ),
-            down_proj: Linear::new(
-                &(p / "down_proj"),
-                c.intermediate_size,
-                c.hidden_size,
-                false,
-                init,
-            ),
+            gate_up,
+            down_proj: Linear::new(&(p / "down_proj"), i, h, false, init),
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Split { gate, up } => (gate.forward(x), up.forward(x)),
+            GateUp::Fused(gu) => {
+                let y = gu.forward(x);
+                let i = y.size().last().copied().unwrap_or(0) / 2;
+                (y.narrow(-1, 0, i), y.narrow(-1, i, i))
+            }
+        };
+        self.down_proj.forward(&(gate.silu() * up))
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut all = match &self.gate_up {
+            GateUp::Split { gate, up } => vec![gate, up],
+            GateUp::Fused(gu) => vec![gu],
+        };
+        all.push(&self.down_proj);
+        all
+    }
+
+    /// Visits `{prefix}.gate_proj` / `{prefix}.up_proj` (or `{prefix}.gate_up_proj`) and
+    /// `{prefix}.down_proj`.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        match &mut self.gate_up {
+            GateUp::Split { gate, up } => {
+                f(&format!("{prefix}.gate_proj"), gate);
+                f(&format!("{prefix}.up_proj"), up);
+            }
+            GateUp::Fused(gu) => f(&format!("{prefix}.gate_up_proj"), gu),
+        }
+        f(&format!("{prefix}.down_proj"), &mut self.down_proj);
     }
 }
 
@@ -252,27 +353,23 @@ impl DecoderLayer {
     /// Whether any parameter of the layer (LoRA factors included) trains.
     pub fn has_trainable(&self) -> bool {
         let a = &self.self_attn;
-        let m = &self.mlp;
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
-        .into_iter()
-        .flat_map(linear_tensors)
-        .chain([
-            &self.input_layernorm.weight,
-            &self.post_attention_layernorm.weight,
-        ])
-        .chain(a.q_norm.iter().chain(&a.k_norm).map(|n| &n.weight))
-        .any(|t| t.requires_grad())
+        a.qkv
+            .linears()
+            .into_iter()
+            .chain([&a.o_proj])
+            .chain(self.mlp.linears())
+            .flat_map(linear_tensors)
+            .chain([
+                &self.input_layernorm.weight,
+                &self.post_attention_layernorm.weight,
+            ])
+            .chain(a.q_norm.iter().chain(&a.k_norm).map(|n| &n.weight))
+            .any(|t| t.requires_grad())
     }
 
-    fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
+    /// One self-attention layer under `p` (`layers.N`), for families that assemble their own
+    /// layer stack around it.
+    pub fn new(p: &Path, c: &DecoderConfig, opts: &DecoderOptions, init: ParamInit) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), c.hidden_size, c.rms_norm_eps),
             self_attn: Attention::new(&(p / "self_attn"), c, opts, init),
@@ -281,8 +378,24 @@ impl DecoderLayer {
                 c.hidden_size,
                 c.rms_norm_eps,
             ),
-            mlp: Mlp::new(&(p / "mlp"), c, init),
+            mlp: Mlp::with_options(&(p / "mlp"), c, opts, init),
         }
+    }
+
+    /// Visits the layer's linears (seven, or four with fused projections), named under
+    /// `prefix` (`model.layers.N`) as [`Decoder::visit_linears`] names them.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let a = &mut self.self_attn;
+        match &mut a.qkv {
+            Qkv::Split { q, k, v } => {
+                f(&format!("{prefix}.self_attn.q_proj"), q);
+                f(&format!("{prefix}.self_attn.k_proj"), k);
+                f(&format!("{prefix}.self_attn.v_proj"), v);
+            }
+            Qkv::Fused(qkv) => f(&format!("{prefix}.self_attn.qkv_proj"), qkv),
+        }
+        f(&format!("{prefix}.self_attn.o_proj"), &mut a.o_proj);
+        self.mlp.visit_linears(&format!("{prefix}.mlp"), f);
     }
 
     pub fn forward(
@@ -360,16 +473,7 @@ impl Decoder {
         f: &mut dyn FnMut(&str, &mut Linear),
     ) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("{model}.layers.{i}");
-            let a = &mut layer.self_attn;
-            f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
-            f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
-            f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
-            f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj);
-            let m = &mut layer.mlp;
-            f(&format!("{p}.mlp.gate_proj"), &mut m.gate_proj);
-            f(&format!("{p}.mlp.up_proj"), &mut m.up_proj);
-            f(&format!("{p}.mlp.down_proj"), &mut m.down_proj);
+            layer.visit_linears(&format!("{model}.layers.{i}"), f);
         }
         if let Some(head) = &mut self.lm_head {
             f(lm_head, head);

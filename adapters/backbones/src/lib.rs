@@ -7,6 +7,7 @@
 pub mod clip;
 pub mod decoder;
 pub mod encoder;
+pub mod longrope;
 pub mod qwen_vl;
 pub mod siglip;
 pub mod text_config;

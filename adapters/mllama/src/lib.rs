@@ -1,6 +1,15 @@
-//! Llama-3.2-Vision (`model_type = "mllama"`: cross-attention image layers). Registered as
-//! planned: no model code yet.
+//! Llama-3.2-Vision (`model_type = "mllama"`): config ([`config`]), tiling processor
+//! ([`processor`]), vision model ([`vision`]), the text decoder with cross-attention layers
+//! ([`text`]), the model ([`model`]) and the [`family::Mllama`] bundle the core drives.
 
+pub mod config;
+pub mod family;
+pub mod model;
+pub mod processor;
+pub mod text;
+pub mod vision;
+
+use lmms_ft_core::family::Erased;
 use lmms_ft_core::registry::{Status, TrainMode};
 use lmms_ft_core::{register_family, register_models};
 
@@ -9,8 +18,8 @@ register_family! {
     architectures: &["MllamaForConditionalGeneration"],
     model_types: &["mllama"],
     modes: &[TrainMode::Full, TrainMode::Lora, TrainMode::Qlora],
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Mllama>::NEW),
 }
 
 register_models!(

@@ -1,6 +1,17 @@
 //! Phi-3-Vision and Phi-3.5-Vision (`trust_remote_code` models on the Hub, `model_type =
-//! "phi3_v"`). Registered as planned: no model code yet.
+//! "phi3_v"`): config ([`config`]), the HD-transform processor ([`processor`]), the template
+//! with `<|image_N|>` tags ([`template`]), the image embedding ([`vision`]), the model
+//! ([`model`]) and the [`family::Phi3V`] bundle. The oracle is the Hub's own remote code (see
+//! `scripts/oracle/phi3v_fixture.py`).
 
+pub mod config;
+pub mod family;
+pub mod model;
+pub mod processor;
+pub mod template;
+pub mod vision;
+
+use lmms_ft_core::family::Erased;
 use lmms_ft_core::registry::{Status, TrainMode};
 use lmms_ft_core::{register_family, register_models};
 
@@ -9,8 +20,8 @@ register_family! {
     architectures: &["Phi3VForCausalLM"],
     model_types: &["phi3_v"],
     modes: &[TrainMode::Full, TrainMode::Lora, TrainMode::Qlora],
-    status: Status::Planned,
-    implementation: None,
+    status: Status::Implemented,
+    implementation: Some(&Erased::<family::Phi3V>::NEW),
 }
 
 register_models!(

@@ -67,7 +67,10 @@ fn ints(v: &Value, key: &str, default: &[i64]) -> Result<Vec<i64>> {
 impl Qwen3VlConfig {
     /// What the decoder adds to the Llama-style layout: per-head q/k RMSNorm.
     pub fn decoder_options(&self) -> DecoderOptions {
-        DecoderOptions { qk_norm: true }
+        DecoderOptions {
+            qk_norm: true,
+            ..DecoderOptions::default()
+        }
     }
 }
 

@@ -50,7 +50,11 @@ pub const DEFAULTS: ProcessorDefaults = ProcessorDefaults {
 /// Seconds at the middle of each temporal patch of a video of `frames` frames sampled at
 /// `fps` (transformers' `Qwen3VLProcessor._calculate_timestamps`: frame `i` at `i / fps`, the
 /// last frame repeated to fill the final patch, each patch at the mean of its first and last
-/// frame).
+/// frame). transformers times a frame by its index in the source file; a [`VideoClip`] keeps
+/// only the mean rate of its sampled frames, so for a decoded file frame `i` is placed at
+/// `i / sampled_fps`, which equals transformers' time when the frames are evenly spaced from
+/// the first (raw frames, the fixture) and may differ by part of a sampling interval
+/// otherwise (visible in the text only when the rounded tenth of a second changes).
 pub fn frame_group_seconds(frames: usize, fps: f64, temporal_patch: usize) -> Vec<f64> {
     let padded = frames.div_ceil(temporal_patch) * temporal_patch;
     let at = |i: usize| i.min(frames.saturating_sub(1)) as f64 / fps;

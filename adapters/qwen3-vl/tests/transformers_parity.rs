@@ -8,7 +8,8 @@
 //!   embeddings — (relative to the gradient's norm ≤ 1e-4);
 //! - the data path from raw conversations and media (template, processor with video
 //!   timestamps, collator): ids, labels (the label rule, computed by the oracle from
-//!   character offsets), pixel values, grids and position ids exact, and the same loss;
+//!   character offsets), pixel values, grids and position ids exact, and the same loss, also
+//!   for an answer holding a `<think>` block (special tokens, labeled as content);
 //! - greedy generation: tokens and per-step logits, cached vs uncached, batched vs one by one.
 
 mod common;
@@ -131,7 +132,7 @@ fn data_path_matches_transformers() {
         Qwen3Vl::sample(text, media)
     };
     let ids_of = |t: &Tensor| -> Vec<i64> { Vec::try_from(t.flatten(0, -1)).unwrap() };
-    for name in SAMPLES {
+    for name in SAMPLES.iter().copied().chain(["think"]) {
         let mut s = sample(name);
         let labels = s.text.labels.clone();
         assert_eq!(

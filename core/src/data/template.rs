@@ -216,46 +216,15 @@ impl HfChatTemplate {
 
     /// Labels per the module's rule, before media expansion.
     fn labels(&self, tokens: &Tokens, turns: &[Vec<Range<usize>>], label_all: bool) -> Vec<i64> {
-        let n = tokens.ids.len();
-        if label_all {
-            return tokens
-                .ids
-                .iter()
-                .map(|&id| {
-                    if self.is_media(id) {
-                        IGNORE_INDEX
-                    } else {
-                        id as i64
-                    }
-                })
-                .collect();
-        }
-        let mut labels = vec![IGNORE_INDEX; n];
-        for span in turns.iter().flatten() {
-            let mut last = None;
-            for (i, &(s, e)) in tokens.offsets.iter().enumerate() {
-                if s < span.end && e > span.start && e > s && !self.is_media(tokens.ids[i]) {
-                    labels[i] = tokens.ids[i] as i64;
-                    last = Some(i);
-                }
-            }
-            let mut next = match last {
-                Some(i) => i + 1,
-                None => tokens
-                    .offsets
-                    .iter()
-                    .position(|&(s, _)| s >= span.end)
-                    .unwrap_or(n),
-            };
-            while next < n
-                && self.added.contains(&tokens.ids[next])
-                && !self.is_media(tokens.ids[next])
-            {
-                labels[next] = tokens.ids[next] as i64;
-                next += 1;
-            }
-        }
-        labels
+        let ids: Vec<i64> = tokens.ids.iter().map(|&id| id as i64).collect();
+        label_rule(
+            &ids,
+            &tokens.offsets,
+            turns,
+            &|id| u32::try_from(id).is_ok_and(|id| self.added.contains(&id)),
+            &|id| u32::try_from(id).is_ok_and(|id| self.is_media(id)),
+            label_all,
+        )
     }
 
     /// Repeats the i-th image (video) placeholder `media.images[i]` (`videos[i]`) times.
@@ -335,6 +304,50 @@ impl HfChatTemplate {
         let labels = self.labels(&tokens, &spans.turns, label_all);
         self.expand(&tokens.ids, &labels, media)
     }
+}
+
+/// The module's label rule over tokens with byte `offsets` into the rendered text (media
+/// tokens may carry empty offsets): `turns` are the assistant contents per turn,
+/// `is_added` tells added / special tokens (end-of-turn candidates), `is_media` media tokens.
+/// Public for templates that tokenise in their own way (Phi-3-V's processor tokenises the
+/// text between image tags separately).
+pub fn label_rule(
+    ids: &[i64],
+    offsets: &[(usize, usize)],
+    turns: &[Vec<Range<usize>>],
+    is_added: &dyn Fn(i64) -> bool,
+    is_media: &dyn Fn(i64) -> bool,
+    label_all: bool,
+) -> Vec<i64> {
+    let n = ids.len();
+    if label_all {
+        return ids
+            .iter()
+            .map(|&id| if is_media(id) { IGNORE_INDEX } else { id })
+            .collect();
+    }
+    let mut labels = vec![IGNORE_INDEX; n];
+    for span in turns.iter().flatten() {
+        let mut last = None;
+        for (i, &(s, e)) in offsets.iter().enumerate() {
+            if s < span.end && e > span.start && e > s && !is_media(ids[i]) {
+                labels[i] = ids[i];
+                last = Some(i);
+            }
+        }
+        let mut next = match last {
+            Some(i) => i + 1,
+            None => offsets
+                .iter()
+                .position(|&(s, _)| s >= span.end)
+                .unwrap_or(n),
+        };
+        while next < n && is_added(ids[next]) && !is_media(ids[next]) {
+            labels[next] = ids[next];
+            next += 1;
+        }
+    }
+    labels
 }
 
 impl ChatTemplate for HfChatTemplate {

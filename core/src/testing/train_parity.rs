@@ -100,9 +100,25 @@ impl TrainParity<'_> {
         load: impl Fn() -> M,
         forward: impl Fn(&M, usize) -> anyhow::Result<ModelOutput>,
     ) {
+        self.check_within(case, accum, batches, scratch, load, forward, 1e-4)
+    }
+
+    /// [`TrainParity::check`] with each step's loss within `loss_rel` (relative) of the
+    /// oracle's, for families whose issue asks for a tighter bound than the default 1e-4.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_within<M: Model>(
+        &self,
+        case: TrainCase,
+        accum: usize,
+        batches: usize,
+        scratch: &Path,
+        load: impl Fn() -> M,
+        forward: impl Fn(&M, usize) -> anyhow::Result<ModelOutput>,
+        loss_rel: f64,
+    ) {
         let tag = case.tag();
         let out = scratch.join(format!("{tag}-accum{accum}"));
-        let printed = run_oracle(
+        run_oracle(
             self.script,
             &[
                 self.fixture.to_str().expect("a UTF-8 path"),
@@ -112,9 +128,31 @@ impl TrainParity<'_> {
                 &self.steps.to_string(),
             ],
         );
-        let oracle: serde_json::Value =
-            serde_json::from_str(printed.lines().last().expect("the oracle's result line"))
-                .expect("the oracle prints JSON");
+        self.check_recorded(case, accum, batches, &out, load, forward, loss_rel);
+    }
+
+    /// [`TrainParity::check`] against a run the oracle made earlier into `out`
+    /// (`result.json`, `final.safetensors`, `init_adapter/`), e.g. references committed with
+    /// the repository because the oracle needs code the repository does not carry. Each
+    /// step's loss must be within `loss_rel` (relative) of the oracle's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_recorded<M: Model>(
+        &self,
+        case: TrainCase,
+        accum: usize,
+        batches: usize,
+        out: &Path,
+        load: impl Fn() -> M,
+        forward: impl Fn(&M, usize) -> anyhow::Result<ModelOutput>,
+        loss_rel: f64,
+    ) {
+        let tag = case.tag();
+        let result = out.join("result.json");
+        let oracle: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&result)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", result.display())),
+        )
+        .expect("the oracle's result.json is JSON");
 
         let mut model = load();
         if case != TrainCase::Full {
@@ -158,7 +196,7 @@ impl TrainParity<'_> {
                 stats.step, stats.loss, stats.grad_norm
             );
             assert!(
-                rel <= 1e-4,
+                rel <= loss_rel,
                 "{tag} accum {accum} step {}: loss {} vs {loss}",
                 stats.step,
                 stats.loss

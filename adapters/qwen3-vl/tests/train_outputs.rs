@@ -1,8 +1,4 @@
-//! Training Qwen3-VL on the tiny fixture checkpoint:
-//! - ten LoRA steps (LLM linears; the merger and DeepStack mergers trained fully) and ten
-//!   with LoRA on the vision blocks too equal `transformers` + `peft` + AdamW step by step
-//!   (`scripts/oracle/train_qwen_vl.py`, the shared [`TrainParity`] check), and so do ten
-//!   full fine-tuning steps;
+//! What Qwen3-VL training writes, on the tiny fixture checkpoint:
 //! - a trained adapter, saved in PEFT layout, loads in `peft` on the transformers model with
 //!   lmms-ft's logits (≤ 1e-4) while changing the base model's; merged into the base and saved,
 //!   the full checkpoint loads in `transformers` with the same logits;
@@ -25,16 +21,10 @@ use lmms_ft_core::peft::io::{
     write_safetensors, Blob,
 };
 use lmms_ft_core::quant::{load_quantized, QuantSpec};
-use lmms_ft_core::testing::train_parity::{TrainCase, TrainParity};
 use lmms_ft_core::testing::{max_abs_diff, run_oracle};
 use lmms_ft_core::train::{TrainOptions, Trainer};
 use lmms_ft_qwen3_vl::model::{Batch, Qwen3VlModel};
 use tch::{Device, Kind, Tensor};
-
-/// PEFT's regexes of `scripts/oracle/train_qwen_vl.py`, over transformers' runtime names.
-const LLM_TARGETS: &str =
-    r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)";
-const VISION_TARGETS: &str = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc[12])";
 
 fn dense() -> Qwen3VlModel {
     let fx = fixture();
@@ -43,40 +33,6 @@ fn dense() -> Qwen3VlModel {
 
 fn batches() -> Vec<Batch> {
     SAMPLES.iter().map(|n| fixture().batch(n)).collect()
-}
-
-fn parity(case: TrainCase) {
-    let fx = fixture();
-    let batches = batches();
-    let parity = TrainParity {
-        script: "train_qwen_vl.py",
-        fixture: &fx.dir,
-        steps: 10,
-        llm_targets: LLM_TARGETS,
-        vision_targets: VISION_TARGETS,
-        vision_blocks: "model.visual.blocks.",
-        // 3 blocks × (qkv, proj, linear_fc1, linear_fc2) × (A, B).
-        vision_lora_tensors: 24,
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    parity.check(case, 1, batches.len(), tmp.path(), dense, |model, i| {
-        model.forward(&batches[i], true)
-    });
-}
-
-#[test]
-fn train_lora_matches_peft() {
-    parity(TrainCase::Lora);
-}
-
-#[test]
-fn train_lora_on_vision_tower_matches_peft() {
-    parity(TrainCase::LoraVision);
-}
-
-#[test]
-fn train_full_matches_pytorch() {
-    parity(TrainCase::Full);
 }
 
 /// Trains LoRA for `steps` steps over the four samples in turn; returns the losses.
