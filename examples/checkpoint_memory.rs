@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::{HfConfig, Model};
+use lmms_ft_core::family::{HfConfig, Model, Trainable};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::train::metrics::proc_kib;
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
@@ -79,7 +79,7 @@ fn child(s: Shape, checkpointing: bool) -> Result<()> {
     let loss = out.mean_loss().context("batch has labels")?;
     loss.backward();
     let secs = start.elapsed().as_secs_f64();
-    let params: i64 = Model::var_store(&model)
+    let params: i64 = Trainable::var_store(&model)
         .trainable_variables()
         .iter()
         .map(|t| t.numel() as i64)

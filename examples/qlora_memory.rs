@@ -19,7 +19,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use lmms_ft_core::config::{Config, Scheduler};
-use lmms_ft_core::family::{HfConfig, Model};
+use lmms_ft_core::family::{HfConfig, Model, Trainable};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::quant::{deferred, materialize_random, QuantSpec};
 use lmms_ft_core::train::metrics::proc_kib;

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
-use lmms_ft_core::family::{ChatTemplate, Family, Model, Processor};
+use lmms_ft_core::family::{ChatTemplate, Family, Model, Processor, Trainable};
 use lmms_ft_core::testing::{conversation_from_messages, hf_configs, max_abs_diff, run_oracle};
 use lmms_ft_llava::family::Llava;
 use lmms_ft_llava::model::Batch;

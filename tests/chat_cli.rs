@@ -18,8 +18,6 @@ use lmms_ft_core::testing::cached_fixture;
 use lmms_ft_llava::family::Llava;
 use tch::{Device, Kind};
 
-// Only part of the shared helpers is used here.
-#[allow(dead_code)]
 mod support;
 use support::{assert_ok, lmms_ft};
 

@@ -10,8 +10,6 @@ use std::path::Path;
 
 use lmms_ft_core::testing::{cached_fixture, run_oracle};
 
-// Only part of the shared helpers is used here.
-#[allow(dead_code)]
 mod support;
 use support::{assert_ok, llava_record, lmms_ft};
 

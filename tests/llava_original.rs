@@ -14,8 +14,6 @@
 //! * Missing or foreign tensor names, an unsupported projector and an unresolvable tower
 //!   are errors that name the tensor, the key or the Hub id.
 
-// train_args is for fixtures that hold their images; these runs name the folder.
-#[allow(dead_code)]
 mod support;
 
 use std::collections::HashMap;

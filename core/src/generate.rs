@@ -24,6 +24,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
+use crate::family::{ChatTemplate, Model};
+
 /// Keys and values of every decoder layer, `[B, kv_heads, T, D]`, grown one step at a time.
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -279,6 +281,50 @@ impl TextStream {
         self.printed = text.len();
         Ok(piece)
     }
+}
+
+/// Generates from a batch of prompts (collated right-padded, row `i` holding `lengths[i]`
+/// real tokens) through a model's [`Model::prefill`] and [`Model::decode_step`] and the one
+/// [`decode_loop`], decoding text with `template`; `on_text(row, piece)` streams each row's
+/// text as it is generated.
+pub fn generate_batch<M: Model + ?Sized>(
+    model: &M,
+    batch: &M::Batch,
+    lengths: &[usize],
+    template: &dyn ChatTemplate,
+    stop_ids: &[i64],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<Generated>> {
+    let decode = |ids: &[i64]| template.decode(ids);
+    let mut streams: Vec<TextStream> = lengths.iter().map(|_| TextStream::new()).collect();
+    let mut stream_err = None;
+    let rows = tch::no_grad(|| -> Result<_> {
+        let (logits, mut state) = model.prefill(batch, lengths)?;
+        decode_loop(
+            logits,
+            &mut |tokens| model.decode_step(&mut state, tokens),
+            stop_ids,
+            opts,
+            &mut |row, id| match streams[row].push(id, &decode) {
+                Ok(piece) if !piece.is_empty() => on_text(row, &piece),
+                Ok(_) => {}
+                Err(e) => stream_err = Some(e),
+            },
+        )
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e);
+    }
+    rows.into_iter()
+        .map(|row| {
+            Ok(Generated {
+                text: template.decode(&row.token_ids)?,
+                token_ids: row.token_ids,
+                stopped: row.stopped,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -368,7 +368,7 @@ pub fn assert_loss_head_matches_full_logits<M: crate::family::Model>(
     what: &str,
 ) {
     use crate::loss::LossHead;
-    let mut vars: Vec<(String, tch::Tensor)> = crate::family::Model::var_store(model)
+    let mut vars: Vec<(String, tch::Tensor)> = crate::family::Trainable::var_store(model)
         .variables()
         .into_iter()
         .collect();

@@ -18,9 +18,10 @@ struct ToyConfig {
 }
 impl HfConfig for ToyConfig {
     fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
+        let get = |k: &str, d| v[k].as_i64().unwrap_or(d);
         Ok(ToyConfig {
-            vocab: v["vocab_size"].as_i64().unwrap_or(260),
-            hidden: v["hidden_size"].as_i64().unwrap_or(8),
+            vocab: get("vocab_size", 260),
+            hidden: get("hidden_size", 8),
         })
     }
     fn num_parameters(&self) -> u64 {
@@ -41,85 +42,84 @@ struct Bytes;
 impl ChatTemplate for Bytes {
     fn encode(&self, c: &Conversation, _: &MediaTokens, all: bool) -> Result<EncodedText> {
         let mut out = EncodedText::default();
+        let mut push = |id: i64, label: bool| {
+            out.input_ids.push(id);
+            out.labels.push(if label { id } else { IGNORE_INDEX });
+        };
         for t in &c.turns {
             let train = all || t.role == Role::Assistant;
-            out.input_ids.push(256);
-            out.labels.push(if all { 256 } else { IGNORE_INDEX });
+            push(256, all);
             for p in &t.parts {
                 if let lmms_ft_core::data::Part::Text { text } = p {
-                    for b in text.bytes() {
-                        out.input_ids.push(b as i64);
-                        out.labels.push(if train { b as i64 } else { IGNORE_INDEX });
-                    }
+                    text.bytes().for_each(|b| push(b as i64, train));
                 }
             }
-            out.input_ids.push(257);
-            out.labels.push(if train { 257 } else { IGNORE_INDEX });
+            push(257, train);
         }
         Ok(out)
     }
     fn encode_prompt(&self, c: &Conversation, m: &MediaTokens) -> Result<Vec<i64>> {
-        let mut ids = self.encode(c, m, false)?.input_ids;
-        ids.push(256);
-        Ok(ids)
+        Ok([self.encode(c, m, false)?.input_ids, vec![256]].concat())
     }
 }
+/// The core collates the text; the toy has nothing to add.
 struct Pad;
 impl Collator for Pad {
-    type Sample = EncodedText;
-    type Batch = ToyBatch;
-    fn collate(&self, s: Vec<EncodedText>, d: Device) -> Result<ToyBatch> {
-        let len = s.iter().map(|x| x.input_ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::new();
-        for x in &s {
-            ids.extend(
-                x.input_ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat(0))
-                    .take(len),
-            );
-        }
-        let targets =
-            LossTargets::from_samples(s.iter().enumerate().map(|(r, x)| (r * len, &x.labels[..])));
-        Ok(ToyBatch {
-            ids: Tensor::from_slice(&ids)
-                .view([s.len() as i64, len as i64])
-                .to(d),
-            targets: targets.to_device(d),
-        })
+    type Media = ();
+    type Batch = TextBatch;
+    fn assemble(
+        &self,
+        t: TextBatch,
+        _: Vec<Sample<()>>,
+        _: &[Placement],
+        _: Device,
+    ) -> Result<TextBatch> {
+        Ok(t)
     }
-}
-struct ToyBatch {
-    ids: Tensor,
-    targets: LossTargets,
 }
 struct ToyModel {
     vs: nn::VarStore,
     embed: nn::Embedding,
     head: nn::Linear,
 }
-impl Model for ToyModel {
-    type Batch = ToyBatch;
-    fn hidden_states(&self, batch: &ToyBatch, _train: bool) -> Result<Tensor> {
-        Ok(self.embed.forward(&batch.ids))
+impl Trainable for ToyModel {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
     }
-    fn loss_targets<'a>(&self, batch: &'a ToyBatch) -> Option<&'a LossTargets> {
-        Some(&batch.targets)
+}
+impl Model for ToyModel {
+    type Batch = TextBatch;
+    fn hidden_states(&self, batch: &TextBatch, _train: bool) -> Result<Tensor> {
+        Ok(self.embed.forward(&batch.input_ids))
+    }
+    fn loss_targets<'a>(&self, batch: &'a TextBatch) -> Option<&'a LossTargets> {
+        batch.targets.as_ref()
     }
     fn lm_head(&self, hidden: &Tensor) -> Tensor {
         self.head.forward(hidden)
     }
-    fn var_store(&self) -> &nn::VarStore {
-        &self.vs
+}
+impl ToyModel {
+    fn new(vs: nn::VarStore, c: &ToyConfig) -> ToyModel {
+        let root = vs.root();
+        let embed = nn::embedding(
+            &root / "model" / "embed_tokens",
+            c.vocab,
+            c.hidden,
+            Default::default(),
+        );
+        let no_bias = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
+        let head = nn::linear(&root / "lm_head", c.hidden, c.vocab, no_bias);
+        ToyModel { vs, embed, head }
     }
 }
 impl Family for Toy {
     type Config = ToyConfig;
     type Processor = NoMedia;
     type Template = Bytes;
-    type Sample = EncodedText;
-    type Batch = ToyBatch;
     type Collator = Pad;
     type Model = ToyModel;
     fn processor(_: &ToyConfig, _: &Path, _: &ProcessorOptions) -> Result<NoMedia> {
@@ -128,33 +128,14 @@ impl Family for Toy {
     fn template(_: &ToyConfig, _: &Path) -> Result<Bytes> {
         Ok(Bytes)
     }
-    fn sample(text: EncodedText, _: ()) -> EncodedText {
-        text
-    }
     fn collator(_: &ToyConfig) -> Pad {
         Pad
     }
     fn load(c: &ToyConfig, dir: &Path, device: Device, kind: Kind) -> Result<ToyModel> {
-        let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let embed = nn::embedding(
-            &root / "model" / "embed_tokens",
-            c.vocab,
-            c.hidden,
-            Default::default(),
-        );
-        let head = nn::linear(
-            &root / "lm_head",
-            c.hidden,
-            c.vocab,
-            nn::LinearConfig {
-                bias: false,
-                ..Default::default()
-            },
-        );
-        vs.load(dir.join("model.safetensors"))?;
-        vs.set_kind(kind);
-        Ok(ToyModel { vs, embed, head })
+        let mut model = ToyModel::new(nn::VarStore::new(device), c);
+        model.vs.load(dir.join("model.safetensors"))?;
+        model.vs.set_kind(kind);
+        Ok(model)
     }
 }
 
@@ -274,15 +255,11 @@ fn loading_a_checkpoint_of_another_shape_is_an_error() {
 #[test]
 fn loss_head_matches_full_logits_on_the_toy_family() {
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let root = vs.root();
-    let embed = nn::embedding(&root / "model" / "embed_tokens", 260, 8, Default::default());
-    let no_bias = nn::LinearConfig {
-        bias: false,
-        ..Default::default()
+    let config = ToyConfig {
+        vocab: 260,
+        hidden: 8,
     };
-    let head = nn::linear(&root / "lm_head", 8, 260, no_bias);
-    let model = ToyModel { vs, embed, head };
+    let model = ToyModel::new(nn::VarStore::new(Device::Cpu), &config);
     // Two rows of different lengths, so one is padded and its padding is never a target.
     let long = Conversation {
         turns: vec![
@@ -306,7 +283,8 @@ fn loss_head_matches_full_logits_on_the_toy_family() {
         })
         .collect();
     let labels = Tensor::from_slice(&labels).view([2, len as i64]);
-    let batch = Pad.collate(texts, Device::Cpu).unwrap();
+    let samples = texts.into_iter().map(|text| Sample { text, media: () });
+    let batch = Pad.collate(samples.collect(), Device::Cpu).unwrap();
     lmms_ft_core::testing::assert_loss_head_matches_full_logits(&model, &batch, &labels, "toy");
 }
 

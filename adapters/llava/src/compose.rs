@@ -44,7 +44,7 @@ use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_core::compose::MANIFEST;
 use lmms_ft_core::config::ModelSettings;
 use lmms_ft_core::data::template::load_dir_tokenizer;
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::Trainable;
 use lmms_ft_core::hf_json::{boolean, float, int};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::register_composer;
@@ -698,7 +698,7 @@ pub fn load(config: &LlavaConfig, dir: &Path, device: Device, kind: Kind) -> Res
     );
 
     let model = LlavaModel::new_in(config, device, ParamInit::Zeros, kind);
-    let vs = Model::var_store(&model);
+    let vs = Trainable::var_store(&model);
     let vars: HashMap<String, Tensor> = vs.variables();
 
     let text_views = vars

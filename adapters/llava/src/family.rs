@@ -22,17 +22,16 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, Result};
 use lmms_ft_backbones::text_config::TextModelType;
-use lmms_ft_core::data::batch::{pack_batch, pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{
     discover_template, ContentMode, HfChatTemplate, MediaPlaceholders,
 };
 use lmms_ft_core::data::Conversation;
 use lmms_ft_core::family::{
-    ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
+    ChatTemplate, Collator, EncodedText, Family, MediaTokens, Placement, ProcessorOptions,
+    TextBatch, IGNORE_INDEX,
 };
-use lmms_ft_core::loss::LossTargets;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::LlavaConfig;
@@ -142,11 +141,7 @@ impl ChatTemplate for LlavaTemplate {
 }
 
 /// One encoded sample.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub text: EncodedText,
-    pub media: LlavaMedia,
-}
+pub type Sample = lmms_ft_core::family::Sample<LlavaMedia>;
 
 pub struct LlavaCollator {
     tile: i64,
@@ -159,8 +154,6 @@ impl LlavaCollator {
     pub fn new(config: &LlavaConfig) -> Self {
         LlavaCollator {
             tile: config.vision.image_size(),
-            // Padding sits after every real token under causal attention and carries no
-            // label; it only must not be the image token.
             pad_id: if config.image_token_id == 0 { 1 } else { 0 },
             media_ids: [Some(config.image_token_id), config.video_token_id],
         }
@@ -168,48 +161,27 @@ impl LlavaCollator {
 }
 
 impl Collator for LlavaCollator {
-    type Sample = Sample;
+    type Media = LlavaMedia;
     type Batch = Batch;
 
-    fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
-        ensure!(!samples.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
-        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?.to_device(device);
-        Ok(self.batch(samples, padded.input_ids, padded.targets, None, device))
+    /// Any id but the image token's.
+    fn pad_id(&self) -> i64 {
+        self.pad_id
     }
 
-    fn collate_packed(&self, rows: Vec<Vec<Sample>>, device: Device) -> Result<Batch> {
-        ensure!(!rows.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<Vec<&EncodedText>> = rows
-            .iter()
-            .map(|row| row.iter().map(|s| &s.text).collect())
-            .collect();
-        let packed = pack_batch(&texts, self.pad_id)?.to_device(device);
-        let layout = PackedLayout {
-            position_ids: packed.position_ids,
-            attention_mask: packed.attention_mask,
-        };
-        Ok(self.batch(
-            rows.into_iter().flatten(),
-            packed.input_ids,
-            packed.targets,
-            Some(layout),
-            device,
-        ))
+    fn packs(&self) -> bool {
+        true
     }
-}
 
-impl LlavaCollator {
-    /// The batch of the collated text and every sample's media, concatenated in sample
-    /// order (the order of their placeholder tokens).
-    fn batch(
+    /// The collated text and every sample's media, concatenated in sample order (the order
+    /// of their placeholder tokens).
+    fn assemble(
         &self,
-        samples: impl IntoIterator<Item = Sample>,
-        input_ids: Tensor,
-        targets: LossTargets,
-        packing: Option<PackedLayout>,
+        text: TextBatch,
+        samples: Vec<Sample>,
+        _placements: &[Placement],
         device: Device,
-    ) -> Batch {
+    ) -> Result<Batch> {
         let mut pixels = Vec::new();
         let mut image_sizes = Vec::new();
         let mut image_anyres = Vec::new();
@@ -237,17 +209,20 @@ impl LlavaCollator {
         };
         let pixel_values = stack(&pixels, tiles as i64);
         let pixel_values_videos = stack(&video_pixels, video_frames.iter().sum());
-        Batch {
-            input_ids,
-            targets: Some(targets),
+        Ok(Batch {
+            input_ids: text.input_ids,
+            targets: text.targets,
             pixel_values,
             image_sizes,
             image_anyres,
             pixel_values_videos,
             video_frames,
             media_tokens,
-            packing,
-        }
+            packing: text.packed.map(|p| PackedLayout {
+                position_ids: p.position_ids,
+                attention_mask: p.attention_mask,
+            }),
+        })
     }
 }
 
@@ -259,8 +234,6 @@ impl Family for Llava {
     type Config = LlavaConfig;
     type Processor = LlavaProcessor;
     type Template = LlavaTemplate;
-    type Sample = Sample;
-    type Batch = Batch;
     type Collator = LlavaCollator;
     type Model = LlavaModel;
 
@@ -279,10 +252,6 @@ impl Family for Llava {
 
     fn template(config: &LlavaConfig, dir: &Path) -> Result<LlavaTemplate> {
         LlavaTemplate::from_dir(config, dir)
-    }
-
-    fn sample(text: EncodedText, media: LlavaMedia) -> Sample {
-        Sample { text, media }
     }
 
     fn collator(config: &LlavaConfig) -> LlavaCollator {

@@ -12,7 +12,7 @@ use lmms_ft_backbones::clip::ClipVisionTower;
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder};
 use lmms_ft_backbones::encoder::VisionEncoder;
 use lmms_ft_backbones::siglip::SiglipVisionTower;
-use lmms_ft_core::family::{Component, Model};
+use lmms_ft_core::family::{Component, Model, Prefix, Trainable};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::nn::{rope_inv_freq, Linear, ParamInit};
@@ -413,7 +413,9 @@ impl Model for LlavaModel {
         let (cos, sin) = self.rotary(&positions);
         Ok(self.decoder.decode_step(state, &ids, &cos, &sin))
     }
+}
 
+impl Trainable for LlavaModel {
     /// Decoder layers and vision encoder blocks (the projector is two linears, not worth it).
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.decoder.set_gradient_checkpointing(on);
@@ -433,16 +435,6 @@ impl Model for LlavaModel {
             .visit_linears("language_model.model", "language_model.lm_head", f);
     }
 
-    fn component(&self, name: &str) -> Component {
-        if name.starts_with("vision_tower.") {
-            Component::Vision
-        } else if name.starts_with("multi_modal_projector.") || name == "image_newline" {
-            Component::Projector
-        } else {
-            Component::Llm
-        }
-    }
-
     /// The original LLaVA repository (`LlavaLlamaForCausalLM`), and adapters trained on it,
     /// name the text model `model.*`, the projector `model.mm_projector.{0,2}` and the tower
     /// `model.vision_tower.vision_tower.vision_model.*`.
@@ -457,15 +449,28 @@ impl Model for LlavaModel {
 
     /// transformers 5 runs the text model as `model.language_model`, the tower as
     /// `model.vision_tower` and the projector as `model.multi_modal_projector`.
-    fn runtime_name(&self, hub_name: &str) -> String {
-        if let Some(rest) = hub_name.strip_prefix("language_model.model.") {
-            format!("model.language_model.{rest}")
-        } else if let Some(rest) = hub_name.strip_prefix("language_model.") {
-            rest.to_string()
-        } else if let Some(rest) = hub_name.strip_prefix("vision_tower.vision_model.") {
-            format!("model.vision_tower.{rest}")
-        } else {
-            format!("model.{hub_name}")
-        }
+    fn prefixes(&self) -> &'static [Prefix] {
+        const TABLE: &[Prefix] = &[
+            Prefix::new(
+                "vision_tower.vision_model.",
+                "model.vision_tower.",
+                Component::Vision,
+            ),
+            Prefix::new("vision_tower.", "model.vision_tower.", Component::Vision),
+            Prefix::new(
+                "multi_modal_projector.",
+                "model.multi_modal_projector.",
+                Component::Projector,
+            ),
+            Prefix::new("image_newline", "model.image_newline", Component::Projector),
+            Prefix::new(
+                "language_model.model.",
+                "model.language_model.",
+                Component::Llm,
+            ),
+            Prefix::new("language_model.", "", Component::Llm),
+            Prefix::new("", "model.", Component::Llm),
+        ];
+        TABLE
     }
 }

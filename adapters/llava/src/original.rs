@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use lmms_ft_core::compose::MANIFEST;
 use lmms_ft_core::config::ModelSettings;
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::Trainable;
 use lmms_ft_core::hf_json::{int, string};
 use lmms_ft_core::hub::{resolve_model_dir, CacheEnv};
 use lmms_ft_core::nn::ParamInit;
@@ -382,7 +382,7 @@ pub fn load(
     );
 
     let model = LlavaModel::new(config, device, ParamInit::Zeros);
-    let vs = Model::var_store(&model);
+    let vs = Trainable::var_store(&model);
     vs.root().set_kind(kind);
     let vars: HashMap<String, Tensor> = vs.variables();
     let mut views = Vec::new();

@@ -1,5 +1,5 @@
 //! Gradient checkpointing of every decoder layer and vision block of the LLaVA models
-//! (`Model::set_gradient_checkpointing`) leaves the loss and every parameter's gradient as
+//! (`Trainable::set_gradient_checkpointing`) leaves the loss and every parameter's gradient as
 //! the plain graph computes them (≤ 1e-6, fp32), on the tiny NeXT-Video (CLIP + Llama) and
 //! OneVision (SigLIP + Qwen2) fixtures written by transformers, for an image and a video
 //! sample; and the blocks really are recomputed (the shim's counter rises by at least the
@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::{Model, Trainable};
 use lmms_ft_core::testing::max_abs_diff;
 use lmms_ft_llava::config::VisionConfig;
 use lmms_ft_llava::model::{Batch, LlavaModel};
@@ -19,7 +19,7 @@ mod common;
 
 /// Loss and the gradient of every trainable variable after one forward + backward.
 fn gradients(model: &mut LlavaModel, batch: &Batch, on: bool) -> (f64, HashMap<String, Tensor>) {
-    let vars: Vec<(String, Tensor)> = Model::var_store(model)
+    let vars: Vec<(String, Tensor)> = Trainable::var_store(model)
         .variables()
         .into_iter()
         .filter(|(_, v)| v.requires_grad())
@@ -98,7 +98,7 @@ fn check(variant: &str) {
             blocks,
         );
     }
-    for (name, v) in Model::var_store(&model).variables() {
+    for (name, v) in Trainable::var_store(&model).variables() {
         if name.starts_with("vision_tower.") {
             let _ = v.set_requires_grad(false);
         }

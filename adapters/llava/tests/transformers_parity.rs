@@ -20,7 +20,7 @@ use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor};
+use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor, Trainable};
 use lmms_ft_core::testing::{conversation_from_messages, max_abs_diff};
 use lmms_ft_llava::anyres::{anyres_image_tokens, video_tokens, Tiling};
 use lmms_ft_llava::config::{Architecture, LlavaConfig};

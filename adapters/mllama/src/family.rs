@@ -5,14 +5,14 @@
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use lmms_ft_core::data::batch::{pad_batch, PaddingSide};
 use lmms_ft_core::data::template::{
     discover_template, load_dir_tokenizer, ChatRenderer, ContentMode, HfChatTemplate,
     MediaPlaceholders, SpecialTokens,
 };
 use lmms_ft_core::data::Conversation;
 use lmms_ft_core::family::{
-    ChatTemplate, Collator, EncodedText, Family, MediaTokens, ProcessorOptions, IGNORE_INDEX,
+    ChatTemplate, Collator, EncodedText, Family, MediaTokens, Placement, ProcessorOptions,
+    TextBatch, IGNORE_INDEX,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -27,12 +27,8 @@ pub const IMAGE_TOKEN: &str = "<|image|>";
 /// training and inference here use the template's own fixed default instead.
 pub const DATE_STRING: &str = "26 Jul 2024";
 
-/// One encoded sample: token ids, labels and its tiled images.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub text: EncodedText,
-    pub media: MllamaMedia,
-}
+/// One encoded sample.
+pub type Sample = lmms_ft_core::family::Sample<MllamaMedia>;
 
 /// `get_cross_attention_token_mask`: for each image, the `[start, end)` token range that
 /// attends to it. An image attends from its token up to the next image token (or the end);
@@ -238,14 +234,21 @@ impl MllamaCollator {
 }
 
 impl Collator for MllamaCollator {
-    type Sample = Sample;
+    type Media = MllamaMedia;
     type Batch = Batch;
 
-    fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
-        ensure!(!samples.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
-        let padded = pad_batch(&texts, self.pad_id, PaddingSide::Right)?;
-        let (b, t) = padded.input_ids.size2()?;
+    fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    fn assemble(
+        &self,
+        text: TextBatch,
+        samples: Vec<Sample>,
+        _placements: &[Placement],
+        device: Device,
+    ) -> Result<Batch> {
+        let (b, t) = text.input_ids.size2()?;
         let images = self.images(&samples, t as usize, device)?;
         let position_ids = Tensor::arange(t, (Kind::Int64, Device::Cpu))
             .unsqueeze(0)
@@ -253,8 +256,8 @@ impl Collator for MllamaCollator {
             .contiguous()
             .to_device(device);
         Ok(Batch {
-            input_ids: padded.input_ids.to_device(device),
-            targets: Some(padded.targets.to_device(device)),
+            input_ids: text.input_ids,
+            targets: text.targets,
             position_ids,
             images,
         })
@@ -267,8 +270,6 @@ impl Family for Mllama {
     type Config = MllamaConfig;
     type Processor = MllamaProcessor;
     type Template = MllamaTemplate;
-    type Sample = Sample;
-    type Batch = Batch;
     type Collator = MllamaCollator;
     type Model = MllamaModel;
 
@@ -291,10 +292,6 @@ impl Family for Mllama {
             load_dir_tokenizer(dir)?,
             MediaPlaceholders::new(IMAGE_TOKEN, None),
         )?)
-    }
-
-    fn sample(text: EncodedText, media: MllamaMedia) -> Sample {
-        Sample { text, media }
     }
 
     fn collator(config: &MllamaConfig) -> MllamaCollator {

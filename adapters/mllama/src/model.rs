@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{ensure, Result};
-use lmms_ft_core::family::{Component, Model};
+use lmms_ft_core::family::{Component, Model, Trainable};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::nn::{Linear, ParamInit};
@@ -195,15 +195,6 @@ impl Model for MllamaModel {
         self.text.logits(hidden)
     }
 
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
-    fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.text.set_gradient_checkpointing(on);
-        self.vision.set_gradient_checkpointing(on);
-    }
-
     fn prefill(&self, batch: &Batch, lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
         let (embeds, cross) = self.inputs(batch)?;
         self.text.prefill(&embeds, lengths, cross.as_ref())
@@ -215,6 +206,17 @@ impl Model for MllamaModel {
             .view([b, 1])
             .to_device(self.vs.device());
         Ok(self.text.decode_step(state, &ids))
+    }
+}
+
+impl Trainable for MllamaModel {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.text.set_gradient_checkpointing(on);
+        self.vision.set_gradient_checkpointing(on);
     }
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {

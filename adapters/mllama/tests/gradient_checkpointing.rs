@@ -6,7 +6,7 @@
 mod common;
 
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::{Model, Trainable};
 use lmms_ft_mllama::model::MllamaModel;
 use tch::{Device, Kind, Tensor};
 

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lmms_ft_core::config::{Config, Scheduler};
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::{Model, Trainable};
 use lmms_ft_core::peft::io::{load_adapter, merge_lora, save_adapter, write_safetensors, Blob};
 use lmms_ft_core::peft::LoraSpec;
 use lmms_ft_core::quant::{load_quantized, QuantSpec};
@@ -92,7 +92,7 @@ fn qlora_quantises_cross_attention_trains_and_saves_a_peft_adapter() {
         names.iter().any(|n| n.contains(".cross_attn.k_proj")),
         "{names:?}"
     );
-    let vars = Model::var_store(&q).variables();
+    let vars = Trainable::var_store(&q).variables();
     assert!(!vars.contains_key("language_model.model.layers.1.cross_attn.q_proj.weight"));
     assert!(vars.contains_key("vision_model.transformer.layers.0.self_attn.q_proj.weight"));
     assert!(vars.contains_key("multi_modal_projector.weight"));

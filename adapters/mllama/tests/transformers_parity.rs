@@ -11,6 +11,7 @@ mod common;
 
 use common::{fixture, relative_error, Fixture, SAMPLES};
 use lmms_ft_core::data::DecodedMedia;
+use lmms_ft_core::family::Trainable;
 use lmms_ft_core::family::{
     ChatTemplate, Collator, Family, HfConfig, Model, PreparedConversation, Processor,
 };

@@ -5,8 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
 use lmms_ft_backbones::longrope::ScaledRope;
-use lmms_ft_core::data::batch::{pack_batch, pad_batch, PaddingSide};
-use lmms_ft_core::family::{Collator, EncodedText, Family, ProcessorOptions};
+use lmms_ft_core::family::{Collator, Family, Placement, ProcessorOptions, TextBatch};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Phi3VConfig;
@@ -16,11 +15,7 @@ use crate::template::Phi3VTemplate;
 use crate::vision::Images;
 
 /// One encoded sample.
-#[derive(Debug)]
-pub struct Sample {
-    pub text: EncodedText,
-    pub media: PhiMedia,
-}
+pub type Sample = lmms_ft_core::family::Sample<PhiMedia>;
 
 pub struct Phi3VCollator {
     rope: Option<ScaledRope>,
@@ -97,67 +92,62 @@ impl Phi3VCollator {
 }
 
 impl Collator for Phi3VCollator {
-    type Sample = Sample;
+    type Media = PhiMedia;
     type Batch = Batch;
 
-    fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
-        ensure!(!samples.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
-        // Padding follows every real token under causal attention and carries no label.
-        let padded = pad_batch(&texts, 0, PaddingSide::Right)?;
-        let (b, t) = (samples.len() as i64, padded.input_ids.size()[1]);
-        let long: Vec<bool> = samples
-            .iter()
-            .map(|s| self.is_long(s.text.input_ids.len()))
-            .collect();
-        let long_rope = Tensor::from_slice(&long)
-            .view([b, 1])
-            .expand([b, t], false)
-            .to_device(device);
-        let position_ids = Tensor::arange(t, (Kind::Int64, device))
-            .unsqueeze(0)
-            .expand([b, t], false);
+    fn packs(&self) -> bool {
+        true
+    }
+
+    fn assemble(
+        &self,
+        text: TextBatch,
+        samples: Vec<Sample>,
+        placements: &[Placement],
+        device: Device,
+    ) -> Result<Batch> {
+        let (b, t) = text.input_ids.size2()?;
+        let (position_ids, long_rope) = match &text.packed {
+            // Padded rows: one sample each, its flag over the whole row.
+            None => {
+                let long: Vec<bool> = samples
+                    .iter()
+                    .map(|s| self.is_long(s.text.input_ids.len()))
+                    .collect();
+                let long_rope = Tensor::from_slice(&long)
+                    .view([b, 1])
+                    .expand([b, t], false)
+                    .to_device(device);
+                let position_ids = Tensor::arange(t, (Kind::Int64, device))
+                    .unsqueeze(0)
+                    .expand([b, t], false);
+                (position_ids, long_rope)
+            }
+            // Packed rows: each sample's flag over its own span.
+            Some(packed) => {
+                let t = t as usize;
+                let mut long = vec![false; b as usize * t];
+                for (s, p) in samples.iter().zip(placements) {
+                    let len = s.text.input_ids.len();
+                    let at = p.row * t + p.offset;
+                    let flag = self.is_long(len);
+                    long[at..at + len].iter_mut().for_each(|x| *x = flag);
+                }
+                let long_rope = Tensor::from_slice(&long)
+                    .view([b, t as i64])
+                    .to_device(device);
+                (packed.position_ids.shallow_clone(), long_rope)
+            }
+        };
         let (images, media_tokens) = self.images(&samples, device)?;
         Ok(Batch {
-            input_ids: padded.input_ids.to_device(device),
-            targets: Some(padded.targets.to_device(device)),
+            input_ids: text.input_ids,
+            targets: text.targets,
             position_ids,
             long_rope,
             images,
             media_tokens,
-            attention_mask: None,
-        })
-    }
-
-    fn collate_packed(&self, rows: Vec<Vec<Sample>>, device: Device) -> Result<Batch> {
-        ensure!(!rows.is_empty(), "cannot collate an empty batch");
-        let texts: Vec<Vec<&EncodedText>> = rows
-            .iter()
-            .map(|row| row.iter().map(|s| &s.text).collect())
-            .collect();
-        let packed = pack_batch(&texts, 0)?;
-        let t = packed.input_ids.size()[1] as usize;
-        let mut long = vec![false; rows.len() * t];
-        for (r, (row, starts)) in rows.iter().zip(&packed.cu_seqlens).enumerate() {
-            for (s, &at) in row.iter().zip(starts) {
-                let len = s.text.input_ids.len();
-                let flag = self.is_long(len);
-                let at = r * t + at as usize;
-                long[at..at + len].iter_mut().for_each(|x| *x = flag);
-            }
-        }
-        let long_rope = Tensor::from_slice(&long)
-            .view([rows.len() as i64, t as i64])
-            .to_device(device);
-        let (images, media_tokens) = self.images(rows.iter().flatten(), device)?;
-        Ok(Batch {
-            input_ids: packed.input_ids.to_device(device),
-            targets: Some(packed.targets.to_device(device)),
-            position_ids: packed.position_ids.to_device(device),
-            long_rope,
-            images,
-            media_tokens,
-            attention_mask: Some(packed.attention_mask.to_device(device)),
+            attention_mask: text.packed.map(|p| p.attention_mask),
         })
     }
 }
@@ -169,8 +159,6 @@ impl Family for Phi3V {
     type Config = Phi3VConfig;
     type Processor = Phi3VProcessor;
     type Template = Phi3VTemplate;
-    type Sample = Sample;
-    type Batch = Batch;
     type Collator = Phi3VCollator;
     type Model = Phi3VModel;
 
@@ -189,10 +177,6 @@ impl Family for Phi3V {
 
     fn template(_config: &Phi3VConfig, dir: &Path) -> Result<Phi3VTemplate> {
         Phi3VTemplate::from_dir(dir)
-    }
-
-    fn sample(text: EncodedText, media: PhiMedia) -> Sample {
-        Sample { text, media }
     }
 
     fn collator(config: &Phi3VConfig) -> Phi3VCollator {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::{rope_cos_sin, Decoder, DecoderOptions, ProjectionLayout};
-use lmms_ft_core::family::{Component, Model};
+use lmms_ft_core::family::{Component, Model, Trainable};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::nn::{rope_inv_freq, Linear, ParamInit};
@@ -176,10 +176,6 @@ impl Model for Phi3VModel {
         self.decoder.logits(hidden)
     }
 
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
     /// Prompt rows are right-padded with positions `0..T`; each row picks its factors by its
     /// own length, as the Hub code does for that prompt alone.
     fn prefill(&self, batch: &Batch, lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
@@ -208,6 +204,12 @@ impl Model for Phi3VModel {
         let long = self.long_rows(&state.next_positions, 1);
         let (cos, sin) = self.rotary(&positions, &long);
         Ok(self.decoder.decode_step(state, &ids, &cos, &sin))
+    }
+}
+
+impl Trainable for Phi3VModel {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
     }
 
     fn set_gradient_checkpointing(&mut self, on: bool) {

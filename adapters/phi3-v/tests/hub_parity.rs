@@ -9,6 +9,7 @@
 mod common;
 
 use common::{assert_rel_close, Fixture, SAMPLES};
+use lmms_ft_core::family::Trainable;
 use lmms_ft_core::family::{
     ChatTemplate, Collator, EncodedText, Family, HfConfig, Model, Processor,
 };

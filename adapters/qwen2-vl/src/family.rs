@@ -6,12 +6,12 @@ use std::path::Path;
 use anyhow::Result;
 pub use lmms_ft_backbones::qwen_vl::batch::{QwenCollator, Sample};
 use lmms_ft_core::data::template::{ContentMode, HfChatTemplate, MediaPlaceholders};
-use lmms_ft_core::family::{EncodedText, Family, ProcessorOptions};
+use lmms_ft_core::family::{Family, ProcessorOptions};
 use tch::{Device, Kind};
 
 use crate::config::{Qwen2VlConfig, Variant};
-use crate::model::{Batch, Qwen2VlModel};
-use crate::processor::{QwenMedia, QwenProcessor};
+use crate::model::Qwen2VlModel;
+use crate::processor::QwenProcessor;
 use crate::rope::RopeSpec;
 
 pub const IMAGE_PLACEHOLDER: &str = "<|image_pad|>";
@@ -38,8 +38,6 @@ impl Family for Qwen2Vl {
     type Config = Qwen2VlConfig;
     type Processor = QwenProcessor;
     type Template = HfChatTemplate;
-    type Sample = Sample;
-    type Batch = Batch;
     type Collator = QwenCollator;
     type Model = Qwen2VlModel;
 
@@ -57,10 +55,6 @@ impl Family for Qwen2Vl {
             MediaPlaceholders::new(IMAGE_PLACEHOLDER, Some(VIDEO_PLACEHOLDER)),
             ContentMode::Parts,
         )
-    }
-
-    fn sample(text: EncodedText, media: QwenMedia) -> Sample {
-        Sample { text, media }
     }
 
     fn collator(config: &Qwen2VlConfig) -> QwenCollator {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
-use lmms_ft_core::family::{Component, Model};
+use lmms_ft_core::family::{Component, Model, Prefix, Trainable};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::nn::{Linear, ParamInit};
@@ -129,15 +129,6 @@ impl Model for Qwen2VlModel {
         self.decoder.logits(hidden)
     }
 
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
-    fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.decoder.set_gradient_checkpointing(on);
-        self.visual.set_gradient_checkpointing(on);
-    }
-
     fn prefill(&self, batch: &Batch, lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
         let embeds = self.embeddings(batch)?;
         let (cos, sin) = self.rotary(&batch.position_ids, &embeds)?;
@@ -172,31 +163,31 @@ impl Model for Qwen2VlModel {
         );
         Ok(self.decoder.decode_step(state, &ids, &cos, &sin))
     }
+}
+
+impl Trainable for Qwen2VlModel {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.decoder.set_gradient_checkpointing(on);
+        self.visual.set_gradient_checkpointing(on);
+    }
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
         self.visual.visit_linears("visual", f);
         self.decoder.visit_linears("model", "lm_head", f);
     }
 
-    fn component(&self, name: &str) -> Component {
-        if name.starts_with("visual.merger") {
-            Component::Projector
-        } else if name.starts_with("visual") {
-            Component::Vision
-        } else {
-            Component::Llm
-        }
-    }
-
     /// transformers 5 nests the text model under `model.language_model` and the vision tower
-    /// under `model.visual`; `lm_head` stays at the top.
-    fn runtime_name(&self, hub_name: &str) -> String {
-        if let Some(rest) = hub_name.strip_prefix("visual") {
-            format!("model.visual{rest}")
-        } else if let Some(rest) = hub_name.strip_prefix("model.") {
-            format!("model.language_model.{rest}")
-        } else {
-            hub_name.to_string()
-        }
+    /// under `model.visual`; `lm_head` stays at the top. The merger is the projector.
+    fn prefixes(&self) -> &'static [Prefix] {
+        const TABLE: &[Prefix] = &[
+            Prefix::new("visual.merger", "model.visual.merger", Component::Projector),
+            Prefix::new("visual", "model.visual", Component::Vision),
+            Prefix::new("model.", "model.language_model.", Component::Llm),
+        ];
+        TABLE
     }
 }

@@ -17,7 +17,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::{HfConfig, Model};
+use lmms_ft_core::family::{HfConfig, Model, Trainable};
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::nn::LoraAdapter;
 use lmms_ft_core::testing::{cached_fixture, max_abs_diff};
@@ -79,12 +79,12 @@ fn gradients(
     batch: &Batch,
     checkpointing: bool,
 ) -> (f64, HashMap<String, Tensor>) {
-    let mut trainable: Vec<(String, Tensor)> = Model::var_store(model)
+    let mut trainable: Vec<(String, Tensor)> = Trainable::var_store(model)
         .variables()
         .into_iter()
         .filter(|(_, v)| v.requires_grad())
         .collect();
-    Model::visit_linears(model, &mut |name, l| {
+    Trainable::visit_linears(model, &mut |name, l| {
         if let Some(a) = &l.lora {
             trainable.push((format!("{name}.lora_A"), a.a.shallow_clone()));
             trainable.push((format!("{name}.lora_B"), a.b.shallow_clone()));
@@ -163,12 +163,12 @@ fn check_variant(variant: &str) {
     }
 
     // LoRA with dropout on every linear layer, base frozen.
-    for (_, v) in Model::var_store(&model).variables() {
+    for (_, v) in Trainable::var_store(&model).variables() {
         let _ = v.set_requires_grad(false);
     }
     let training = Arc::new(AtomicBool::new(true));
     tch::manual_seed(99);
-    Model::visit_linears(&mut model, &mut |_, l| {
+    Trainable::visit_linears(&mut model, &mut |_, l| {
         let (inp, outp) = (l.in_features(), l.out_features());
         l.lora = Some(LoraAdapter {
             a: (Tensor::randn([4, inp], (Kind::Float, Device::Cpu)) * 0.2).set_requires_grad(true),

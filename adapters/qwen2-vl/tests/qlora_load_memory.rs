@@ -4,7 +4,7 @@
 //! measurement works) grows by at least its size.
 
 use lmms_ft_core::config::Config;
-use lmms_ft_core::family::{HfConfig, Model};
+use lmms_ft_core::family::{HfConfig, Trainable};
 use lmms_ft_core::nn::ParamInit;
 use lmms_ft_core::quant::{load_quantized, QuantSpec};
 use lmms_ft_qwen2_vl::config::Qwen2VlConfig;
@@ -66,7 +66,7 @@ fn quantised_loading_stays_well_below_the_dense_size() {
     {
         tch::manual_seed(0);
         let model = Qwen2VlModel::new(&config, Device::Cpu, ParamInit::Normal { std: 0.02 });
-        let vars: Vec<(String, Tensor)> = Model::var_store(&model)
+        let vars: Vec<(String, Tensor)> = Trainable::var_store(&model)
             .variables()
             .into_iter()
             .map(|(k, v)| (k, v.to_kind(Kind::BFloat16)))

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lmms_ft_core::config::{Config, Scheduler};
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::{Model, Trainable};
 use lmms_ft_core::peft::io::{
     load_adapter, merge_lora, read_safetensors, save_adapter, write_safetensors, Blob,
 };
@@ -123,7 +123,7 @@ fn qlora_tracks_lora_and_its_adapter_loads_in_peft_on_the_dense_base() {
             .all(|n| n.starts_with("model.layers.")),
         "only LLM decoder linears are quantised: {quantised_names:?}"
     );
-    let vars = Model::var_store(&q).variables();
+    let vars = Trainable::var_store(&q).variables();
     assert!(!vars.contains_key("model.layers.0.mlp.up_proj.weight"));
     assert!(vars.contains_key("visual.blocks.0.attn.qkv.weight"));
 

@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use lmms_ft_core::config::{ComponentMode, Config, Scheduler};
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::{Model, Trainable};
 use lmms_ft_core::peft::io::load_adapter;
 use lmms_ft_core::testing::run_oracle;
 use lmms_ft_core::train::{TrainOptions, Trainer};

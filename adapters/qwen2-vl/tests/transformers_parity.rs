@@ -8,7 +8,7 @@ use std::path::Path;
 
 use lmms_ft_core::data::media::{load_image, ImageLimits};
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor};
+use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor, Trainable};
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::testing::{cached_fixture, conversation_from_messages, max_abs_diff};
 use lmms_ft_qwen2_vl::config::{Qwen2VlConfig, Variant};

@@ -5,13 +5,13 @@
 //! `<|vision_start|>` + the group's tokens + `<|vision_end|>` per temporal patch, inside the
 //! template's own `<|vision_start|>…<|vision_end|>`. The template only knows token counts, so
 //! it writes a run of placeholders as long as that whole expansion, and the collator puts the
-//! expansion in ([`Sample::expand_videos`]): length fitting and validation see the true length
+//! expansion in ([`expand_videos`](lmms_ft_backbones::qwen_vl::batch::expand_videos)): length fitting and validation see the true length
 //! and never cut a video, and the positions are computed from the final ids.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use lmms_ft_backbones::qwen_vl::batch::{QwenCollator, Sample};
+use lmms_ft_backbones::qwen_vl::batch::QwenCollator;
 use lmms_ft_backbones::qwen_vl::processor::{
     PixelBudget, ProcessorDefaults, QwenMedia, QwenProcessor, VideoResize,
 };
@@ -20,12 +20,12 @@ use lmms_ft_core::data::template::{
     load_dir_tokenizer, ContentMode, HfChatTemplate, MediaPlaceholders,
 };
 use lmms_ft_core::data::{RgbImage, VideoClip};
-use lmms_ft_core::family::{EncodedText, Family, MediaTokens, Processor, ProcessorOptions};
+use lmms_ft_core::family::{Family, MediaTokens, Processor, ProcessorOptions};
 use tch::{Device, Kind};
 use tokenizers::Tokenizer;
 
 use crate::config::Qwen3VlConfig;
-use crate::model::{Batch, Qwen3VlModel};
+use crate::model::Qwen3VlModel;
 
 pub const IMAGE_PLACEHOLDER: &str = "<|image_pad|>";
 pub const VIDEO_PLACEHOLDER: &str = "<|video_pad|>";
@@ -149,8 +149,6 @@ impl Family for Qwen3Vl {
     type Config = Qwen3VlConfig;
     type Processor = Qwen3Processor;
     type Template = HfChatTemplate;
-    type Sample = Sample;
-    type Batch = Batch;
     type Collator = QwenCollator;
     type Model = Qwen3VlModel;
 
@@ -168,10 +166,6 @@ impl Family for Qwen3Vl {
             MediaPlaceholders::new(IMAGE_PLACEHOLDER, Some(VIDEO_PLACEHOLDER)),
             ContentMode::Parts,
         )
-    }
-
-    fn sample(text: EncodedText, media: QwenMedia) -> Sample {
-        Sample { text, media }
     }
 
     fn collator(config: &Qwen3VlConfig) -> QwenCollator {

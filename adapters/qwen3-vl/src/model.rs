@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
 use lmms_ft_backbones::qwen_vl::rope::mrope_cos_sin_interleaved;
-use lmms_ft_core::family::{Component, Model};
+use lmms_ft_core::family::{Component, Model, Prefix, Trainable};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
 use lmms_ft_core::nn::{Linear, ParamInit};
@@ -161,15 +161,6 @@ impl Model for Qwen3VlModel {
         self.decoder.logits(hidden)
     }
 
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
-    fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.decoder.set_gradient_checkpointing(on);
-        self.visual.set_gradient_checkpointing(on);
-    }
-
     fn prefill(&self, batch: &Batch, lengths: &[usize]) -> Result<(Tensor, DecodeState)> {
         let e = self.embed(batch)?;
         let (cos, sin) = self.rotary(&batch.position_ids, &e.embeds)?;
@@ -206,22 +197,39 @@ impl Model for Qwen3VlModel {
         );
         Ok(self.decoder.decode_step(state, &ids, &cos, &sin))
     }
+}
+
+impl Trainable for Qwen3VlModel {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.decoder.set_gradient_checkpointing(on);
+        self.visual.set_gradient_checkpointing(on);
+    }
 
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
         self.visual.visit_linears(VISUAL, f);
         self.decoder.visit_linears(LANGUAGE_MODEL, "lm_head", f);
     }
 
-    /// The merger and the DeepStack mergers are the projector: they map vision features
-    /// into the LLM's space.
-    fn component(&self, name: &str) -> Component {
-        let merger = |m: &str| name.starts_with(&format!("{VISUAL}.{m}"));
-        if merger("merger") || merger("deepstack_merger_list") {
-            Component::Projector
-        } else if name.starts_with(VISUAL) {
-            Component::Vision
-        } else {
-            Component::Llm
-        }
+    /// Hub and run-time names agree (transformers 5 layout). The merger and the DeepStack
+    /// mergers are the projector: they map vision features into the LLM's space.
+    fn prefixes(&self) -> &'static [Prefix] {
+        const TABLE: &[Prefix] = &[
+            Prefix::new(
+                "model.visual.merger",
+                "model.visual.merger",
+                Component::Projector,
+            ),
+            Prefix::new(
+                "model.visual.deepstack_merger_list",
+                "model.visual.deepstack_merger_list",
+                Component::Projector,
+            ),
+            Prefix::new(VISUAL, VISUAL, Component::Vision),
+        ];
+        TABLE
     }
 }

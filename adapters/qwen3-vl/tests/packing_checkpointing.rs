@@ -14,7 +14,9 @@ use std::collections::HashMap;
 
 use common::{fixture, SAMPLES};
 use lmms_ft_core::autograd::recomputations;
-use lmms_ft_core::family::{DynFamily, Erased, Model, OpenOptions, PreparedConversation};
+use lmms_ft_core::family::{
+    DynFamily, Erased, Model, OpenOptions, PreparedConversation, Trainable,
+};
 use lmms_ft_core::testing::{assert_packing_matches_padding_in_rows, max_abs_diff};
 use lmms_ft_qwen3_vl::family::Qwen3Vl;
 use lmms_ft_qwen3_vl::model::{Batch, Qwen3VlModel};
@@ -50,7 +52,7 @@ fn gradients(
     batch: &Batch,
     checkpointing: bool,
 ) -> (f64, HashMap<String, Tensor>) {
-    let vars = Model::var_store(model).variables();
+    let vars = Trainable::var_store(model).variables();
     for (_, v) in vars.iter() {
         let mut v = v.shallow_clone();
         v.zero_grad();

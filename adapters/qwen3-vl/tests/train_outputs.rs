@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use common::{fixture, SAMPLES};
 use lmms_ft_core::config::{Config, Mode, Scheduler};
-use lmms_ft_core::family::Model;
+use lmms_ft_core::family::{Model, Trainable};
 use lmms_ft_core::peft::io::{
     copy_model_files, load_adapter, merge_lora, read_safetensors, save_adapter, save_hf_weights,
     write_safetensors, Blob,

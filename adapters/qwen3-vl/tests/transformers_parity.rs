@@ -15,7 +15,8 @@
 mod common;
 
 use common::{fixture, grids, Fixture, SAMPLES};
-use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor};
+use lmms_ft_backbones::qwen_vl::batch::expand_videos;
+use lmms_ft_core::family::{ChatTemplate, Collator, Family, HfConfig, Model, Processor, Trainable};
 use lmms_ft_core::testing::max_abs_diff;
 use lmms_ft_qwen3_vl::family::Qwen3Vl;
 use lmms_ft_qwen3_vl::model::Qwen3VlModel;
@@ -140,7 +141,7 @@ fn data_path_matches_transformers() {
             "{name}: labels"
         );
         let batch = collator.collate(vec![s.clone()], Device::Cpu).unwrap();
-        s.expand_videos(fx.config.video_token_id).unwrap();
+        expand_videos(&mut s, fx.config.video_token_id).unwrap();
         assert_eq!(
             s.text.input_ids,
             ids_of(fx.get(name, "input_ids").unwrap()),

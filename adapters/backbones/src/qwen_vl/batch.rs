@@ -3,8 +3,7 @@
 //! sample's patches concatenated in placeholder order.
 
 use anyhow::{bail, ensure, Result};
-use lmms_ft_core::data::batch::{pack_batch, pad_batch, PaddingSide};
-use lmms_ft_core::family::{Collator, EncodedText};
+use lmms_ft_core::family::{Collator, Placement, TextBatch};
 use lmms_ft_core::loss::LossTargets;
 use tch::{Device, Tensor};
 
@@ -35,51 +34,45 @@ pub struct Batch {
 }
 
 /// One encoded sample: token ids, labels and its processed media.
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub text: EncodedText,
-    pub media: QwenMedia,
-}
+pub type Sample = lmms_ft_core::family::Sample<QwenMedia>;
 
-impl Sample {
-    /// Replaces the run of placeholder tokens of each video that has an expansion
-    /// ([`QwenMedia::video_expansions`]) by that expansion, labels unchanged (the template
-    /// gave the run exactly the expansion's length, all unlabeled).
-    pub fn expand_videos(&mut self, video_token_id: i64) -> Result<()> {
-        if self.media.video_expansions.is_empty() {
-            return Ok(());
-        }
-        let ids = &mut self.text.input_ids;
-        let mut expansions = self.media.video_expansions.iter();
-        let mut i = 0;
-        while i < ids.len() {
-            if ids[i] != video_token_id {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < ids.len() && ids[j] == video_token_id {
-                j += 1;
-            }
-            let Some(expansion) = expansions.next() else {
-                bail!("more video placeholder runs than videos");
-            };
-            ensure!(
-                expansion.len() == j - i,
-                "a video placeholder run has {} tokens but its video needs {}",
-                j - i,
-                expansion.len()
-            );
-            ids[i..j].copy_from_slice(expansion);
-            // The expansion holds the video's own tokens again; continue after it.
-            i = j;
-        }
-        ensure!(
-            expansions.next().is_none(),
-            "fewer video placeholder runs than videos"
-        );
-        Ok(())
+/// Replaces the run of placeholder tokens of each video that has an expansion
+/// ([`QwenMedia::video_expansions`]) by that expansion, labels unchanged (the template gave
+/// the run exactly the expansion's length, all unlabeled).
+pub fn expand_videos(sample: &mut Sample, video_token_id: i64) -> Result<()> {
+    if sample.media.video_expansions.is_empty() {
+        return Ok(());
     }
+    let ids = &mut sample.text.input_ids;
+    let mut expansions = sample.media.video_expansions.iter();
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] != video_token_id {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < ids.len() && ids[j] == video_token_id {
+            j += 1;
+        }
+        let Some(expansion) = expansions.next() else {
+            bail!("more video placeholder runs than videos");
+        };
+        ensure!(
+            expansion.len() == j - i,
+            "a video placeholder run has {} tokens but its video needs {}",
+            j - i,
+            expansion.len()
+        );
+        ids[i..j].copy_from_slice(expansion);
+        // The expansion holds the video's own tokens again; continue after it.
+        i = j;
+    }
+    ensure!(
+        expansions.next().is_none(),
+        "fewer video placeholder runs than videos"
+    );
+    Ok(())
 }
 
 /// Collates [`Sample`]s into a [`Batch`].
@@ -105,14 +98,6 @@ impl QwenCollator {
     pub fn with_split_video_frames(mut self) -> Self {
         self.split_video_frames = true;
         self
-    }
-
-    /// `[3, B, T]` positions for right-padded rows; padding positions are 0, as in
-    /// `transformers` when an attention mask is given.
-    pub fn positions(&self, samples: &[Sample], len: usize) -> Result<Tensor> {
-        let placed: Vec<(usize, usize, &Sample)> =
-            samples.iter().enumerate().map(|(r, s)| (r, 0, s)).collect();
-        self.placed_positions(&placed, samples.len(), len)
     }
 
     /// `[3, rows, T]` positions of samples placed at `(row, offset)`, each sample's own
@@ -173,68 +158,44 @@ impl QwenCollator {
             grids,
         })
     }
-
-    fn expanded(&self, mut samples: Vec<Sample>) -> Result<Vec<Sample>> {
-        for s in &mut samples {
-            s.expand_videos(self.rope.video_token_id)?;
-        }
-        Ok(samples)
-    }
 }
 
 impl Collator for QwenCollator {
-    type Sample = Sample;
+    type Media = QwenMedia;
     type Batch = Batch;
 
-    fn collate(&self, samples: Vec<Sample>, device: Device) -> Result<Batch> {
-        ensure!(!samples.is_empty(), "cannot collate an empty batch");
-        let samples = self.expanded(samples)?;
-        let texts: Vec<&EncodedText> = samples.iter().map(|s| &s.text).collect();
-        // Pad id 0 is never a media token, and padded positions carry no loss.
-        let padded = pad_batch(&texts, 0, PaddingSide::Right)?;
-        let len = padded.input_ids.size()[1] as usize;
-        let position_ids = self.positions(&samples, len)?.to_device(device);
-        let [images, videos] = self.media_of(samples, device);
-        Ok(Batch {
-            input_ids: padded.input_ids.to_device(device),
-            targets: Some(padded.targets.to_device(device)),
-            position_ids,
-            images,
-            videos,
-            attention_mask: None,
-        })
+    fn packs(&self) -> bool {
+        true
     }
 
-    fn collate_packed(&self, rows: Vec<Vec<Sample>>, device: Device) -> Result<Batch> {
-        ensure!(!rows.is_empty(), "cannot collate an empty batch");
-        let rows = rows
-            .into_iter()
-            .map(|row| self.expanded(row))
-            .collect::<Result<Vec<_>>>()?;
-        let texts: Vec<Vec<&EncodedText>> = rows
+    fn prepare(&self, sample: &mut Sample) -> Result<()> {
+        expand_videos(sample, self.rope.video_token_id)
+    }
+
+    fn assemble(
+        &self,
+        text: TextBatch,
+        samples: Vec<Sample>,
+        placements: &[Placement],
+        device: Device,
+    ) -> Result<Batch> {
+        let size = text.input_ids.size();
+        let placed: Vec<(usize, usize, &Sample)> = samples
             .iter()
-            .map(|row| row.iter().map(|s| &s.text).collect())
-            .collect();
-        // Pad id 0 is never a media token, and padded positions carry no loss.
-        let packed = pack_batch(&texts, 0)?;
-        let len = packed.input_ids.size()[1] as usize;
-        let placed: Vec<(usize, usize, &Sample)> = rows
-            .iter()
-            .zip(&packed.cu_seqlens)
-            .enumerate()
-            .flat_map(|(r, (row, cu))| row.iter().zip(cu).map(move |(s, &at)| (r, at as usize, s)))
+            .zip(placements)
+            .map(|(s, p)| (p.row, p.offset, s))
             .collect();
         let position_ids = self
-            .placed_positions(&placed, rows.len(), len)?
+            .placed_positions(&placed, size[0] as usize, size[1] as usize)?
             .to_device(device);
-        let [images, videos] = self.media_of(rows.into_iter().flatten(), device);
+        let [images, videos] = self.media_of(samples, device);
         Ok(Batch {
-            input_ids: packed.input_ids.to_device(device),
-            targets: Some(packed.targets.to_device(device)),
+            input_ids: text.input_ids,
+            targets: text.targets,
             position_ids,
             images,
             videos,
-            attention_mask: Some(packed.attention_mask.to_device(device)),
+            attention_mask: text.packed.map(|p| p.attention_mask),
         })
     }
 }
