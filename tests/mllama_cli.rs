@@ -8,65 +8,40 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture};
-use support::{assert_ok, image_dataset, llava_record, train_args};
+use lmms_ft_core::testing::cached_fixture;
+use support::{assert_evaluate_matches_fixture, assert_ok, image_dataset, lmms_ft, train_args};
 
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| cached_fixture("mllama_fixture.py", "tiny").0)
 }
 
-fn lmms_ft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn evaluate_matches_transformers_per_sample() {
-    let tmp = tempfile::tempdir().unwrap();
     let dir = fixture();
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let names = ["text", "image", "tiles", "two_images", "wide"];
-    let records: Vec<serde_json::Value> = names
-        .iter()
+    // The fixture names each sample's images by key (`image_<key>.png`).
+    let images: Vec<(&str, Vec<String>)> = ["text", "image", "tiles", "two_images", "wide"]
+        .into_iter()
         .map(|name| {
-            let images: Vec<String> = meta["samples"][name]["images"]
+            let files = meta["samples"][name]["images"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|k| format!("image_{}.png", k.as_str().unwrap()))
                 .collect();
-            let images: Vec<&str> = images.iter().map(String::as_str).collect();
-            llava_record(&meta["samples"][name]["messages"], &images)
+            (name, files)
         })
         .collect();
-    let data = tmp.path().join("data.json");
-    std::fs::write(&data, serde_json::to_string_pretty(&records).unwrap()).unwrap();
-    let out = tmp.path().join("eval.json");
-    let run = lmms_ft(&[
-        "evaluate",
-        "--model-path",
-        dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--image-folder",
-        dir.to_str().unwrap(),
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert_evaluate_report(dir, &out, &names, "llama-3.2-vision");
+    let samples: Vec<(&str, Vec<&str>)> = images
+        .iter()
+        .map(|(name, files)| (*name, files.iter().map(String::as_str).collect()))
+        .collect();
+    assert_evaluate_matches_fixture(dir, &samples, "llama-3.2-vision");
 }
 
 #[test]
@@ -164,7 +139,7 @@ fn qlora_train_merge_and_generate_run_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let data = image_dataset(tmp.path());
     let out = tmp.path().join("qlora");
-    let run = support::lmms_ft(&train_args(
+    let run = lmms_ft(&train_args(
         dir,
         &data,
         &out,

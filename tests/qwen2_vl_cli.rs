@@ -3,13 +3,12 @@
 //! seeded with defects is reported record by record.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture};
+use lmms_ft_core::testing::cached_fixture;
 
 mod support;
-use support::llava_record;
+use support::{assert_evaluate_matches_fixture, lmms_ft};
 
 /// The fixture checkpoint (cached across test binaries and runs).
 fn fixture() -> &'static Path {
@@ -17,50 +16,14 @@ fn fixture() -> &'static Path {
     DIR.get_or_init(|| cached_fixture("qwen2_vl_fixture.py", "qwen2_5_vl").0)
 }
 
-fn lmms_ft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn evaluate_matches_transformers_per_sample() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = fixture();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
     let samples = [
         ("text", vec![]),
         ("image", vec!["image_a.png"]),
         ("two_images", vec!["image_a.png", "image_b.png"]),
     ];
-    let records: Vec<serde_json::Value> = samples
-        .iter()
-        .map(|(name, images)| llava_record(&meta["samples"][name]["messages"], images))
-        .collect();
-    let data = tmp.path().join("data.json");
-    std::fs::write(&data, serde_json::to_string_pretty(&records).unwrap()).unwrap();
-    let out = tmp.path().join("eval.json");
-    let run = lmms_ft(&[
-        "evaluate",
-        "--model-path",
-        dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--image-folder",
-        dir.to_str().unwrap(),
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let names: Vec<&str> = samples.iter().map(|(name, _)| *name).collect();
-    assert_evaluate_report(dir, &out, &names, "qwen2.5-vl");
+    assert_evaluate_matches_fixture(fixture(), &samples, "qwen2.5-vl");
 }
 
 #[test]
@@ -97,10 +60,7 @@ fn validate_data_reports_every_defect_with_its_location() {
             "data.max_length=200".into(),
         ]
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args(&data))
-        .output()
-        .unwrap();
+    let out = lmms_ft(&args(&data));
     assert!(!out.status.success());
     let report = String::from_utf8_lossy(&out.stdout);
     // One problem per defective line, each located at its line (1-based).
@@ -127,10 +87,7 @@ fn validate_data_reports_every_defect_with_its_location() {
 
     let clean = tmp.path().join("clean.jsonl");
     std::fs::write(&clean, &lines[0]).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args(&clean))
-        .output()
-        .unwrap();
+    let out = lmms_ft(&args(&clean));
     assert!(
         out.status.success(),
         "{}\n{}",

@@ -9,11 +9,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use lmms_ft_core::testing::{assert_evaluate_report, cached_fixture, write_test_video};
-use support::{assert_ok, image_dataset, llava_record, train_args};
+use lmms_ft_core::testing::{cached_fixture, write_test_video};
+use support::{assert_evaluate_matches_fixture, assert_ok, image_dataset, lmms_ft, train_args};
 
 /// The fixture checkpoint (cached across test binaries and runs).
 fn fixture() -> &'static Path {
@@ -21,50 +20,14 @@ fn fixture() -> &'static Path {
     DIR.get_or_init(|| cached_fixture("qwen3_vl_fixture.py", "qwen3_vl").0)
 }
 
-fn lmms_ft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmms-ft"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn evaluate_matches_transformers_per_sample() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = fixture();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
     let samples = [
         ("text", vec![]),
         ("image", vec!["image_a.png"]),
         ("two_images", vec!["image_a.png", "image_b.png"]),
     ];
-    let records: Vec<serde_json::Value> = samples
-        .iter()
-        .map(|(name, images)| llava_record(&meta["samples"][name]["messages"], images))
-        .collect();
-    let data = tmp.path().join("data.json");
-    std::fs::write(&data, serde_json::to_string_pretty(&records).unwrap()).unwrap();
-    let out = tmp.path().join("eval.json");
-    let run = lmms_ft(&[
-        "evaluate",
-        "--model-path",
-        dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--image-folder",
-        dir.to_str().unwrap(),
-        "--json",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let names: Vec<&str> = samples.iter().map(|(name, _)| *name).collect();
-    assert_evaluate_report(dir, &out, &names, "qwen3-vl");
+    assert_evaluate_matches_fixture(fixture(), &samples, "qwen3-vl");
 }
 
 #[test]
@@ -96,7 +59,7 @@ fn validate_qlora_train_merge_and_generate_run_end_to_end() {
     assert_ok(&run);
 
     let out = tmp.path().join("qlora");
-    let run = support::lmms_ft(&train_args(
+    let run = lmms_ft(&train_args(
         dir,
         &data,
         &out,

@@ -102,3 +102,35 @@ pub fn llava_record(messages: &serde_json::Value, images: &[&str]) -> serde_json
     }
     record
 }
+
+/// Runs `lmms-ft evaluate` on the oracle fixture in `dir` over the named samples of its
+/// `reference.json` (each with the fixture images it shows) and checks the report per sample
+/// against the oracle's losses and label counts: the one evaluate check every family's CLI
+/// test makes.
+pub fn assert_evaluate_matches_fixture(dir: &Path, samples: &[(&str, Vec<&str>)], what: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let records: Vec<Value> = samples
+        .iter()
+        .map(|(name, images)| llava_record(&meta["samples"][name]["messages"], images))
+        .collect();
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, serde_json::to_string_pretty(&records).unwrap()).unwrap();
+    let out = tmp.path().join("eval.json");
+    let dir_s = dir.to_str().unwrap();
+    assert_ok(&lmms_ft(&[
+        "evaluate",
+        "--model-path",
+        dir_s,
+        "--data",
+        data.to_str().unwrap(),
+        "--image-folder",
+        dir_s,
+        "--report",
+        out.to_str().unwrap(),
+    ]));
+    let names: Vec<&str> = samples.iter().map(|(name, _)| *name).collect();
+    lmms_ft_core::testing::assert_evaluate_report(dir, &out, &names, what);
+}
