@@ -18,6 +18,7 @@ pub use lmms_ft_backbones::qwen_vl::batch::{Batch, Media};
 use crate::config::Qwen2VlConfig;
 use crate::rope::mrope_cos_sin;
 use crate::vision::VisionTower;
+use lmms_ft_backbones::qwen_vl::rope::decode_inputs;
 
 pub struct Qwen2VlModel {
     pub config: Qwen2VlConfig,
@@ -146,12 +147,7 @@ impl Model for Qwen2VlModel {
 
     fn decode_step(&self, state: &mut DecodeState, tokens: &[i64]) -> Result<Tensor> {
         let device = self.vs.device();
-        let b = tokens.len() as i64;
-        let ids = Tensor::from_slice(tokens).view([b, 1]).to_device(device);
-        let positions = Tensor::from_slice(&state.next_positions)
-            .view([1, b, 1])
-            .expand([3, b, 1], false)
-            .to_device(device);
+        let (ids, positions) = decode_inputs(tokens, &state.next_positions, device);
         let t = &self.config.text;
         let (cos, sin) = mrope_cos_sin(
             &positions,

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Result};
 use lmms_ft_backbones::decoder::Decoder;
-use lmms_ft_backbones::qwen_vl::rope::mrope_cos_sin_interleaved;
+use lmms_ft_backbones::qwen_vl::rope::{decode_inputs, mrope_cos_sin_interleaved};
 use lmms_ft_core::family::{Component, Model, Prefix, Trainable};
 use lmms_ft_core::generate::DecodeState;
 use lmms_ft_core::loss::LossTargets;
@@ -180,12 +180,7 @@ impl Model for Qwen3VlModel {
 
     fn decode_step(&self, state: &mut DecodeState, tokens: &[i64]) -> Result<Tensor> {
         let device = self.vs.device();
-        let b = tokens.len() as i64;
-        let ids = Tensor::from_slice(tokens).view([b, 1]).to_device(device);
-        let positions = Tensor::from_slice(&state.next_positions)
-            .view([1, b, 1])
-            .expand([3, b, 1], false)
-            .to_device(device);
+        let (ids, positions) = decode_inputs(tokens, &state.next_positions, device);
         let t = &self.config.text;
         let (cos, sin) = mrope_cos_sin_interleaved(
             &positions,

@@ -150,3 +150,15 @@ pub fn mrope_cos_sin_interleaved(
     let emb = Tensor::cat(&[&mixed, &mixed], -1);
     (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
 }
+
+/// A decode step's inputs: each row's next token `[B, 1]` and its M-RoPE position `[3, B, 1]`,
+/// equal on all three axes because every generated token is text.
+pub fn decode_inputs(tokens: &[i64], next_positions: &[i64], device: Device) -> (Tensor, Tensor) {
+    let b = tokens.len() as i64;
+    let ids = Tensor::from_slice(tokens).view([b, 1]).to_device(device);
+    let positions = Tensor::from_slice(next_positions)
+        .view([1, b, 1])
+        .expand([3, b, 1], false)
+        .to_device(device);
+    (ids, positions)
+}
